@@ -1,0 +1,50 @@
+"""Wiring shared by the command line and ``serve``: config → store → rules → processor."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from intake.config import Config, load_config
+from intake.pipeline import Processor
+from intake.rules import RuleSet, load_rules
+from intake.store import Store
+
+
+@dataclass
+class App:
+    """One opened installation: its config, store and current rules."""
+
+    cfg: Config
+    store: Store
+    ruleset: RuleSet = field(default_factory=RuleSet)
+
+    @property
+    def processor(self) -> Processor:
+        return Processor(self.cfg, self.store, lambda: self.ruleset)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def open_app(config_path: str | Path | None, *, upgrade_sqlite: bool = True, load_rule_files: bool = True) -> App:
+    """Load the config, open the database (upgrading SQLite) and load the rules."""
+    cfg = load_config(config_path or os.environ.get("INTAKE_CONFIG") or None)
+    store = Store(cfg.database_url)
+    if upgrade_sqlite and store.is_sqlite:
+        store.upgrade()
+    ruleset = load_rules(cfg.path(cfg.rules.path)) if load_rule_files else RuleSet()
+    return App(cfg=cfg, store=store, ruleset=ruleset)
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """One line per event on standard error."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("alembic").setLevel(logging.WARNING)

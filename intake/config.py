@@ -1,0 +1,283 @@
+"""Configuration: a TOML file turned into frozen dataclasses, validated once.
+
+Without a file, the embedded defaults of DESIGN.md 6 apply: SQLite ``./intake.db``,
+SMTP on ``127.0.0.1:2525``, rules from ``./routing_rules``, templates from
+``./templates``, outbound mail as ``.eml`` files in ``./outbox/`` and the two example
+mailboxes ``support@example.com`` and ``billing@example.com``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import tomllib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, get_type_hints
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+
+class ConfigError(Exception):
+    """A configuration file that cannot be used; the message names file and key."""
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    url: str = "sqlite:///intake.db"
+
+
+@dataclass(frozen=True)
+class SmtpConfig:
+    listen: str = "127.0.0.1:2525"
+    max_message_size: str = "25MB"
+    hostname: str = ""
+    protocol: str = "smtp"
+    tls_cert: str = ""
+    tls_key: str = ""
+    max_connections: int = 100
+    max_recipients: int = 100
+
+
+@dataclass(frozen=True)
+class MailboxConfig:
+    address: str
+    queue: str = "support"
+    brand: str = ""
+    language: str = ""
+
+
+@dataclass(frozen=True)
+class ImapConfig:
+    host: str
+    mailbox: str
+    username: str = ""
+    port: int = 993
+    tls: bool = True
+    starttls: bool = False
+    verify_tls: bool = True
+    password_env: str = ""
+    folder: str = "INBOX"
+    processed_folder: str = "Processed"
+    keyword: str = "$Intake"
+    poll_interval: int = 60
+    idle: bool = True
+    batch_size: int = 100
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class OutboundConfig:
+    mode: str = "maildir"
+    path: str = "outbox"
+    host: str = "localhost"
+    port: int = 25
+    starttls: bool = False
+    ssl: bool = False
+    username: str = ""
+    password_env: str = ""
+    give_up_after: str = "2d"
+
+
+@dataclass(frozen=True)
+class RulesConfig:
+    path: str = "routing_rules"
+
+
+@dataclass(frozen=True)
+class TemplatesConfig:
+    path: str = "templates"
+    default_language: str = "ja"
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    trusted_authserv_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CasesConfig:
+    prefix: str = "CASE"
+    reopen_days: int = 14
+    time_zone: str = "Asia/Tokyo"
+    retention_days: int = 365
+    # Mail domains that never make an organization (people, not companies).
+    free_mail_domains: tuple[str, ...] = (
+        "gmail.com", "googlemail.com", "outlook.com", "hotmail.com", "live.com",
+        "msn.com", "yahoo.com", "yahoo.co.jp", "ymail.com", "icloud.com", "me.com",
+        "mac.com", "aol.com", "gmx.de", "gmx.net", "web.de", "proton.me",
+        "protonmail.com", "mail.ru", "yandex.ru", "qq.com", "163.com",
+        "docomo.ne.jp", "ezweb.ne.jp", "au.com", "softbank.ne.jp", "i.softbank.jp",
+        "nifty.com", "biglobe.ne.jp", "ocn.ne.jp", "so-net.ne.jp",
+    )
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration; ``base_dir`` anchors every relative path."""
+
+    base_dir: Path = field(default_factory=Path.cwd)
+    source: str = "<defaults>"
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    mailbox: tuple[MailboxConfig, ...] = (
+        MailboxConfig(address="support@example.com", queue="support"),
+        MailboxConfig(address="billing@example.com", queue="billing"),
+    )
+    imap: tuple[ImapConfig, ...] = ()
+    outbound: OutboundConfig = field(default_factory=OutboundConfig)
+    rules: RulesConfig = field(default_factory=RulesConfig)
+    templates: TemplatesConfig = field(default_factory=TemplatesConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    cases: CasesConfig = field(default_factory=CasesConfig)
+
+    def path(self, value: str) -> Path:
+        """Resolve a configured path relative to the config file's folder."""
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else self.base_dir / p
+
+    @property
+    def database_url(self) -> str:
+        """The database URL with a relative SQLite path anchored at ``base_dir``."""
+        url = self.database.url
+        m = re.match(r"^(sqlite(?:\+\w+)?:///)(?!/)(.+)$", url)
+        if m and m.group(2) != ":memory:":
+            return m.group(1) + str(self.path(m.group(2)))
+        return url
+
+    def mailbox_for(self, address: str) -> MailboxConfig | None:
+        """The mailbox an address belongs to, plus-addresses included."""
+        local, _, domain = address.lower().partition("@")
+        base = local.split("+", 1)[0] + "@" + domain
+        for mb in self.mailbox:
+            if mb.address.lower() == base:
+                return mb
+        return None
+
+    @property
+    def own_addresses(self) -> frozenset[str]:
+        """Every address intake receives for (without plus parts)."""
+        return frozenset(mb.address.lower() for mb in self.mailbox)
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.cases.time_zone)
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]?)i?b?\s*$", re.I)
+
+
+def parse_size(text: str | int) -> int:
+    """``"25MB"`` → bytes. Plain integers are bytes."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError(f"not a size: {text!r} (use e.g. 25MB)")
+    factor = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[m.group(2).lower()]
+    return int(float(m.group(1)) * factor)
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.I)
+
+
+def parse_duration(text: str | int) -> float:
+    """``"4h"``, ``"3d"``, ``"90s"`` → seconds. Plain numbers are seconds."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    m = _DURATION.match(text)
+    if not m:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 30m, 4h, 3d)")
+    unit = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2).lower()]
+    return float(m.group(1)) * unit
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass ``cls`` from a TOML table, refusing unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a table")
+    hints = get_type_hints(cls)
+    known = {f.name: f for f in fields(cls) if f.name not in ("base_dir", "source")}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{where}: unknown key '{key}'{hint}")
+        kwargs[key] = _coerce(hints[key], value, f"{where}.{key}")
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        missing = re.findall(r"'(\w+)'", str(exc))
+        raise ConfigError(f"{where}: missing required key {', '.join(missing)}") from None
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin = getattr(hint, "__origin__", None)
+    if is_dataclass(hint):
+        return _build(hint, value, where)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list")
+        inner = hint.__args__[0]
+        if is_dataclass(inner):
+            return tuple(_build(inner, v, f"{where}[{i}]") for i, v in enumerate(value))
+        return tuple(_coerce(inner, v, f"{where}[{i}]") for i, v in enumerate(value))
+    expected = {str: str, int: int, bool: bool, float: (int, float)}.get(hint)
+    if expected is not None:
+        # bool is an int in Python; a TOML `true` is not a port number.
+        if isinstance(value, bool) and hint is not bool:
+            raise ConfigError(f"{where}: expected {hint.__name__}, got a boolean")
+        if not isinstance(value, expected):
+            raise ConfigError(f"{where}: expected {hint.__name__}, got {type(value).__name__}")
+    return value
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Load and validate a TOML config file; ``None`` gives the embedded defaults."""
+    if path is None:
+        return Config()
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
+    cfg = _build(Config, data, str(p))
+    cfg = _replace(cfg, base_dir=p.resolve().parent, source=str(p))
+    _validate(cfg, str(p))
+    return cfg
+
+
+def _replace(cfg: Config, **changes: Any) -> Config:
+    from dataclasses import replace
+
+    return replace(cfg, **changes)
+
+
+def _validate(cfg: Config, where: str) -> None:
+    if not cfg.mailbox:
+        raise ConfigError(f"{where}: at least one [[mailbox]] is needed")
+    seen: set[str] = set()
+    for mb in cfg.mailbox:
+        if "@" not in mb.address:
+            raise ConfigError(f"{where}: mailbox address {mb.address!r} is not an address")
+        if mb.address.lower() in seen:
+            raise ConfigError(f"{where}: mailbox {mb.address} is listed twice")
+        seen.add(mb.address.lower())
+    for acct in cfg.imap:
+        if cfg.mailbox_for(acct.mailbox) is None:
+            raise ConfigError(f"{where}: [[imap]] {acct.host}: mailbox {acct.mailbox!r} is not a [[mailbox]]")
+    try:
+        parse_size(cfg.smtp.max_message_size)
+        parse_duration(cfg.outbound.give_up_after)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    if cfg.outbound.mode not in ("maildir", "smtp"):
+        raise ConfigError(f"{where}: outbound.mode must be 'maildir' or 'smtp'")
+    if cfg.smtp.protocol not in ("smtp", "lmtp"):
+        raise ConfigError(f"{where}: smtp.protocol must be 'smtp' or 'lmtp'")
+    try:
+        ZoneInfo(cfg.cases.time_zone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"{where}: cases.time_zone: unknown time zone {cfg.cases.time_zone!r}") from None

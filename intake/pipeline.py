@@ -1,0 +1,388 @@
+"""The one place that runs the flow of DESIGN.md 3 over a stored inbound record.
+
+parse → classify → thread → route → store → notify, in one transaction per message.
+The steps themselves are pure (``parse``, ``classify``, ``matching``, ``rules``); this
+module gathers their evidence from the store and writes their outcome. A message whose
+processing raises is quarantined with the error; outcomes that are not errors
+(duplicate, dropped, automated) are return values.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from intake import store as st
+from intake.classify import AGENT, AUTOMATED, BOUNCE, OWN, Classification, classify
+from intake.config import Config, MailboxConfig
+from intake.matching import Evidence, Match, case_tokens, clean_subject, decide, parse_reply_address
+from intake.parse import ParsedMail, parse
+from intake.rules import Decision, RuleContext, RuleSet, evaluate
+
+log = logging.getLogger("intake.pipeline")
+
+Clock = Callable[[], datetime]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What processing decided for one inbound record."""
+
+    state: str
+    case_number: str | None = None
+    reason: str = ""
+    message_id: str | None = None
+
+
+@dataclass
+class _Run:
+    """Working state of one message through the flow; its ``log`` becomes the processing log."""
+
+    rec: st.InboundRecord
+    mail: ParsedMail
+    cls: Classification
+    mailbox: MailboxConfig
+    now: datetime
+    log: list[dict[str, Any]] = field(default_factory=list)
+
+    def step(self, step: str, **data: Any) -> None:
+        self.log.append({"at": self.now.isoformat(), "step": step, **data})
+
+
+class Processor:
+    """Turns stored inbound records into cases and comments."""
+
+    def __init__(self, cfg: Config, store: st.Store, rules: Callable[[], RuleSet], clock: Clock = st.utcnow) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.rules = rules
+        self.clock = clock
+        self._secret: str | None = None
+
+    @property
+    def secret(self) -> str:
+        if self._secret is None:
+            import os
+
+            self._secret = os.environ.get("INTAKE_SECRET") or self.store.secret()
+        return self._secret
+
+    # -- entry points -------------------------------------------------------------------
+
+    def process_pending(self, limit: int | None = None) -> int:
+        """Process every ``received`` record (oldest first); returns how many were handled."""
+        done = 0
+        after = 0
+        while limit is None or done < limit:
+            ids = self.store.pending_inbound(limit=200, after_id=after)
+            if not ids:
+                break
+            for inbound_id in ids:
+                self.process(inbound_id)
+                done += 1
+                after = inbound_id
+                if limit is not None and done >= limit:
+                    break
+        return done
+
+    def process(self, inbound_id: int) -> Outcome:
+        """Run the flow for one record; an exception quarantines it and is not raised."""
+        _ = self.secret  # read (or made) outside the processing transaction
+        try:
+            with self.store.session() as s:
+                rec = st.load_inbound(s, inbound_id)
+                if rec is None or rec.state != st.RECEIVED:
+                    return Outcome(rec.state if rec else "missing", reason="not waiting for processing")
+                outcome = self._process(s, rec)
+            log.info("%s %s case=%s message_id=<%s> %s", "inbound", outcome.state, outcome.case_number or "-",
+                     outcome.message_id, outcome.reason)
+            return outcome
+        except st.StoreUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - anything else quarantines, never loses
+            error = f"{type(exc).__name__}: {exc}"
+            self.store.quarantine(inbound_id, error, traceback.format_exc())
+            log.error("inbound quarantined id=%s error=%s", inbound_id, error)
+            return Outcome(st.QUARANTINED, reason=error)
+
+    # -- the flow -----------------------------------------------------------------------
+
+    def _process(self, s: Any, rec: st.InboundRecord) -> Outcome:
+        now = self.clock()
+        if rec.raw is None:
+            raise ValueError("raw bytes are no longer stored (retention) and cannot be processed")
+        mail = parse(rec.raw)
+        ruleset = self.rules()
+        cls = classify(mail, own_addresses=self.cfg.own_addresses, agents=ruleset.agent_addresses)
+        mailbox = self.cfg.mailbox_for(rec.mailbox) or self.cfg.mailbox[0]
+        run = _Run(rec=rec, mail=mail, cls=cls, mailbox=mailbox, now=now)
+        rec.message_id = mail.message_id
+        rec.from_address = mail.from_.address if mail.from_ else None
+        rec.subject = mail.subject
+        rec.attempts = (rec.attempts or 0) + 1
+        run.step("parsed", message_id=mail.message_id, synthesised=mail.message_id_synthesised,
+                 subject=mail.subject, **{"from": mail.from_.address if mail.from_ else None},
+                 charsets=mail.charsets, defects=mail.defects, attachments=len(mail.attachments))
+        run.step("classified", sender=cls.sender, kind=cls.kind, reasons=list(cls.reasons))
+
+        outcome = self._duplicate(s, run) or self._flow(s, run)
+        rec.state = outcome.state
+        rec.processed_at = now
+        rec.error = None
+        rec.log = [*(rec.log or []), *run.log, {"at": now.isoformat(), "step": "done", "state": outcome.state,
+                                                "case": outcome.case_number, "reason": outcome.reason}]
+        return outcome
+
+    def _duplicate(self, s: Any, run: _Run) -> Outcome | None:
+        """The same message again (another mailbox, an SMTP retry, an IMAP re-poll)."""
+        key = run.mail.message_id
+        if st.claim_message_key(s, key, run.rec.id):
+            return None
+        first = st.message_key_owner(s, key)
+        assert first is not None
+        run.rec.duplicate_of = first.inbound_id
+        case = st.case_by_id(s, first.case_id) if first.case_id else None
+        run.rec.case_id = case.id if case else None
+        label = case.label if case else None
+        if case is not None:
+            st.add_event(s, case, "duplicate", {"message_id": key, "mailbox": run.rec.mailbox,
+                                                 "channel": run.rec.channel, "inbound_id": run.rec.id},
+                         inbound_id=run.rec.id, at=run.now)
+        reason = f"same Message-ID as inbound #{first.inbound_id}"
+        run.step("duplicate", of=first.inbound_id, case=label)
+        return Outcome(st.DUPLICATE, label, reason, key)
+
+    def _flow(self, s: Any, run: _Run) -> Outcome:
+        mail, cls = run.mail, run.cls
+        key_row = st.message_key_owner(s, mail.message_id)
+
+        if cls.kind == BOUNCE:
+            return self._bounce(s, run, key_row)
+
+        match = self._thread(s, run)
+        run.step("threaded", method=match.method, reason=match.reason,
+                 case=f"{self.cfg.cases.prefix}-{match.case_number}" if match.case_number else None)
+
+        if match.case_number is not None:
+            case = st.case_by_number(s, match.case_number)
+            assert case is not None
+            return self._comment(s, run, case, match, key_row)
+
+        if not cls.opens_case:
+            reason = "automated mail does not open a case: " + "; ".join(cls.reasons)
+            run.step("dropped", reason=reason)
+            return Outcome(st.DROPPED, None, reason, mail.message_id)
+
+        decision = self._route(run)
+        if decision.drop:
+            reason = "dropped by rule " + ", ".join(t.get("rule", "?") for t in decision.trace if t.get("matched"))
+            run.step("dropped", reason=reason)
+            return Outcome(st.DROPPED, None, reason, mail.message_id)
+        case = self._new_case(s, run, decision, match)
+        if key_row is not None:
+            key_row.case_id = case.id
+        return Outcome(st.PROCESSED, case.label, "new case", mail.message_id)
+
+    # -- thread -------------------------------------------------------------------------
+
+    def _thread(self, s: Any, run: _Run) -> Match:
+        mail = run.mail
+        prefixes = {self.cfg.cases.prefix}
+        ev: dict[str, Any] = {}
+        for rcpt in [*run.rec.envelope_to, *(a.address for a in mail.to), *(a.address for a in mail.cc)]:
+            signed = parse_reply_address(rcpt, self.secret)
+            if signed:
+                ev["signed"] = signed
+                ev["signed_case_exists"] = st.case_by_number(s, signed[1]) is not None
+                break
+        found = st.case_by_message_ids(s, [*mail.in_reply_to, *reversed(mail.references)])
+        if found:
+            ev["by_message_id"], ev["by_message_id_ref"] = found[0].number, found[1]
+        thread_index = _thread_index_prefix(mail)
+        if thread_index and "by_message_id" not in ev:
+            case = st.case_by_thread_index(s, thread_index)
+            if case:
+                ev["by_thread_index"] = case.number
+        tokens = tuple(n for _, n in case_tokens(mail.subject, prefixes))
+        if tokens:
+            sender = mail.from_.key if mail.from_ else ""
+            token_cases: dict[int, bool] = {}
+            for n in tokens:
+                case = st.case_by_number(s, n)
+                if case is None:
+                    continue
+                members = st.participant_addresses(s, case.id)
+                same_org = bool(case.organization and mail.from_ and mail.from_.domain == case.organization.domain)
+                token_cases[n] = sender in members or same_org or run.cls.sender == AGENT
+            ev["tokens"], ev["token_cases"] = tokens, token_cases
+        return decide(Evidence(**ev))
+
+    # -- route --------------------------------------------------------------------------
+
+    def _route(self, run: _Run) -> Decision:
+        ruleset = self.rules()
+        ctx = RuleContext(
+            mail=run.mail, classification=run.cls, mailbox=run.mailbox.address,
+            recipients=tuple(run.rec.envelope_to or ()), channel=run.rec.channel, now=run.now,
+            organization=self._organization_domain(run.mail.from_.address if run.mail.from_ else ""),
+        )
+        decision = evaluate(ruleset, ctx)
+        run.step("routed", rules=list(decision.trace), queue=decision.queue or run.mailbox.queue,
+                 default_queue=decision.queue is None)
+        return decision
+
+    # -- store --------------------------------------------------------------------------
+
+    def _organization_domain(self, address: str) -> str | None:
+        domain = address.rpartition("@")[2].lower()
+        if not domain or domain in self.cfg.cases.free_mail_domains:
+            return None
+        return domain
+
+    def _contact(self, s: Any, address: str, name: str) -> st.Contact:
+        return st.get_or_create_contact(s, address, name, self._organization_domain(address))
+
+    def _new_case(self, s: Any, run: _Run, decision: Decision, match: Match) -> st.Case:
+        mail, rec = run.mail, run.rec
+        requester = self._contact(s, mail.from_.address, mail.from_.name) if mail.from_ else None
+        language = decision.language or (requester.language if requester else None) or None
+        case = st.create_case(
+            s,
+            prefix=self.cfg.cases.prefix,
+            subject=clean_subject(mail.subject),
+            requester_id=requester.id if requester else None,
+            organization_id=requester.organization_id if requester else None,
+            status="new",
+            priority=decision.priority or "medium",
+            queue=decision.queue or run.mailbox.queue,
+            category=decision.category,
+            channel=rec.channel,
+            mailbox=run.mailbox.address,
+            brand=run.mailbox.brand or None,
+            language=language,
+            tags=list(decision.tags),
+            created_at=run.now,
+            updated_at=run.now,
+        )
+        rec.case_id = case.id
+        st.add_event(s, case, "created", {"queue": case.queue, "priority": case.priority, "mailbox": case.mailbox,
+                                          "channel": case.channel}, inbound_id=rec.id, at=run.now)
+        if requester:
+            st.add_participant(s, case, requester, "requester")
+        self._add_cc_participants(s, run, case)
+        row = self._store_message(s, run, case, visibility="public")
+        st.add_event(s, case, "message", message_row=row, inbound_id=rec.id, at=run.now)
+        for t in decision.trace:
+            if t.get("matched"):
+                st.add_event(s, case, "rule", dict(t), inbound_id=rec.id, at=run.now)
+        for number in match.mentions:
+            st.add_event(s, case, "note", {"text": f"subject names {self.cfg.cases.prefix}-{number}, "
+                                                   "but the sender is not its participant"}, at=run.now)
+        run.step("stored", case=case.label, created=True)
+        return case
+
+    def _add_cc_participants(self, s: Any, run: _Run, case: st.Case) -> None:
+        own = self.cfg.own_addresses
+        sender = run.mail.from_.key if run.mail.from_ else ""
+        for a in [*run.mail.to, *run.mail.cc]:
+            base = _base_address(a.key)
+            if base in own or a.key == sender or self.cfg.mailbox_for(a.key) is not None:
+                continue
+            st.add_participant(s, case, self._contact(s, a.address, a.name), "cc")
+
+    def _store_message(self, s: Any, run: _Run, case: st.Case, visibility: str) -> st.MessageRow:
+        mail = run.mail
+        return st.add_message(
+            s, case, direction="in", visibility=visibility, message_id=mail.message_id,
+            from_address=mail.from_.address if mail.from_ else None, from_name=mail.from_.name if mail.from_ else None,
+            to=[a.address for a in mail.to], cc=[a.address for a in mail.cc], subject=mail.subject, text=mail.text,
+            html=mail.html, sent_at=mail.date, inbound_id=run.rec.id, thread_index=_thread_index_prefix(mail),
+            attachments=mail.attachments,
+        )
+
+    def _comment(self, s: Any, run: _Run, case: st.Case, match: Match, key_row: Any) -> Outcome:
+        """Add the message to an existing case, reopening it as DESIGN 5 says."""
+        mail, cls = run.mail, run.cls
+        if case.status == "closed" and cls.kind != AUTOMATED and cls.sender not in (AGENT, OWN):
+            closed_at = case.closed_at or case.updated_at
+            if run.now - closed_at > timedelta(days=self.cfg.cases.reopen_days):
+                follow = self._follow_up(s, run, case)
+                if key_row is not None:
+                    key_row.case_id = follow.id
+                return Outcome(st.PROCESSED, follow.label, f"follow-up of closed {case.label}", mail.message_id)
+        visibility = "internal" if match.internal else "public"
+        row = self._store_message(s, run, case, visibility=visibility)
+        st.add_event(s, case, "message", {"threading": match.method}, message_row=row, inbound_id=run.rec.id, at=run.now)
+        if cls.sender == AGENT:
+            if case.first_response_at is None and visibility == "public":
+                case.first_response_at = run.now
+        elif cls.kind != AUTOMATED and cls.sender != OWN:
+            if mail.from_:
+                st.add_participant(s, case, self._contact(s, mail.from_.address, mail.from_.name), "cc")
+            self._add_cc_participants(s, run, case)
+            if case.status in ("resolved", "closed", "pending"):
+                self._set_status(s, case, "open", run, "customer replied")
+        case.updated_at = run.now
+        run.rec.case_id = case.id
+        if key_row is not None:
+            key_row.case_id = case.id
+        run.step("stored", case=case.label, created=False, visibility=visibility)
+        return Outcome(st.PROCESSED, case.label, f"comment ({match.method})", mail.message_id)
+
+    def _follow_up(self, s: Any, run: _Run, old: st.Case) -> st.Case:
+        decision = self._route(run)
+        case = self._new_case(s, run, decision, Match(None, "follow-up", ""))
+        case.linked_case_id = old.id
+        st.add_event(s, case, "note", {"text": f"follow-up of {old.label}, closed more than "
+                                               f"{self.cfg.cases.reopen_days} days ago", "linked": old.label}, at=run.now)
+        st.add_event(s, old, "note", {"text": f"customer wrote again: follow-up {case.label}", "linked": case.label},
+                     at=run.now)
+        return case
+
+    def _set_status(self, s: Any, case: st.Case, status: str, run: _Run, why: str) -> None:
+        old = case.status
+        case.status = status
+        st.add_event(s, case, "status", {"from": old, "to": status, "reason": why}, at=run.now)
+        run.step("status", case=case.label, **{"from": old, "to": status})
+
+    # -- bounces ------------------------------------------------------------------------
+
+    def _bounce(self, s: Any, run: _Run, key_row: Any) -> Outcome:
+        found = st.case_by_message_ids(s, list(run.cls.bounced_message_ids))
+        if found is None:
+            reason = "bounce that names none of our messages"
+            run.step("dropped", reason=reason)
+            return Outcome(st.DROPPED, None, reason, run.mail.message_id)
+        case, ref = found
+        row = self._store_message(s, run, case, visibility="internal")
+        st.add_event(s, case, "bounce", {"message_id": ref, "recipients": list(run.cls.failed_recipients)},
+                     message_row=row, inbound_id=run.rec.id, at=run.now)
+        run.rec.case_id = case.id
+        if key_row is not None:
+            key_row.case_id = case.id
+        run.step("bounce", case=case.label, bounced=ref)
+        return Outcome(st.PROCESSED, case.label, f"bounce of <{ref}>", run.mail.message_id)
+
+
+def _base_address(address: str) -> str:
+    local, at, domain = address.partition("@")
+    return local.split("+", 1)[0] + at + domain
+
+
+def _thread_index_prefix(mail: ParsedMail) -> str | None:
+    """The conversation part of Outlook's Thread-Index (first 22 bytes, base64)."""
+    value = mail.header("Thread-Index")
+    if not value:
+        return None
+    import base64
+    import binascii
+
+    try:
+        raw = base64.b64decode(value.strip() + "==", validate=False)
+    except (binascii.Error, ValueError):
+        return None
+    return base64.b64encode(raw[:22]).decode() if len(raw) >= 22 else None
