@@ -270,6 +270,35 @@ def quarantine_retry(ctx: click.Context, ids: tuple[str, ...], all_: bool) -> No
     ctx.exit(1 if failed else 0)
 
 
+# -- periodic jobs -----------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--at", "at", help="Run as of this ISO 8601 time (default: now).")
+@click.pass_context
+def tick(ctx: click.Context, at: str | None) -> None:
+    """Run every periodic job once (SLA, escalation, auto-close, outbox, IMAP poll…)."""
+    from datetime import datetime, timezone
+
+    from intake.scheduler import tick as run_tick
+    from intake.store import utcnow
+
+    when = utcnow()
+    if at:
+        try:
+            when = datetime.fromisoformat(at)
+        except ValueError:
+            raise click.UsageError(f"--at: not an ISO 8601 time: {at}") from None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+    app = _open(ctx)
+    failed = False
+    for name, summary in run_tick(app, when):
+        click.echo(f"{name}: {summary}")
+        failed |= summary.startswith("failed:")
+    ctx.exit(1 if failed else 0)
+
+
 # -- database -----------------------------------------------------------------------------------
 
 

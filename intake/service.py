@@ -66,7 +66,11 @@ class Service:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, _on_signal)
-        self._tasks = [asyncio.create_task(self._processor())]
+        from intake.scheduler import run_scheduler
+        from intake.store import utcnow
+
+        self._tasks = [asyncio.create_task(self._processor()),
+                       asyncio.create_task(run_scheduler(self.app, self.stopping, utcnow))]
         self._tasks += [asyncio.create_task(c(self)) for c in self._extra]
         log.info("serving: database %s, %d mailboxes", self.app.cfg.database_url, len(self.app.cfg.mailbox))
         await self.stopping.wait()

@@ -1,0 +1,82 @@
+"""Periodic jobs: one table of jobs, run by APScheduler in ``serve`` and once by ``tick``.
+
+The only module that imports APScheduler. A job is a plain function
+``job(app, now) -> str`` (a one-line summary for the log and for ``intake tick``), so
+cron users, operators and tests can run the scheduler's work on demand with
+``intake tick [--at TIME]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from intake.app import App
+
+log = logging.getLogger("intake.scheduler")
+
+JobFunc = Callable[["App", datetime], str]
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    func: JobFunc
+    interval: float  # seconds between runs under `serve`
+
+
+def _process_received(app: "App", now: datetime) -> str:
+    """Fallback sweep: records left ``received`` (a crash, a database outage) are processed."""
+    return f"{app.processor.process_pending()} received message(s) processed"
+
+
+# The job table, in the order `intake tick` runs them. Each capability adds its row here.
+JOBS: list[Job] = [
+    Job("process-received", _process_received, 30.0),
+]
+
+
+def tick(app: "App", at: datetime) -> list[tuple[str, str]]:
+    """Run every job once as of ``at``; returns (job name, summary or error) pairs."""
+    results = []
+    for job in JOBS:
+        try:
+            summary = job.func(app, at)
+        except Exception as exc:  # noqa: BLE001 - one failing job must not stop the others
+            log.exception("job %s failed", job.name)
+            summary = f"failed: {type(exc).__name__}: {exc}"
+        results.append((job.name, summary))
+    return results
+
+
+async def run_scheduler(app: "App", stopping: asyncio.Event, clock: Callable[[], datetime]) -> None:
+    """Run the job table on an AsyncIOScheduler in the current loop until ``stopping``."""
+    from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+    loop = asyncio.get_running_loop()
+    scheduler = AsyncIOScheduler(event_loop=loop)
+
+    def runner(job: Job) -> Callable[[], object]:
+        async def run() -> None:
+            # Jobs do blocking database work: run them off the loop.
+            try:
+                summary = await loop.run_in_executor(None, job.func, app, clock())
+                log.debug("job %s: %s", job.name, summary)
+            except Exception:  # noqa: BLE001
+                log.exception("job %s failed", job.name)
+
+        return run
+
+    for job in JOBS:
+        scheduler.add_job(runner(job), "interval", seconds=job.interval, id=job.name, max_instances=1,
+                          coalesce=True)
+    scheduler.start()
+    try:
+        await stopping.wait()
+    finally:
+        scheduler.shutdown(wait=False)
