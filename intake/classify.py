@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from email import message_from_bytes
 from email.policy import compat32
 
+from intake.config import base_address
 from intake.parse import ParsedMail
 
 CUSTOMER, AGENT, OWN = "customer", "agent", "own"
@@ -123,7 +124,7 @@ def bounce_report(m: ParsedMail) -> tuple[list[str], list[str]] | None:
 def classify(m: ParsedMail, *, own_addresses: Collection[str], agents: Collection[str]) -> Classification:
     """Classify a parsed message; ``own_addresses`` and ``agents`` are lower-cased addresses."""
     sender_addr = m.from_.key if m.from_ else ""
-    base = _strip_plus(sender_addr)
+    base = base_address(sender_addr)
     if base in own_addresses:
         sender = OWN
     elif sender_addr in agents or base in agents:
@@ -146,8 +147,3 @@ def classify(m: ParsedMail, *, own_addresses: Collection[str], agents: Collectio
     if sender == OWN or signals:
         return Classification(sender, AUTOMATED, tuple(reasons))
     return Classification(sender, MESSAGE, tuple(reasons))
-
-
-def _strip_plus(address: str) -> str:
-    local, at, domain = address.partition("@")
-    return local.split("+", 1)[0] + at + domain

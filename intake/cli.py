@@ -86,7 +86,7 @@ def serve(ctx: click.Context) -> None:
 @click.argument("files", nargs=-1, required=True)
 @click.pass_context
 def ingest(ctx: click.Context, mailbox: str | None, channel: str, files: tuple[str, ...]) -> None:
-    """Store .eml FILEs (or - for standard input) and process them.
+    """Store .eml FILEs (a folder means every file in it; - is standard input) and process them.
 
     Exit 0 once every message is stored (whatever processing decided), 75 when one
     could not be stored (an MTA retries), 64 on a usage error.
@@ -100,31 +100,49 @@ def ingest(ctx: click.Context, mailbox: str | None, channel: str, files: tuple[s
     if mailbox and app.cfg.mailbox_for(mailbox) is None:
         click.echo(f"intake ingest: {mailbox} is not one of our mailboxes", err=True)
         ctx.exit(EX_USAGE)
-    raws: list[tuple[str, bytes]] = []
+    paths: list[str] = []
     for f in files:
-        try:
-            raws.append((f, sys.stdin.buffer.read() if f == "-" else Path(f).read_bytes()))
-        except OSError as exc:
-            click.echo(f"intake ingest: {f}: {exc.strerror}", err=True)
-            ctx.exit(EX_USAGE if isinstance(exc, (FileNotFoundError, IsADirectoryError)) else EX_TEMPFAIL)
+        if f != "-" and Path(f).is_dir():
+            paths += sorted(str(p) for p in Path(f).iterdir() if p.is_file())
+        elif f != "-" and not Path(f).exists():
+            click.echo(f"intake ingest: {f}: no such file", err=True)
+            ctx.exit(EX_USAGE)
+        else:
+            paths.append(f)
     proc = app.processor
-    for name, raw in raws:
-        target = mailbox or _mailbox_from_headers(app, raw)
+    # Batches: one durable commit stores many messages, one more processes them; memory
+    # stays bounded by the batch, not by the number of files.
+    for start in range(0, len(paths), INGEST_BATCH):
+        batch: list[tuple[str, bytes]] = []
+        for name in paths[start : start + INGEST_BATCH]:
+            try:
+                batch.append((name, sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()))
+            except OSError as exc:
+                click.echo(f"intake ingest: {name}: {exc.strerror}", err=True)
+                ctx.exit(EX_TEMPFAIL)
+        items = []
+        for name, raw in batch:
+            target = mailbox or _mailbox_from_headers(app, raw)
+            items.append((raw, {"channel": channel, "mailbox": target, "envelope_to": [target],
+                                "source": {"ingest": name}}))
         try:
-            inbound_id = app.store.receive(raw, channel=channel, mailbox=target, envelope_to=[target],
-                                           source={"ingest": name})
+            ids = app.store.receive_many(items)
         except StoreUnavailable as exc:
-            click.echo(f"intake ingest: {name}: cannot store now: {exc}", err=True)
+            click.echo(f"intake ingest: cannot store now: {exc}", err=True)
             ctx.exit(EX_TEMPFAIL)
             return
         try:
-            outcome = proc.process(inbound_id)
+            outcomes = proc.process_batch(ids)
         except StoreUnavailable as exc:
-            # Stored but not processed: `serve` or the next ingest picks it up.
-            click.echo(f"{name}: stored as #{inbound_id}; processing deferred ({exc})")
+            # Stored but not processed: `serve`, `tick` or the next ingest picks them up.
+            click.echo(f"stored {len(ids)} message(s); processing deferred ({exc})")
             continue
-        case = f" {outcome.case_number}" if outcome.case_number else ""
-        click.echo(f"{name}: #{inbound_id} {outcome.state}{case}{' — ' + outcome.reason if outcome.reason else ''}")
+        for (name, _), inbound_id, outcome in zip(batch, ids, outcomes):
+            case = f" {outcome.case_number}" if outcome.case_number else ""
+            click.echo(f"{name}: #{inbound_id} {outcome.state}{case}{' — ' + outcome.reason if outcome.reason else ''}")
+
+
+INGEST_BATCH = 100
 
 
 def _mailbox_from_headers(app: App, raw: bytes) -> str:

@@ -146,8 +146,7 @@ class Config:
 
     def mailbox_for(self, address: str) -> MailboxConfig | None:
         """The mailbox an address belongs to, plus-addresses included."""
-        local, _, domain = address.lower().partition("@")
-        base = local.split("+", 1)[0] + "@" + domain
+        base = base_address(address)
         for mb in self.mailbox:
             if mb.address.lower() == base:
                 return mb
@@ -161,6 +160,12 @@ class Config:
     @property
     def tz(self) -> ZoneInfo:
         return ZoneInfo(self.cases.time_zone)
+
+
+def base_address(address: str) -> str:
+    """``Support+c12-x@Example.com`` → ``support@example.com`` (lower case, no plus part)."""
+    local, at, domain = address.lower().partition("@")
+    return local.split("+", 1)[0] + at + domain
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]?)i?b?\s*$", re.I)

@@ -6,6 +6,7 @@ token and its participants); ``decide`` applies the order of DESIGN 5 to it and 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import re
@@ -33,12 +34,17 @@ def clean_subject(subject: str) -> str:
         s = new
 
 
+@functools.lru_cache(maxsize=16)
+def _token_pattern(prefixes: frozenset[str]) -> re.Pattern[str]:
+    alt = "|".join(re.escape(p) for p in sorted(prefixes, key=len, reverse=True))
+    return re.compile(rf"\[\s*({alt})-(\d+)\s*\]", re.I)
+
+
 def case_tokens(subject: str, prefixes: Collection[str]) -> list[tuple[str, int]]:
     """``[CASE-1042]`` tokens in a subject, for any configured prefix: [(prefix, number)]."""
     if not prefixes:
         return []
-    alt = "|".join(re.escape(p) for p in sorted(prefixes, key=len, reverse=True))
-    return [(m.group(1).upper(), int(m.group(2))) for m in re.finditer(rf"\[\s*({alt})-(\d+)\s*\]", subject, re.I)]
+    return [(m.group(1).upper(), int(m.group(2))) for m in _token_pattern(frozenset(prefixes)).finditer(subject)]
 
 
 def strip_case_token(subject: str, prefixes: Collection[str]) -> str:

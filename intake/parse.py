@@ -79,11 +79,13 @@ class ParsedMail:
 
     def header(self, name: str) -> str | None:
         """First decoded value of a header, or ``None``."""
-        lname = name.lower()
-        for k, v in self.headers:
-            if k.lower() == lname:
-                return v
-        return None
+        index = self.__dict__.get("_index")
+        if index is None:
+            index = {}
+            for k, v in self.headers:
+                index.setdefault(k.lower(), v)
+            self.__dict__["_index"] = index
+        return index.get(name.lower())
 
     def header_all(self, name: str) -> list[str]:
         lname = name.lower()
@@ -258,7 +260,7 @@ class _Body:
             children = part.get_payload()
             if not isinstance(children, list):
                 return
-            if ctype == "message/rfc822":
+            if ctype in ("message/rfc822", "message/delivery-status"):
                 self._attach(part)
                 return
             if ctype == "multipart/alternative":
@@ -352,6 +354,9 @@ class _Body:
                 payload = inner[0].as_bytes(policy=compat32) if isinstance(inner[0], Message) else b""
             else:
                 payload = self._payload(part)
+        elif ctype == "message/delivery-status" and isinstance(part.get_payload(), list):
+            # The stdlib splits a DSN into header blocks; keep them as the report's text.
+            payload = b"\n".join(block.as_bytes(policy=compat32) for block in part.get_payload())
         else:
             payload = self._payload(part)
         filename = self._filename(part)

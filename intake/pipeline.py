@@ -18,7 +18,7 @@ from typing import Any
 
 from intake import store as st
 from intake.classify import AGENT, AUTOMATED, BOUNCE, OWN, Classification, classify
-from intake.config import Config, MailboxConfig
+from intake.config import Config, MailboxConfig, base_address
 from intake.matching import Evidence, Match, case_tokens, clean_subject, decide, parse_reply_address
 from intake.parse import ParsedMail, parse
 from intake.rules import Decision, RuleContext, RuleSet, evaluate
@@ -42,7 +42,7 @@ class Outcome:
 class _Run:
     """Working state of one message through the flow; its ``log`` becomes the processing log."""
 
-    rec: st.InboundRecord
+    rec: st.InboundWork
     mail: ParsedMail
     cls: Classification
     mailbox: MailboxConfig
@@ -73,45 +73,58 @@ class Processor:
 
     # -- entry points -------------------------------------------------------------------
 
-    def process_pending(self, limit: int | None = None) -> int:
+    def process_pending(self, limit: int | None = None, batch: int = 50) -> int:
         """Process every ``received`` record (oldest first); returns how many were handled."""
         done = 0
         after = 0
         while limit is None or done < limit:
-            ids = self.store.pending_inbound(limit=200, after_id=after)
+            size = batch if limit is None else min(batch, limit - done)
+            ids = self.store.pending_inbound(limit=size, after_id=after)
             if not ids:
                 break
-            for inbound_id in ids:
-                self.process(inbound_id)
-                done += 1
-                after = inbound_id
-                if limit is not None and done >= limit:
-                    break
+            self.process_batch(ids)
+            done += len(ids)
+            after = ids[-1]
         return done
 
     def process(self, inbound_id: int) -> Outcome:
         """Run the flow for one record; an exception quarantines it and is not raised."""
+        return self.process_batch([inbound_id])[0]
+
+    def process_batch(self, inbound_ids: list[int]) -> list[Outcome]:
+        """Run the flow for several records in one transaction (one durable commit).
+
+        When any message raises, the whole batch is rolled back and each message runs
+        again in a transaction of its own, so that only the failing one is quarantined.
+        """
         _ = self.secret  # read (or made) outside the processing transaction
         try:
             with self.store.session() as s:
-                rec = st.load_inbound(s, inbound_id)
-                if rec is None or rec.state != st.RECEIVED:
-                    return Outcome(rec.state if rec else "missing", reason="not waiting for processing")
-                outcome = self._process(s, rec)
-            log.info("%s %s case=%s message_id=<%s> %s", "inbound", outcome.state, outcome.case_number or "-",
-                     outcome.message_id, outcome.reason)
-            return outcome
+                records = st.load_inbound(s, inbound_ids)
+                outcomes = [self._process_one(s, records.get(i)) for i in inbound_ids]
+                st.save_inbound(s, [r for r in records.values() if r.processed_at is not None])
         except st.StoreUnavailable:
             raise
         except Exception as exc:  # noqa: BLE001 - anything else quarantines, never loses
+            if len(inbound_ids) > 1:
+                return [self.process_batch([i])[0] for i in inbound_ids]
             error = f"{type(exc).__name__}: {exc}"
-            self.store.quarantine(inbound_id, error, traceback.format_exc())
-            log.error("inbound quarantined id=%s error=%s", inbound_id, error)
-            return Outcome(st.QUARANTINED, reason=error)
+            self.store.quarantine(inbound_ids[0], error, traceback.format_exc())
+            log.warning("inbound quarantined id=%s error=%s", inbound_ids[0], error)
+            return [Outcome(st.QUARANTINED, reason=error)]
+        for outcome in outcomes:
+            log.info("inbound %s case=%s message_id=<%s> %s", outcome.state, outcome.case_number or "-",
+                     outcome.message_id, outcome.reason)
+        return outcomes
+
+    def _process_one(self, s: Any, rec: st.InboundWork | None) -> Outcome:
+        if rec is None or rec.state != st.RECEIVED:
+            return Outcome(rec.state if rec else "missing", reason="not waiting for processing")
+        return self._process(s, rec)
 
     # -- the flow -----------------------------------------------------------------------
 
-    def _process(self, s: Any, rec: st.InboundRecord) -> Outcome:
+    def _process(self, s: Any, rec: st.InboundWork) -> Outcome:
         now = self.clock()
         if rec.raw is None:
             raise ValueError("raw bytes are no longer stored (retention) and cannot be processed")
@@ -123,7 +136,7 @@ class Processor:
         rec.message_id = mail.message_id
         rec.from_address = mail.from_.address if mail.from_ else None
         rec.subject = mail.subject
-        rec.attempts = (rec.attempts or 0) + 1
+        rec.attempts += 1
         run.step("parsed", message_id=mail.message_id, synthesised=mail.message_id_synthesised,
                  subject=mail.subject, **{"from": mail.from_.address if mail.from_ else None},
                  charsets=mail.charsets, defects=mail.defects, attachments=len(mail.attachments))
@@ -133,7 +146,7 @@ class Processor:
         rec.state = outcome.state
         rec.processed_at = now
         rec.error = None
-        rec.log = [*(rec.log or []), *run.log, {"at": now.isoformat(), "step": "done", "state": outcome.state,
+        rec.log = [*rec.log, *run.log, {"at": now.isoformat(), "step": "done", "state": outcome.state,
                                                 "case": outcome.case_number, "reason": outcome.reason}]
         return outcome
 
@@ -142,26 +155,25 @@ class Processor:
         key = run.mail.message_id
         if st.claim_message_key(s, key, run.rec.id):
             return None
-        first = st.message_key_owner(s, key)
-        assert first is not None
-        run.rec.duplicate_of = first.inbound_id
-        case = st.case_by_id(s, first.case_id) if first.case_id else None
+        owner = st.message_key_owner(s, key)
+        assert owner is not None
+        first_inbound, first_case = owner
+        run.rec.duplicate_of = first_inbound
+        case = st.case_by_id(s, first_case) if first_case else None
         run.rec.case_id = case.id if case else None
         label = case.label if case else None
         if case is not None:
             st.add_event(s, case, "duplicate", {"message_id": key, "mailbox": run.rec.mailbox,
                                                  "channel": run.rec.channel, "inbound_id": run.rec.id},
                          inbound_id=run.rec.id, at=run.now)
-        reason = f"same Message-ID as inbound #{first.inbound_id}"
-        run.step("duplicate", of=first.inbound_id, case=label)
+        reason = f"same Message-ID as inbound #{first_inbound}"
+        run.step("duplicate", of=first_inbound, case=label)
         return Outcome(st.DUPLICATE, label, reason, key)
 
     def _flow(self, s: Any, run: _Run) -> Outcome:
         mail, cls = run.mail, run.cls
-        key_row = st.message_key_owner(s, mail.message_id)
-
         if cls.kind == BOUNCE:
-            return self._bounce(s, run, key_row)
+            return self._bounce(s, run)
 
         match = self._thread(s, run)
         run.step("threaded", method=match.method, reason=match.reason,
@@ -170,7 +182,7 @@ class Processor:
         if match.case_number is not None:
             case = st.case_by_number(s, match.case_number)
             assert case is not None
-            return self._comment(s, run, case, match, key_row)
+            return self._comment(s, run, case, match)
 
         if not cls.opens_case:
             reason = "automated mail does not open a case: " + "; ".join(cls.reasons)
@@ -183,8 +195,6 @@ class Processor:
             run.step("dropped", reason=reason)
             return Outcome(st.DROPPED, None, reason, mail.message_id)
         case = self._new_case(s, run, decision, match)
-        if key_row is not None:
-            key_row.case_id = case.id
         return Outcome(st.PROCESSED, case.label, "new case", mail.message_id)
 
     # -- thread -------------------------------------------------------------------------
@@ -243,7 +253,7 @@ class Processor:
             return None
         return domain
 
-    def _contact(self, s: Any, address: str, name: str) -> st.Contact:
+    def _contact(self, s: Any, address: str, name: str) -> st.ContactRef:
         return st.get_or_create_contact(s, address, name, self._organization_domain(address))
 
     def _new_case(self, s: Any, run: _Run, decision: Decision, match: Match) -> st.Case:
@@ -268,7 +278,7 @@ class Processor:
             created_at=run.now,
             updated_at=run.now,
         )
-        rec.case_id = case.id
+        self._attach_to_case(s, run, case)
         st.add_event(s, case, "created", {"queue": case.queue, "priority": case.priority, "mailbox": case.mailbox,
                                           "channel": case.channel}, inbound_id=rec.id, at=run.now)
         if requester:
@@ -285,16 +295,20 @@ class Processor:
         run.step("stored", case=case.label, created=True)
         return case
 
+    def _attach_to_case(self, s: Any, run: _Run, case: st.Case) -> None:
+        """The inbound record and its Message-ID now belong to ``case``."""
+        run.rec.case_id = case.id
+        st.set_message_key_case(s, run.mail.message_id, case.id)
+
     def _add_cc_participants(self, s: Any, run: _Run, case: st.Case) -> None:
         own = self.cfg.own_addresses
         sender = run.mail.from_.key if run.mail.from_ else ""
         for a in [*run.mail.to, *run.mail.cc]:
-            base = _base_address(a.key)
-            if base in own or a.key == sender or self.cfg.mailbox_for(a.key) is not None:
+            if base_address(a.key) in own or a.key == sender or self.cfg.mailbox_for(a.key) is not None:
                 continue
             st.add_participant(s, case, self._contact(s, a.address, a.name), "cc")
 
-    def _store_message(self, s: Any, run: _Run, case: st.Case, visibility: str) -> st.MessageRow:
+    def _store_message(self, s: Any, run: _Run, case: st.Case, visibility: str) -> int:
         mail = run.mail
         return st.add_message(
             s, case, direction="in", visibility=visibility, message_id=mail.message_id,
@@ -304,15 +318,13 @@ class Processor:
             attachments=mail.attachments,
         )
 
-    def _comment(self, s: Any, run: _Run, case: st.Case, match: Match, key_row: Any) -> Outcome:
+    def _comment(self, s: Any, run: _Run, case: st.Case, match: Match) -> Outcome:
         """Add the message to an existing case, reopening it as DESIGN 5 says."""
         mail, cls = run.mail, run.cls
         if case.status == "closed" and cls.kind != AUTOMATED and cls.sender not in (AGENT, OWN):
             closed_at = case.closed_at or case.updated_at
             if run.now - closed_at > timedelta(days=self.cfg.cases.reopen_days):
                 follow = self._follow_up(s, run, case)
-                if key_row is not None:
-                    key_row.case_id = follow.id
                 return Outcome(st.PROCESSED, follow.label, f"follow-up of closed {case.label}", mail.message_id)
         visibility = "internal" if match.internal else "public"
         row = self._store_message(s, run, case, visibility=visibility)
@@ -327,9 +339,7 @@ class Processor:
             if case.status in ("resolved", "closed", "pending"):
                 self._set_status(s, case, "open", run, "customer replied")
         case.updated_at = run.now
-        run.rec.case_id = case.id
-        if key_row is not None:
-            key_row.case_id = case.id
+        self._attach_to_case(s, run, case)
         run.step("stored", case=case.label, created=False, visibility=visibility)
         return Outcome(st.PROCESSED, case.label, f"comment ({match.method})", mail.message_id)
 
@@ -351,7 +361,7 @@ class Processor:
 
     # -- bounces ------------------------------------------------------------------------
 
-    def _bounce(self, s: Any, run: _Run, key_row: Any) -> Outcome:
+    def _bounce(self, s: Any, run: _Run) -> Outcome:
         found = st.case_by_message_ids(s, list(run.cls.bounced_message_ids))
         if found is None:
             reason = "bounce that names none of our messages"
@@ -359,18 +369,11 @@ class Processor:
             return Outcome(st.DROPPED, None, reason, run.mail.message_id)
         case, ref = found
         row = self._store_message(s, run, case, visibility="internal")
-        st.add_event(s, case, "bounce", {"message_id": ref, "recipients": list(run.cls.failed_recipients)},
+        st.add_event(s, case, "bounce", {"bounced_message_id": ref, "recipients": list(run.cls.failed_recipients)},
                      message_row=row, inbound_id=run.rec.id, at=run.now)
-        run.rec.case_id = case.id
-        if key_row is not None:
-            key_row.case_id = case.id
+        self._attach_to_case(s, run, case)
         run.step("bounce", case=case.label, bounced=ref)
         return Outcome(st.PROCESSED, case.label, f"bounce of <{ref}>", run.mail.message_id)
-
-
-def _base_address(address: str) -> str:
-    local, at, domain = address.partition("@")
-    return local.split("+", 1)[0] + at + domain
 
 
 def _thread_index_prefix(mail: ParsedMail) -> str | None:

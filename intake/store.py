@@ -29,13 +29,17 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    bindparam,
     func,
+    insert,
     select,
     update,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker, undefer, joinedload
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.types import TypeDecorator
 
 # Inbound record states (DESIGN 4): received → processed | duplicate | dropped | quarantined
@@ -165,8 +169,8 @@ class Case(Base):
     resolved_at: Mapped[datetime | None]
     closed_at: Mapped[datetime | None]
     linked_case_id: Mapped[int | None] = mapped_column(ForeignKey("cases.id"))
-    requester: Mapped[Contact | None] = relationship(lazy="joined", foreign_keys=[requester_id])
-    organization: Mapped[Organization | None] = relationship(lazy="joined", foreign_keys=[organization_id])
+    requester: Mapped[Contact | None] = relationship(foreign_keys=[requester_id])
+    organization: Mapped[Organization | None] = relationship(foreign_keys=[organization_id])
 
     @property
     def label(self) -> str:
@@ -405,6 +409,7 @@ class Store:
         with self._writers() as s:
             try:
                 yield s
+                flush_events(s)
                 s.commit()
             except BaseException:
                 s.rollback()
@@ -481,17 +486,9 @@ class Store:
             return s.scalar(select(InboundRecord.raw).where(InboundRecord.id == inbound_id))
 
     def quarantine(self, inbound_id: int, error: str, tb: str) -> None:
-        """Mark a record quarantined with its error (outside the failed transaction)."""
+        """Mark a record quarantined with its error, in a transaction of its own."""
         with self.session() as s:
-            rec = s.get(InboundRecord, inbound_id)
-            if rec is None:
-                return
-            rec.state = QUARANTINED
-            rec.error = error
-            rec.traceback = tb
-            rec.attempts = (rec.attempts or 0) + 1
-            rec.processed_at = utcnow()
-            rec.log = [*(rec.log or []), {"at": utcnow().isoformat(), "step": "quarantined", "error": error}]
+            mark_quarantined(s, inbound_id, error, tb)
 
     def quarantined(self) -> list[InboundRecord]:
         with self._sessions() as s:
@@ -528,7 +525,7 @@ class Store:
 
     def list_cases(self, *, queue: str | None = None, status: str | None = None, limit: int | None = None) -> list[CaseView]:
         with self._sessions() as s:
-            q = select(Case).order_by(Case.number)
+            q = select(Case).options(joinedload(Case.requester), joinedload(Case.organization)).order_by(Case.number)
             if queue:
                 q = q.where(Case.queue == queue)
             if status:
@@ -543,7 +540,8 @@ class Store:
         if number is None:
             return None
         with self._sessions() as s:
-            case = s.scalars(select(Case).where(Case.number == number)).unique().first()
+            case = s.scalars(select(Case).options(joinedload(Case.requester), joinedload(Case.organization))
+                             .where(Case.number == number)).unique().first()
             if case is None:
                 return None
             out = case_view(case).as_json()
@@ -598,12 +596,12 @@ def parse_case_label(label: str) -> int | None:
 
 
 def next_number(s: Session, name: str = "case_number") -> int:
-    """Next value of a named counter inside the caller's transaction."""
-    res = s.execute(update(Counter).where(Counter.name == name).values(value=Counter.value + 1).returning(Counter.value))
-    value = res.scalar()
+    """Next value of a named counter inside the caller's transaction (row-locked)."""
+    t = Counter.__table__
+    conn = s.connection()
+    value = conn.execute(update(t).where(t.c.name == name).values(value=t.c.value + 1).returning(t.c.value)).scalar()
     if value is None:
-        s.add(Counter(name=name, value=1))
-        s.flush()
+        conn.execute(insert(t), [{"name": name, "value": 1}])
         return 1
     return int(value)
 
@@ -612,29 +610,98 @@ def next_number(s: Session, name: str = "case_number") -> int:
 # Operations of the flow, inside the caller's transaction (``with store.session() as s``)
 
 
-def load_inbound(s: Session, inbound_id: int, *, lock: bool = True) -> InboundRecord | None:
-    """The record to process; on PostgreSQL locked so that one process takes it."""
-    q = select(InboundRecord).where(InboundRecord.id == inbound_id).options()
-    if lock and s.get_bind().dialect.name == "postgresql":
+@dataclass
+class InboundWork:
+    """An inbound record being processed, as plain data; saved back by ``save_inbound``."""
+
+    id: int
+    raw: bytes | None
+    state: str
+    channel: str
+    mailbox: str
+    envelope_to: list[str]
+    source: dict[str, Any]
+    log: list[Any]
+    attempts: int
+    message_id: str | None = None
+    from_address: str | None = None
+    subject: str | None = None
+    case_id: int | None = None
+    duplicate_of: int | None = None
+    processed_at: datetime | None = None
+    error: str | None = None
+
+
+_WORK_COLUMNS = ("id", "raw", "state", "channel", "mailbox", "envelope_to", "source", "log", "attempts")
+_SAVED_COLUMNS = ("state", "log", "attempts", "message_id", "from_address", "subject", "case_id", "duplicate_of",
+                  "processed_at", "error")
+
+
+def load_inbound(s: Session, inbound_ids: Sequence[int]) -> dict[int, InboundWork]:
+    """The records to process, with their raw bytes, in one query.
+
+    On PostgreSQL the rows are locked and rows another process holds are skipped, so that
+    several processes share the work without taking the same message.
+    """
+    t = InboundRecord.__table__
+    q = select(*(t.c[c] for c in _WORK_COLUMNS)).where(t.c.id.in_(list(inbound_ids)))
+    if s.get_bind().dialect.name == "postgresql":
         q = q.with_for_update(skip_locked=True)
-    rec = s.scalars(q).first()
-    if rec is not None:
-        s.refresh(rec, ["raw"])
-    return rec
+    out = {}
+    for row in s.connection().execute(q):
+        m = row._mapping
+        out[m["id"]] = InboundWork(**{c: m[c] for c in _WORK_COLUMNS})
+        out[m["id"]].envelope_to = list(m["envelope_to"] or [])
+        out[m["id"]].log = list(m["log"] or [])
+        out[m["id"]].attempts = m["attempts"] or 0
+    return out
 
 
-def message_key_owner(s: Session, key: str) -> MessageKey | None:
-    return s.get(MessageKey, key)
+def save_inbound(s: Session, works: Sequence[InboundWork]) -> None:
+    """Write the outcome of processed records back, in one statement."""
+    if not works:
+        return
+    t = InboundRecord.__table__
+    stmt = update(t).where(t.c.id == bindparam("b_id")).values({c: bindparam(f"b_{c}") for c in _SAVED_COLUMNS})
+    s.connection().execute(stmt, [{"b_id": w.id, **{f"b_{c}": getattr(w, c) for c in _SAVED_COLUMNS}} for w in works])
+
+
+def mark_quarantined(s: Session, inbound_id: int, error: str, tb: str) -> None:
+    """Quarantine a record with its error; its raw bytes stay for `quarantine retry`."""
+    rec = s.get(InboundRecord, inbound_id)
+    if rec is None:
+        return
+    s.refresh(rec)  # the failed savepoint may have left it half-changed
+    rec.state = QUARANTINED
+    rec.error = error
+    rec.traceback = tb
+    rec.attempts = (rec.attempts or 0) + 1
+    rec.processed_at = utcnow()
+    rec.log = [*(rec.log or []), {"at": utcnow().isoformat(), "step": "quarantined", "error": error}]
+
+
+def message_key_owner(s: Session, key: str) -> tuple[int, int | None] | None:
+    """(first inbound id, its case id) of a Message-ID already registered, or None."""
+    t = MessageKey.__table__
+    row = s.connection().execute(select(t.c.inbound_id, t.c.case_id).where(t.c.key == key)).first()
+    return (row[0], row[1]) if row else None
 
 
 def claim_message_key(s: Session, key: str, inbound_id: int) -> bool:
-    """Register the first arrival of a Message-ID; False when another record has it."""
-    try:
-        with s.begin_nested():
-            s.add(MessageKey(key=key, inbound_id=inbound_id))
-    except IntegrityError:
-        return False
-    return True
+    """Register the first arrival of a Message-ID; False when another record has it.
+
+    Two processes racing on PostgreSQL: the loser's insert fails with an IntegrityError,
+    its batch is retried, and then it finds the key here.
+    """
+    conn = s.connection()
+    stmt = (sqlite_insert if conn.dialect.name == "sqlite" else pg_insert)(MessageKey.__table__)
+    res = conn.execute(stmt.on_conflict_do_nothing(), {"key": key, "inbound_id": inbound_id})
+    return res.rowcount == 1
+
+
+def set_message_key_case(s: Session, key: str, case_id: int) -> None:
+    t = MessageKey.__table__
+    s.connection().execute(update(t).where(t.c.key == key).values(case_id=case_id))
 
 
 def case_by_number(s: Session, number: int) -> Case | None:
@@ -675,32 +742,45 @@ def participant_addresses(s: Session, case_id: int) -> set[str]:
     return {r[0] for r in rows}
 
 
-def get_or_create_organization(s: Session, domain: str) -> Organization:
-    org = s.scalars(select(Organization).where(Organization.domain == domain)).first()
-    if org is None:
-        org = Organization(domain=domain, name=domain)
-        s.add(org)
-        s.flush()
-    return org
+@dataclass(frozen=True)
+class ContactRef:
+    id: int
+    address: str
+    name: str
+    organization_id: int | None
+    language: str | None
 
 
-def get_or_create_contact(s: Session, address: str, name: str, organization_domain: str | None) -> Contact:
+def _organization_id(conn: Any, domain: str) -> int:
+    t = Organization.__table__
+    org_id = conn.execute(select(t.c.id).where(t.c.domain == domain)).scalar()
+    if org_id is None:
+        org_id = conn.execute(insert(t).returning(t.c.id),
+                              [{"domain": domain, "name": domain, "created_at": utcnow()}]).scalar_one()
+    return int(org_id)
+
+
+def get_or_create_contact(s: Session, address: str, name: str, organization_domain: str | None) -> ContactRef:
     """The contact of an address (lower-cased); its name is filled in when first known."""
     address = address.lower()
-    contact = s.scalars(select(Contact).where(Contact.address == address)).unique().first()
-    if contact is None:
-        org = get_or_create_organization(s, organization_domain) if organization_domain else None
-        contact = Contact(address=address, name=name or "", organization=org)
-        s.add(contact)
-        s.flush()
-    elif name and not contact.name:
-        contact.name = name
-    return contact
+    conn = s.connection()
+    t = Contact.__table__
+    row = conn.execute(select(t.c.id, t.c.name, t.c.organization_id, t.c.language).where(t.c.address == address)).first()
+    if row is None:
+        org_id = _organization_id(conn, organization_domain) if organization_domain else None
+        cid = conn.execute(insert(t).returning(t.c.id), [{"address": address, "name": name or "",
+                                                          "organization_id": org_id, "created_at": utcnow()}]).scalar_one()
+        return ContactRef(int(cid), address, name or "", org_id, None)
+    if name and not row.name:
+        conn.execute(update(t).where(t.c.id == row.id).values(name=name))
+    return ContactRef(int(row.id), address, row.name or name or "", row.organization_id, row.language)
 
 
-def add_participant(s: Session, case: Case, contact: Contact, role: str) -> None:
-    if s.get(Participant, (case.id, contact.id)) is None:
-        s.add(Participant(case_id=case.id, contact_id=contact.id, role=role))
+def add_participant(s: Session, case: Case, contact: ContactRef, role: str) -> None:
+    """Add a contact to a case's participants (once; the first role stays)."""
+    conn = s.connection()
+    stmt = (sqlite_insert if conn.dialect.name == "sqlite" else pg_insert)(Participant.__table__)
+    conn.execute(stmt.on_conflict_do_nothing(), [{"case_id": case.id, "contact_id": contact.id, "role": role}])
 
 
 def create_case(s: Session, *, prefix: str, **fields: Any) -> Case:
@@ -729,22 +809,24 @@ def add_message(
     inbound_id: int | None = None,
     thread_index: str | None = None,
     attachments: Sequence[Any] = (),
-) -> MessageRow:
-    """Store a message on a case; attachment content is stored once per SHA-256."""
-    row = MessageRow(
-        case_id=case.id, inbound_id=inbound_id, direction=direction, visibility=visibility, message_id=message_id,
-        from_address=from_address, from_name=from_name, to=to, cc=cc, subject=subject, text=text, html=html,
-        sent_at=sent_at, thread_index=thread_index,
-    )
-    s.add(row)
-    s.flush()
+) -> int:
+    """Store a message on a case; attachment content is stored once per SHA-256. Returns its id."""
+    # Append-only rows go in as plain INSERTs: the unit of work costs more than the mail.
+    conn = s.connection()
+    row_id = conn.execute(
+        insert(MessageRow.__table__).returning(MessageRow.__table__.c.id),
+        [dict(case_id=case.id, inbound_id=inbound_id, direction=direction, visibility=visibility,
+              message_id=message_id, from_address=from_address, from_name=from_name, to=to, cc=cc,
+              subject=subject, text=text, html=html, sent_at=sent_at, thread_index=thread_index,
+              created_at=utcnow())],
+    ).scalar_one()
     for a in attachments:
-        if s.get(Blob, a.sha256) is None:
-            s.add(Blob(sha256=a.sha256, size=a.size, data=a.payload))
-            s.flush()
-        s.add(AttachmentRow(message_row_id=row.id, sha256=a.sha256, filename=a.filename, content_type=a.content_type,
-                            size=a.size, inline=a.inline, content_id=a.content_id))
-    return row
+        if conn.execute(select(Blob.__table__.c.sha256).where(Blob.__table__.c.sha256 == a.sha256)).first() is None:
+            conn.execute(insert(Blob.__table__), [{"sha256": a.sha256, "size": a.size, "data": a.payload}])
+        conn.execute(insert(AttachmentRow.__table__), [dict(message_row_id=row_id, sha256=a.sha256, filename=a.filename,
+                                               content_type=a.content_type, size=a.size, inline=a.inline,
+                                               content_id=a.content_id)])
+    return int(row_id)
 
 
 def add_event(
@@ -753,11 +835,19 @@ def add_event(
     type_: str,
     data: dict[str, Any] | None = None,
     *,
-    message_row: MessageRow | None = None,
+    message_row: int | None = None,
     inbound_id: int | None = None,
     at: datetime | None = None,
-) -> Event:
-    ev = Event(case_id=case.id, type=type_, data=data or {}, message_row_id=message_row.id if message_row else None,
-               inbound_id=inbound_id, at=at or utcnow())
-    s.add(ev)
-    return ev
+) -> None:
+    """Append an entry to a case's timeline (written at the next ``flush_events``)."""
+    s.info.setdefault("events", []).append(
+        dict(case_id=case.id, type=type_, data=data or {}, message_row_id=message_row, inbound_id=inbound_id,
+             at=at or utcnow())
+    )
+
+
+def flush_events(s: Session) -> None:
+    """Write the buffered timeline entries in one statement."""
+    rows = s.info.pop("events", None)
+    if rows:
+        s.connection().execute(insert(Event.__table__), rows)
