@@ -33,6 +33,7 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Engine
@@ -596,9 +597,12 @@ def parse_case_label(label: str) -> int | None:
 
 
 def next_number(s: Session, name: str = "case_number") -> int:
-    """Next value of a named counter inside the caller's transaction (row-locked)."""
+    """Next value of a named counter: a PostgreSQL sequence, or a row-locked counter on SQLite."""
     t = Counter.__table__
     conn = s.connection()
+    if name == "case_number" and conn.dialect.name == "postgresql":
+        # Not rolled back with the transaction, so other processes never wait on it.
+        return int(conn.execute(text("SELECT nextval('case_number_seq')")).scalar_one())
     value = conn.execute(update(t).where(t.c.name == name).values(value=t.c.value + 1).returning(t.c.value)).scalar()
     if value is None:
         conn.execute(insert(t), [{"name": name, "value": 1}])
@@ -695,8 +699,9 @@ def claim_message_key(s: Session, key: str, inbound_id: int) -> bool:
     """
     conn = s.connection()
     stmt = (sqlite_insert if conn.dialect.name == "sqlite" else pg_insert)(MessageKey.__table__)
-    res = conn.execute(stmt.on_conflict_do_nothing(), {"key": key, "inbound_id": inbound_id})
-    return res.rowcount == 1
+    t = MessageKey.__table__
+    res = conn.execute(stmt.on_conflict_do_nothing().returning(t.c.key), {"key": key, "inbound_id": inbound_id})
+    return res.first() is not None
 
 
 def set_message_key_case(s: Session, key: str, case_id: int) -> None:
