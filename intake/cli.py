@@ -288,6 +288,138 @@ def quarantine_retry(ctx: click.Context, ids: tuple[str, ...], all_: bool) -> No
     ctx.exit(1 if failed else 0)
 
 
+# -- diagnostics: what intake sees and what it did ----------------------------------------------
+
+
+@cli.command("parse")
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (a public interface).")
+@click.pass_context
+def parse_cmd(ctx: click.Context, file: str, as_json: bool) -> None:
+    """Show what intake sees in a mail, without storing anything."""
+    from intake.diagnostics import parse_report
+
+    try:
+        raw = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
+    except OSError as exc:
+        raise click.UsageError(f"{file}: {exc.strerror}") from None
+    app = _open(ctx, upgrade_sqlite=False)
+    report = parse_report(raw, own_addresses=app.cfg.own_addresses, agents=app.ruleset.agent_addresses)
+    if as_json:
+        click.echo(json.dumps(report, ensure_ascii=False, indent=2))
+        return
+
+    def addrs(items: list[dict[str, str]]) -> str:
+        return ", ".join(f"{a['name']} <{a['address']}>" if a["name"] else a["address"] for a in items) or "-"
+
+    cls = report["classification"]
+    click.echo(f"Message-ID  <{report['message_id']}>" + (" (synthesised)" if report["message_id_synthesised"] else ""))
+    click.echo(f"Date        {report['date'] or '-'}")
+    click.echo(f"From        {addrs([report['from']] if report['from'] else [])}")
+    click.echo(f"To          {addrs(report['to'])}")
+    click.echo(f"Cc          {addrs(report['cc'])}")
+    click.echo(f"Reply-To    {addrs(report['reply_to'])}")
+    click.echo(f"Subject     {report['subject']}")
+    click.echo(f"Language    {report['language']}")
+    click.echo(f"Charsets    {', '.join(report['charsets']) or '-'}")
+    click.echo(f"Class       sender {cls['sender']}, kind {cls['kind']}"
+               + (f" ({'; '.join(cls['reasons'])})" if cls["reasons"] else ""))
+    for a in report["attachments"]:
+        inline = ", inline" if a["inline"] else ""
+        click.echo(f"Attachment  {a['filename'] or '(no name)'} ({a['content_type']}, {a['size']} bytes{inline})")
+    for d in report["defects"]:
+        click.echo(f"Defect      {d}")
+    click.echo("")
+    click.echo(report["text"].rstrip())
+
+
+@cli.group()
+def messages() -> None:
+    """Every inbound message and its processing log."""
+
+
+def _parse_since(value: str | None) -> Any:
+    if not value:
+        return None
+    from datetime import datetime, timezone
+
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.UsageError(f"--since: not an ISO 8601 date or time: {value}") from None
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+@messages.command("list")
+@click.option("--state", type=click.Choice(["received", "processed", "duplicate", "dropped", "quarantined"]))
+@click.option("--since", help="Only messages received at or after this ISO 8601 date/time (UTC unless given).")
+@click.option("--from", "from_address", help="Only messages from this address.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def messages_list(ctx: click.Context, state: str | None, since: str | None, from_address: str | None,
+                  as_json: bool) -> None:
+    """List inbound messages: time, channel, mailbox, sender, subject, state, case."""
+    when = _parse_since(since)
+    app = _open(ctx)
+    rows = app.store.list_inbound(state=state, since=when, from_address=from_address)
+    if as_json:
+        click.echo(json.dumps([{**r, "received_at": r["received_at"].isoformat()} for r in rows],
+                              ensure_ascii=False, indent=2))
+        return
+    tz = app.cfg.tz
+    click.echo(table(["id", "received", "channel", "mailbox", "from", "state", "case", "subject"],
+                     [(r["id"], r["received_at"].astimezone(tz).strftime("%Y-%m-%d %H:%M:%S"), r["channel"],
+                       r["mailbox"], r["from"] or r["envelope_from"] or "-", r["state"], r["case"] or "-",
+                       r["subject"] or "") for r in rows]))
+    click.echo(f"{len(rows)} message(s)")
+
+
+@messages.command("show")
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def messages_show(ctx: click.Context, ref: str, as_json: bool) -> None:
+    """The processing log of one message (by id or Message-ID)."""
+    from intake.diagnostics import log_lines
+
+    app = _open(ctx)
+    detail = app.store.inbound_detail(ref)
+    if detail is None:
+        raise click.ClickException(f"no inbound message {ref}")
+    if as_json:
+        click.echo(json.dumps(detail, ensure_ascii=False, indent=2))
+        return
+    click.echo(f"inbound #{detail['id']}  {detail['state']}" + (f"  {detail['case']}" if detail["case"] else ""))
+    click.echo(f"  Message-ID  <{detail['message_id']}>" if detail["message_id"] else "  Message-ID  (not parsed yet)")
+    click.echo(f"  from        {detail['from'] or '-'} (envelope {detail['envelope_from'] or '-'})")
+    click.echo(f"  to          {', '.join(detail['envelope_to']) or '-'} (mailbox {detail['mailbox']})")
+    click.echo(f"  subject     {detail['subject'] or '-'}")
+    click.echo(f"  size        {detail['size']} bytes, sha256 {detail['raw_sha256'][:16]}…"
+               + ("" if detail["raw_kept"] else " (raw bytes removed by retention)"))
+    click.echo("log:")
+    for line in log_lines(detail["log"], app.cfg.tz):
+        click.echo(line)
+    if detail["state"] == QUARANTINED and detail["traceback"]:
+        click.echo("error:")
+        click.echo(detail["traceback"].rstrip())
+
+
+@messages.command("raw")
+@click.argument("ref")
+@click.pass_context
+def messages_raw(ctx: click.Context, ref: str) -> None:
+    """Write the raw bytes of a message exactly as received (redirect to a .eml file)."""
+    app = _open(ctx)
+    detail = app.store.inbound_detail(ref)
+    if detail is None:
+        raise click.ClickException(f"no inbound message {ref}")
+    raw = app.store.inbound_raw(detail["id"])
+    if raw is None:
+        raise click.ClickException(f"inbound #{detail['id']}: raw bytes were removed by retention")
+    sys.stdout.buffer.write(raw)
+    sys.stdout.buffer.flush()
+
+
 # -- periodic jobs -----------------------------------------------------------------------------
 
 

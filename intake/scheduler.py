@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -35,9 +35,19 @@ def _process_received(app: "App", now: datetime) -> str:
     return f"{app.processor.process_pending()} received message(s) processed"
 
 
+def _retention(app: "App", now: datetime) -> str:
+    """Remove raw bytes and processing logs older than ``retention_days`` (0 keeps forever)."""
+    days = app.cfg.cases.retention_days
+    if days <= 0:
+        return "retention off (retention_days = 0)"
+    purged = app.store.purge_raw(now - timedelta(days=days))
+    return f"{purged} raw message(s) older than {days} days removed"
+
+
 # The job table, in the order `intake tick` runs them. Each capability adds its row here.
 JOBS: list[Job] = [
     Job("process-received", _process_received, 30.0),
+    Job("retention", _retention, 3600.0),
 ]
 
 

@@ -482,6 +482,79 @@ class Store:
                 q = q.where(InboundRecord.state == state)
             return int(s.scalar(q) or 0)
 
+    def list_inbound(
+        self,
+        *,
+        state: str | None = None,
+        since: datetime | None = None,
+        from_address: str | None = None,
+        limit: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Inbound records, newest last, with their case number (``intake messages list``)."""
+        with self._sessions() as s:
+            q = (
+                select(InboundRecord.id, InboundRecord.received_at, InboundRecord.channel, InboundRecord.mailbox,
+                       InboundRecord.envelope_from, InboundRecord.from_address, InboundRecord.subject,
+                       InboundRecord.state, InboundRecord.message_id, InboundRecord.size, InboundRecord.error,
+                       Case.prefix, Case.number)
+                .outerjoin(Case, Case.id == InboundRecord.case_id)
+                .order_by(InboundRecord.id)
+            )
+            if state:
+                q = q.where(InboundRecord.state == state)
+            if since:
+                q = q.where(InboundRecord.received_at >= since)
+            if from_address:
+                q = q.where(func.lower(InboundRecord.from_address) == from_address.lower())
+            if limit:
+                q = q.limit(limit)
+            return [
+                {"id": r.id, "received_at": r.received_at, "channel": r.channel, "mailbox": r.mailbox,
+                 "envelope_from": r.envelope_from, "from": r.from_address, "subject": r.subject, "state": r.state,
+                 "message_id": r.message_id, "size": r.size, "error": r.error,
+                 "case": f"{r.prefix}-{r.number}" if r.number is not None else None}
+                for r in s.execute(q)
+            ]
+
+    def inbound_detail(self, ref: str) -> dict[str, Any] | None:
+        """One inbound record by id or Message-ID, with its processing log (``intake messages show``)."""
+        with self._sessions() as s:
+            q = select(InboundRecord)
+            if ref.isdigit():
+                q = q.where(InboundRecord.id == int(ref))
+            else:
+                q = q.where(InboundRecord.message_id == ref.strip().strip("<>")).order_by(InboundRecord.id)
+            rec = s.scalars(q.limit(1)).first()
+            if rec is None:
+                return None
+            case = s.get(Case, rec.case_id) if rec.case_id else None
+            return {
+                "id": rec.id, "received_at": rec.received_at.isoformat(), "channel": rec.channel,
+                "mailbox": rec.mailbox, "envelope_from": rec.envelope_from, "envelope_to": list(rec.envelope_to or []),
+                "source": dict(rec.source or {}), "size": rec.size, "raw_sha256": rec.raw_sha256,
+                "raw_kept": s.scalar(select(InboundRecord.raw.isnot(None)).where(InboundRecord.id == rec.id)),
+                "state": rec.state, "message_id": rec.message_id, "from": rec.from_address, "subject": rec.subject,
+                "case": case.label if case else None, "duplicate_of": rec.duplicate_of, "attempts": rec.attempts,
+                "processed_at": rec.processed_at.isoformat() if rec.processed_at else None,
+                "error": rec.error, "traceback": rec.traceback, "log": list(rec.log or []),
+            }
+
+    def purge_raw(self, before: datetime) -> int:
+        """Retention: forget raw bytes and processing logs of records received before ``before``.
+
+        Case data (cases, messages, attachments, timeline) is kept. Records still waiting
+        or quarantined keep their bytes: they are not finished with.
+        """
+        with self.session() as s:
+            res = s.execute(
+                update(InboundRecord)
+                .where(InboundRecord.received_at < before, InboundRecord.raw.isnot(None),
+                       InboundRecord.state.notin_([RECEIVED, QUARANTINED]))
+                .values(raw=None, log=[{"at": utcnow().isoformat(), "step": "purged",
+                                        "reason": "retention: raw bytes and log removed"}])
+            )
+            return int(res.rowcount or 0)
+
     def inbound_raw(self, inbound_id: int) -> bytes | None:
         with self._sessions() as s:
             return s.scalar(select(InboundRecord.raw).where(InboundRecord.id == inbound_id))

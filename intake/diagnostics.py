@@ -1,0 +1,113 @@
+"""What intake sees in a mail and what it did with it: the shapes admins read. Pure.
+
+``parse_report`` is the public JSON of ``intake parse --json`` (extend it only by adding
+keys); ``log_lines`` turns an inbound record's processing log into readable lines for
+``intake messages show``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from datetime import datetime, tzinfo
+from typing import Any
+
+from intake.classify import classify
+from intake.parse import ParsedMail, parse
+
+
+def parse_report(raw: bytes, *, own_addresses: Collection[str], agents: Collection[str]) -> dict[str, Any]:
+    """Everything intake sees in one message, without storing anything."""
+    mail = parse(raw)
+    cls = classify(mail, own_addresses=own_addresses, agents=agents)
+    return {
+        "message_id": mail.message_id,
+        "message_id_synthesised": mail.message_id_synthesised,
+        "date": mail.date.isoformat() if mail.date else None,
+        "from": mail.from_.as_dict() if mail.from_ else None,
+        "to": [a.as_dict() for a in mail.to],
+        "cc": [a.as_dict() for a in mail.cc],
+        "reply_to": [a.as_dict() for a in mail.reply_to],
+        "subject": mail.subject,
+        "in_reply_to": mail.in_reply_to,
+        "references": mail.references,
+        "text": mail.text,
+        "html": mail.html,
+        "attachments": [
+            {"filename": a.filename, "content_type": a.content_type, "size": a.size, "sha256": a.sha256,
+             "inline": a.inline, "content_id": a.content_id}
+            for a in mail.attachments
+        ],
+        "defects": list(mail.defects),
+        "charsets": list(mail.charsets),
+        "content_type": mail.content_type,
+        "classification": {"sender": cls.sender, "kind": cls.kind, "reasons": list(cls.reasons),
+                           **({"bounced_message_ids": list(cls.bounced_message_ids)} if cls.bounced_message_ids else {})},
+        "language": mail.language,
+        "size": len(raw),
+    }
+
+
+def parsed_summary(mail: ParsedMail) -> str:
+    """One line: who, what, how big."""
+    sender = mail.from_.address if mail.from_ else "(no sender)"
+    return f"{sender}: {mail.subject!r}, {len(mail.text)} chars of text, {len(mail.attachments)} attachment(s)"
+
+
+def _describe(entry: dict[str, Any]) -> str:
+    step = entry.get("step", "?")
+    if step == "received":
+        src = entry.get("source") or {}
+        where = ", ".join(f"{k} {v}" for k, v in src.items()) if src else ""
+        return f"received via {entry.get('channel')} for {entry.get('mailbox')}" + (f" ({where})" if where else "")
+    if step == "parsed":
+        sid = " (synthesised)" if entry.get("synthesised") else ""
+        line = (f"parsed: Message-ID <{entry.get('message_id')}>{sid}, from {entry.get('from')}, "
+                f"subject {entry.get('subject')!r}, {entry.get('attachments', 0)} attachment(s), "
+                f"charsets {', '.join(entry.get('charsets') or []) or '-'}")
+        for d in entry.get("defects") or []:
+            line += f"\n      defect: {d}"
+        return line
+    if step == "classified":
+        reasons = "; ".join(entry.get("reasons") or []) or "no automated-mail signal"
+        return f"classified: sender {entry.get('sender')}, kind {entry.get('kind')} ({reasons})"
+    if step == "threaded":
+        case = entry.get("case") or "new case"
+        return f"threading: {entry.get('method')} → {case}: {entry.get('reason')}"
+    if step == "routed":
+        lines = [f"routing: queue {entry.get('queue')}" + (" (mailbox default)" if entry.get("default_queue") else "")]
+        for r in entry.get("rules") or []:
+            if r.get("matched"):
+                sets = ", ".join(f"{k}={v}" for k, v in (r.get("actions") or {}).items())
+                lines.append(f"      rule {r.get('rule')!r}: matched" + (f", set {sets}" if sets else ""))
+            else:
+                why = r.get("failed") or r.get("reason") or "did not match"
+                lines.append(f"      rule {r.get('rule')!r}: not matched ({why})")
+        return "\n".join(lines)
+    if step == "duplicate":
+        return f"duplicate of inbound #{entry.get('of')}" + (f", recorded on {entry['case']}" if entry.get("case") else "")
+    if step in ("dropped", "quarantined"):
+        return f"{step}: {entry.get('reason') or entry.get('error')}"
+    if step == "stored":
+        what = "new case" if entry.get("created") else f"comment ({entry.get('visibility', 'public')})"
+        return f"stored: {what} {entry.get('case')}"
+    if step == "status":
+        return f"status of {entry.get('case')}: {entry.get('from')} → {entry.get('to')}"
+    if step == "bounce":
+        return f"bounce of <{entry.get('bounced')}> recorded on {entry.get('case')}"
+    if step == "done":
+        return f"done: {entry.get('state')}" + (f" {entry['case']}" if entry.get("case") else "") + (
+            f" — {entry['reason']}" if entry.get("reason") else "")
+    rest = {k: v for k, v in entry.items() if k not in ("at", "step")}
+    return f"{step}: {rest}" if rest else step
+
+
+def log_lines(log: list[dict[str, Any]], tz: tzinfo | None = None) -> list[str]:
+    """The processing log as ``time  what happened`` lines, times in ``tz``."""
+    out = []
+    for entry in log:
+        try:
+            at = datetime.fromisoformat(str(entry.get("at"))).astimezone(tz).strftime("%Y-%m-%d %H:%M:%S")
+        except ValueError:
+            at = str(entry.get("at", ""))
+        out.append(f"  {at}  {_describe(entry)}")
+    return out
