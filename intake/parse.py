@@ -123,10 +123,7 @@ def parse(raw: bytes) -> ParsedMail:
     """Parse raw message bytes. Never raises for malformed mail."""
     msg = message_from_bytes(_header_syntax_repaired(raw), policy=compat32)
     defects: list[str] = [f"headers: {type(d).__name__}" for d in msg.defects]
-    head_end = raw.find(b"\n")
-    linesep = "\r\n" if head_end > 0 and raw[head_end - 1 : head_end] == b"\r" else "\n"
-
-    body = _Body(defects, linesep)
+    body = _Body(defects)
     body.walk(msg)
     # Raw 8-bit header text is read in the light of the charsets the body declares.
     hints = tuple(body.declared)
@@ -299,6 +296,7 @@ _ENCODING_DEFECTS = (
     errors.InvalidBase64PaddingDefect,
     errors.InvalidBase64LengthDefect,
 )
+_EXACT_ENCODINGS = {"base64", "x-uuencode", "uuencode", "x-uue", "uue"}
 _BOUNDARY = re.compile(r"""boundary\s*=\s*(?:"([^"]*)"|([^\s;"]+))""", re.I)
 
 
@@ -312,9 +310,8 @@ class _Body:
     message/* part, is an attachment (a forwarded mail never mixes into the text).
     """
 
-    def __init__(self, defects: list[str], linesep: str = "\n") -> None:
+    def __init__(self, defects: list[str]) -> None:
         self.defects = defects
-        self.linesep = linesep
         self.texts: list[str] = []
         self.htmls: list[str] = []
         self.attachments: list[Attachment] = []
@@ -377,7 +374,7 @@ class _Body:
         # and the first HTML version, attachments come from all of them.
         versions = []
         for child in children:
-            sub = _Body(self.defects, self.linesep)
+            sub = _Body(self.defects)
             if child.get_content_type() in ("text/plain", "text/html"):
                 sub.walk(child, "multipart/alternative", True, depth + 1)
             else:
@@ -421,6 +418,10 @@ class _Body:
             data = str(raw).encode("ascii", "surrogateescape")
         for d in part.defects:
             self.defects.append(f"{part.get_content_type()}: {type(d).__name__}")
+        if str(part.get("content-transfer-encoding", "")).strip().lower() not in _EXACT_ENCODINGS:
+            # Line ends of unencoded content belong to the transport (CRLF over SMTP, LF
+            # in a file): the same attachment must hash alike whichever way it came.
+            data = data.replace(b"\r\n", b"\n")
         return data
 
     def _message_payload(self, part: Message) -> bytes:
@@ -429,14 +430,13 @@ class _Body:
             return self._payload(part)
         buf = BytesIO()
         try:
-            BytesGenerator(buf, mangle_from_=False, policy=compat32.clone(linesep=self.linesep)).flatten(part)
+            BytesGenerator(buf, mangle_from_=False, policy=compat32).flatten(part)
         except Exception:  # noqa: BLE001 - a broken inner message: keep what the stdlib has
             return self._payload(part)
         data = buf.getvalue()
-        sep = (self.linesep * 2).encode()
         if not part.keys():
-            return data[len(self.linesep) :]
-        return data.split(sep, 1)[1] if sep in data else b""
+            return data[1:]
+        return data.split(b"\n\n", 1)[1] if b"\n\n" in data else b""
 
     def _text(self, part: Message) -> tuple[str, bool]:
         """The decoded text of a part, and False when it is unreadable (bad encoding and charset)."""

@@ -24,9 +24,110 @@ from intake.parse import Attachment, ParsedMail, html_to_text, parse
 CORPUS = Path(__file__).resolve().parent / "corpus"
 CORPORA = ("stalwart_mail_parser", "mikel_mail", "jpmobile", "django_helpdesk")
 
-# Expectations we judge wrong: (case id, expectation key) → why. These keys are left out of
-# the score for that case only; every other expectation of the case is still checked.
-JUDGED_WRONG: dict[tuple[str, str], str] = {}
+# Expectations we judge wrong: (case id, expectation key) → why. That key is not scored for
+# that case; every other expectation of the case still is. "attachments.filename" (or
+# ".mime_type") leaves only that field of the attachment list unscored: count, sizes, types
+# and MD5 sums are still compared.
+_LATIN1_RAW = (
+    "raw 8-bit Latin-1 text; stalwart reads undeclared 8-bit header bytes as UTF-8 and "
+    "puts U+FFFD, we give the best decoding the issue asks for: the message declares "
+    "iso-8859-1, and the byte is 'ö'"
+)
+_LATIN1_IN_UTF8 = (
+    "the body declares UTF-8 but is Latin-1; stalwart puts U+FFFD for every such byte, we "
+    "keep the valid UTF-8 and read the stray bytes as Windows-1252 (a defect is recorded), "
+    "so the German text stays readable"
+)
+_UUENCODE = (
+    "x-uuencode parts: stalwart keeps the encoded text, we decode it; our MD5 sums and "
+    "sizes are those of the same PNG files sent base64-encoded in legacy/035"
+)
+_WINDOWS_PATH = (
+    "filename=\"C:\\TEMP\\nsmailEG.png\" from Netscape on Windows: read as a strict "
+    "quoted-string the backslashes vanish ('C:TEMPnsmailEG.png', a name nobody wrote); we "
+    "keep what the sender wrote, as the stdlib and mail clients do"
+)
+_HIDDEN_TEXT = (
+    "multipart whose inner boundary is never closed (or reused, or absent): stalwart's "
+    "recovery files the customer's text under an attachment; we show it as the body "
+    "(Python's reading: an outer delimiter closes the inner part), so nothing is hidden"
+)
+_PREFIX_BOUNDARY = (
+    "stalwart takes '--ab' for a delimiter of boundary 'a'; RFC 2046 5.1.1 allows only "
+    "white space or '--' after the boundary, so there is no such part"
+)
+_DIGEST_TYPE = (
+    "a part of multipart/digest without Content-Type is message/rfc822 (RFC 2046 5.1.5); "
+    "stalwart reports the type of the mail inside"
+)
+JUDGED_WRONG: dict[tuple[str, str], str] = {
+    # Ruby mail gem specs, scraped heuristically (see the corpus README).
+    ("mikel_mail/error_emails/empty_in_reply_to.eml", "from_address"): (
+        "scraped from a spec about another fixture: this mail is from ak@g.com and has no body"
+    ),
+    ("mikel_mail/error_emails/empty_in_reply_to.eml", "body_text_exact"): (
+        "same: the file ends after its header, there is no 'This is the body'"
+    ),
+    ("mikel_mail/mime_emails/raw_email_with_nested_attachment.eml", "attachment_filenames_include"): (
+        "test.jpg/pdf/png/zip are not in this mail (it holds truncated.png and smime.p7s): "
+        "scraped from a spec about another fixture"
+    ),
+    ("mikel_mail/rfc2822/example10.eml", "from_address"): (
+        "the mail gem keeps the comment inside the address ('pete(his account)@silly.test'); "
+        "comments are not part of an addr-spec (RFC 5322 3.2.2), the address is pete@silly.test"
+    ),
+    # stalwart mail-parser golden files.
+    ("stalwart/legacy/010", "subject"): _LATIN1_RAW,
+    ("stalwart/legacy/020", "subject"): _LATIN1_RAW,
+    ("stalwart/legacy/022", "subject"): _LATIN1_RAW,
+    ("stalwart/legacy/027", "subject"): _LATIN1_RAW,
+    ("stalwart/legacy/052", "subject"): _LATIN1_RAW,
+    ("stalwart/legacy/033", "body_text_exact"): _LATIN1_IN_UTF8,
+    ("stalwart/legacy/033", "body_contains"): _LATIN1_IN_UTF8,
+    ("stalwart/legacy/052", "body_text_exact"): _LATIN1_IN_UTF8,
+    ("stalwart/legacy/052", "body_contains"): _LATIN1_IN_UTF8,
+    ("stalwart/legacy/017", "attachments"): _UUENCODE,
+    ("stalwart/legacy/048", "attachments"): _UUENCODE,
+    ("stalwart/legacy/035", "attachment_filenames"): _WINDOWS_PATH,
+    ("stalwart/legacy/035", "attachments.filename"): _WINDOWS_PATH,
+    ("stalwart/legacy/039", "attachment_filenames"): _WINDOWS_PATH,
+    ("stalwart/legacy/039", "attachments.filename"): _WINDOWS_PATH,
+    ("stalwart/rfc/004", "attachments.mime_type"): _DIGEST_TYPE,
+    ("stalwart/thirdparty/007", "attachments.mime_type"): _DIGEST_TYPE,
+    ("stalwart/thirdparty/007", "from_address"): (
+        "'<moderator>' has no domain: intake records no sender rather than a contact that "
+        "cannot be answered (the name is kept in from_display, which matches)"
+    ),
+    ("stalwart/thirdparty/015", "attachment_filenames"): (
+        "the mail attaches three messages (training-mail.txt, office-reply.txt, "
+        "shop-mail.txt); stalwart lets the first, whose header announces a multipart it "
+        "does not contain, swallow the other two"
+    ),
+    ("stalwart/thirdparty/015", "attachments"): "same: three attached messages, not one",
+    ("stalwart/malformed/001", "attachments"): _PREFIX_BOUNDARY,
+    ("stalwart/malformed/001", "body_text_exact"): _PREFIX_BOUNDARY,
+    ("stalwart/malformed/004", "attachments"): _PREFIX_BOUNDARY,
+    ("stalwart/malformed/002", "attachments"): (
+        "a multipart without a single boundary line: stalwart makes the whole body an "
+        "attachment, we show its text (with a defect): most likely plain text mislabelled"
+    ),
+    ("stalwart/malformed/003", "attachments"): _HIDDEN_TEXT,
+    ("stalwart/malformed/006", "attachments"): _HIDDEN_TEXT,
+    ("stalwart/malformed/009", "attachments"): _HIDDEN_TEXT,
+    ("stalwart/malformed/009", "body_text_exact"): _HIDDEN_TEXT,
+    ("stalwart/malformed/011", "attachments"): _HIDDEN_TEXT,
+    ("stalwart/malformed/011", "body_text_exact"): _HIDDEN_TEXT,
+    ("stalwart/malformed/012", "attachments"): (
+        "three attached messages behind an unclosed inner boundary: stalwart merges two of "
+        "them into one, we keep the three"
+    ),
+    ("stalwart/malformed/016", "attachments"): _HIDDEN_TEXT,
+    ("stalwart/malformed/017", "attachment_filenames"): (
+        "'Content-Disposition: ;' followed by filename=\"image001.png\": stalwart drops the "
+        "name with the empty disposition type, we keep it"
+    ),
+    ("stalwart/malformed/017", "attachments.filename"): "same: we keep the name image001.png",
+}
 
 
 @dataclass(frozen=True)
@@ -78,13 +179,13 @@ def _describe(a: Attachment) -> dict[str, object]:
     return {"filename": a.filename, "mime_type": a.content_type, "size": a.size, "md5": _md5(a.payload)}
 
 
-def _attachments_match(want: list[dict], mail: ParsedMail) -> bool:
+def _attachments_match(want: list[dict], mail: ParsedMail, ignore: tuple[str, ...] = ()) -> bool:
     """Same number of attachments, and each expected one matched by a distinct one of ours."""
     got = [_describe(a) for a in mail.attachments]
     if len(got) != len(want):
         return False
     for w in want:
-        keys = [k for k in _ATTACHMENT_FIELDS if k in w]
+        keys = [k for k in _ATTACHMENT_FIELDS if k in w and k not in ignore]
         hit = next((g for g in got if all(g[k] == w[k] for k in keys)), None)
         if hit is None:
             return False
@@ -137,7 +238,8 @@ def failures(case: Case, mail: ParsedMail) -> list[str]:
         elif key == "attachment_count":
             check(key, len(mail.attachments) == want, len(mail.attachments))
         elif key == "attachments":
-            check(key, _attachments_match(want, mail), [_describe(a) for a in mail.attachments])
+            ignore = tuple(f for f in ("filename", "mime_type") if (case.id, f"attachments.{f}") in JUDGED_WRONG)
+            check(key, _attachments_match(want, mail, ignore), [_describe(a) for a in mail.attachments])
         else:
             out.append(f"{key}: unknown expectation key (update the test)")
     return out
@@ -169,7 +271,7 @@ def test_judged_wrong_list_names_real_expectations() -> None:
     """A stale entry in the list of wrong expectations would hide nothing: refuse it."""
     by_id = {c.id: c for c in CASES}
     for case_id, key in JUDGED_WRONG:
-        assert key in by_id[case_id].expected, (case_id, key)
+        assert key.partition(".")[0] in by_id[case_id].expected, (case_id, key)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
