@@ -104,7 +104,7 @@ def decode(
             defects.append(f"{where}declared {cs} but contains ISO-2022-JP escapes")
         return decode_iso2022jp(data), "iso-2022-jp"
     if cs is not None and _ISO2022JP.match(cs):
-        if not data.isascii():
+        if not data.isascii() and not _JIS_ESCAPE.search(data):
             # 8-bit bytes cannot be ISO-2022-JP: usually Shift_JIS mislabelled.
             text, used = _guess(data, hints)
             if defects is not None:

@@ -131,7 +131,13 @@ def parse(raw: bytes) -> ParsedMail:
     # raw_items(): compat32 would turn raw 8-bit values into lossy Header objects.
     raw_headers = [(k, str(v)) for k, v in msg.raw_items()]
     headers = [(k, decode_header_value(v, defects, hints)) for k, v in raw_headers]
-    hdr = {k.lower(): v for k, v in reversed(raw_headers)}
+    lowered = [(k.lower(), v) for k, v in raw_headers]
+    hdr: dict[str, str] = {}  # first raw value of each header
+    decoded: dict[str, str] = {}  # and its decoded text
+    for (k, v), (_, text) in zip(lowered, headers):
+        if k not in hdr:
+            hdr[k] = v
+            decoded[k] = text
 
     mid = _first_id(hdr.get("message-id", ""))
     synthesised = False
@@ -144,18 +150,18 @@ def parse(raw: bytes) -> ParsedMail:
     if not text.strip() and body.html:
         text = html_to_text(body.html)
 
-    senders, from_display = _addresses(raw_headers, "from", defects, hints, with_display=True)
+    senders, from_display = _addresses(lowered, "from", defects, hints, with_display=True)
     return ParsedMail(
         message_id=mid,
         message_id_synthesised=synthesised,
-        subject=_clean_subject_whitespace(decode_header_value(hdr.get("subject", ""), defects, hints)),
+        subject=_clean_subject_whitespace(decoded.get("subject", "")),
         from_=next(iter(senders), None),
-        to=_addresses(raw_headers, "to", defects, hints)[0],
-        cc=_addresses(raw_headers, "cc", defects, hints)[0],
-        reply_to=_addresses(raw_headers, "reply-to", defects, hints)[0],
+        to=_addresses(lowered, "to", defects, hints)[0],
+        cc=_addresses(lowered, "cc", defects, hints)[0],
+        reply_to=_addresses(lowered, "reply-to", defects, hints)[0],
         date=_date(hdr.get("date"), defects),
         in_reply_to=_ids(hdr.get("in-reply-to", "")),
-        references=_ids(" ".join(v for k, v in raw_headers if k.lower() == "references")),
+        references=_ids(" ".join(v for k, v in lowered if k == "references")),
         text=text,
         html=body.html,
         attachments=body.attachments,
@@ -224,7 +230,7 @@ def _clean_subject_whitespace(value: str) -> str:
 
 
 def _addresses(
-    raw_headers: list[tuple[str, str]],
+    lowered: list[tuple[str, str]],
     name: str,
     defects: list[str],
     hints: Iterable[str],
@@ -232,8 +238,8 @@ def _addresses(
 ) -> tuple[list[Address], str]:
     """The addresses of one header kind, and (when asked) the text of a header that held none."""
     values = []
-    for k, v in raw_headers:
-        if k.lower() == name:
+    for k, v in lowered:
+        if k == name:
             # Raw 8-bit and JIS text is decoded first: its bytes may look like the
             # address syntax (ESC ( B opens a comment, a Shift_JIS byte is a backslash).
             values.append(charsets.decode_raw(_unfold(v), hints))
@@ -500,50 +506,155 @@ def _rfc2231_param(part: Message, param: str, header: str) -> str | None:
 
 
 class _HTMLText(HTMLParser):
-    _BLOCK = {"p", "div", "br", "tr", "li", "h1", "h2", "h3", "h4", "h5", "h6", "blockquote", "table", "ul", "ol", "pre", "hr"}
-    _SKIP = {"script", "style", "head", "title"}
+    """Walks HTML once and writes lines: blocks break lines, paragraphs leave a blank
+    line, lists get markers, quotes get "> ", links keep their address."""
+
+    _PARAGRAPH = {"p", "h1", "h2", "h3", "h4", "h5", "h6"}
+    _BLOCK = {
+        "div", "li", "tr", "table", "ul", "ol", "dl", "dt", "dd", "pre", "hr", "form",
+        "section", "article", "header", "footer", "address", "center", "caption",
+    }  # fmt: skip
+    _SKIP = {"script", "style", "head", "title", "template"}
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
-        self.out: list[str] = []
+        self.lines: list[str] = []
+        self.cur: list[str] = []
+        self.cur_depth = 0
+        self.depth = 0  # blockquote nesting
+        self.pending = 0  # 1: end the line before the next text; 2: and leave a blank line
         self.skip = 0
         self.pre = 0
+        self.lists: list[int] = []  # per open list: next number, or 0 for bullets
+        self.first_cell = True
+        self.link: tuple[str, int] | None = None  # (href, length of the text before it)
+        self.link_text: list[str] = []
+
+    def _finish(self, force: bool = False) -> None:
+        text = "".join(self.cur)
+        text = text.rstrip() if self.pre else text.strip()
+        if text or force:
+            self.lines.append(("> " * self.cur_depth + text).rstrip())
+        self.cur = []
+
+    def _break(self, n: int) -> None:
+        self.pending = max(self.pending, n)
+
+    def _emit(self, text: str) -> None:
+        if self.pending:
+            self._finish()
+            if self.pending == 2 and self.lines and self.lines[-1].strip("> "):
+                self.lines.append(("> " * self.depth).rstrip())
+            self.pending = 0
+        if not self.cur:
+            self.cur_depth = self.depth
+        self.cur.append(text)
+        if self.link is not None:
+            self.link_text.append(text)
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "body":
+            self.skip = 0  # an unclosed <head> must not hide the body
         if tag in self._SKIP:
             self.skip += 1
+            return
+        if self.skip:
+            return
+        if tag == "br":
+            if self.pending:  # the line has ended already: this break makes a blank line
+                self._finish()
+                self.pending = 2
+            elif "".join(self.cur).strip():
+                self._finish()
+                self.pending = 1
+            return
+        if tag in self._PARAGRAPH:
+            self._break(2)
+        elif tag in self._BLOCK:
+            self._break(1)
+        if tag == "blockquote":
+            self._break(1)
+            self._finish()
+            self.depth += 1
         elif tag == "pre":
             self.pre += 1
-        if tag in self._BLOCK:
-            self.out.append("\n")
-        if tag == "li":
-            self.out.append("- ")
+        elif tag in ("ul", "ol"):
+            self.lists.append(1 if tag == "ol" else 0)
+        elif tag == "li":
+            if self.lists and self.lists[-1]:
+                self._emit(f"{self.lists[-1]}. ")
+                self.lists[-1] += 1
+            else:
+                self._emit("- ")
+        elif tag == "tr":
+            self.first_cell = True
+        elif tag in ("td", "th"):
+            if not self.first_cell:
+                self._emit("\t")
+            self.first_cell = False
+        elif tag == "a":
+            href = dict(attrs).get("href") or ""
+            self.link = (href, 0) if href.startswith(("http://", "https://")) else None
+            self.link_text = []
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.handle_starttag(tag, attrs)
 
     def handle_endtag(self, tag: str) -> None:
         if tag in self._SKIP:
             self.skip = max(0, self.skip - 1)
-        elif tag == "pre":
-            self.pre = max(0, self.pre - 1)
-        if tag in self._BLOCK and tag != "br":
-            self.out.append("\n")
-
-    def handle_data(self, data: str) -> None:
+            return
         if self.skip:
             return
-        self.out.append(data if self.pre else re.sub(r"\s+", " ", data))
+        if tag in self._PARAGRAPH:
+            self._break(2)
+        elif tag in self._BLOCK:
+            self._break(1)
+        if tag == "blockquote" and self.depth:
+            self._break(1)
+            self._finish()
+            self.depth -= 1
+        elif tag == "pre":
+            self._finish()  # while the pre is open, so its indentation stays
+            self.pre = max(0, self.pre - 1)
+        elif tag in ("ul", "ol") and self.lists:
+            self.lists.pop()
+        elif tag == "a" and self.link is not None:
+            href = self.link[0]
+            shown = "".join(self.link_text).strip()
+            self.link = None
+            if shown and shown != href and shown not in href:
+                self._emit(f" <{href}>")
+
+    def handle_data(self, data: str) -> None:
+        if self.skip or not data:
+            return
+        if not self.pre:
+            self._emit(re.sub(r"\s+", " ", data))
+            return
+        for i, piece in enumerate(data.replace("\r\n", "\n").split("\n")):
+            if i:
+                self._finish(force=True)
+                self.cur_depth = self.depth
+            if piece:
+                self._emit(piece)
+
+    def text(self) -> str:
+        self._finish()
+        return "\n".join(self.lines).strip("\n")
 
 
 def html_to_text(html: str) -> str:
-    """Readable plain text from an HTML body (paragraphs kept, scripts and styles dropped)."""
+    """Readable plain text from an HTML body: paragraphs and line breaks kept, lists
+    marked, quotes prefixed with "> ", link addresses kept, scripts and styles dropped."""
     p = _HTMLText()
     try:
         p.feed(html)
         p.close()
+        text = p.text()
     except Exception:  # noqa: BLE001 - html.parser is lenient; stay safe on anything odd
         return re.sub(r"<[^>]+>", "", html)
-    text = "".join(p.out)
-    lines = [line.strip() for line in text.split("\n")]
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+    return re.sub(r"\n{3,}", "\n\n", text)
 
 
 _JA = re.compile(r"[\u3040-\u30ff\u31f0-\u31ff\uff66-\uff9f\u4e00-\u9fff]")
