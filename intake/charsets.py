@@ -40,6 +40,7 @@ _FAMILIES: dict[str, tuple[str, ...]] = {
     # Windows text labelled Latin-1 is the norm; cp1252 is a superset in practice.
     "iso-8859-1": ("cp1252", "latin-1"),
     "iso_8859-1": ("cp1252", "latin-1"),
+    "iso8859-1": ("cp1252", "latin-1"),
     "latin1": ("cp1252", "latin-1"),
     "latin-1": ("cp1252", "latin-1"),
     "us-ascii": ("ascii",),
@@ -79,9 +80,11 @@ def codecs_for(charset: str | None) -> tuple[str, ...]:
     if family is not None:
         return family
     try:
-        return (codecs.lookup(cs).name,)
-    except LookupError:
+        name = codecs.lookup(cs).name
+    except (LookupError, ValueError):  # ValueError: a NUL in the name
         return ()
+    # An alias of a family member ("csshiftjis", "x-mac-japanese") gets the family's codecs.
+    return _FAMILIES.get(name, (name,))
 
 
 def decode(
@@ -122,7 +125,7 @@ def decode(
     for codec in candidates:
         try:
             return data.decode(codec), codec
-        except (UnicodeDecodeError, LookupError):
+        except Exception:  # noqa: BLE001 - not a text codec ("base64", "rot13"), or bad bytes
             continue
     # The declared charset is wrong for these bytes (often "us-ascii" with 8-bit UTF-8).
     if defects is not None:
@@ -134,7 +137,10 @@ def decode(
         # Mostly UTF-8 with a few stray Latin-1 bytes (a pasted signature, a broken
         # relay): keep the valid UTF-8 and read each stray byte as Windows-1252.
         return data.decode("utf-8", errors=_LATIN_FALLBACK), "utf-8"
-    return data.decode(candidates[0], errors="replace"), candidates[0]
+    try:
+        return data.decode(candidates[0], errors="replace"), candidates[0]
+    except Exception:  # noqa: BLE001 - not a text codec after all
+        return _guess(data, hints)
 
 
 def _latin_fallback(err: UnicodeError) -> tuple[str, int]:
@@ -166,7 +172,7 @@ def _guess_strict(data: bytes, hints: Iterable[str] = ()) -> tuple[str | None, s
                 continue
             try:
                 return data.decode(codec), codec
-            except (UnicodeDecodeError, LookupError):
+            except Exception:  # noqa: BLE001 - as in decode()
                 continue
     try:
         text = data.decode("cp932")

@@ -20,6 +20,7 @@ from email import errors, message_from_bytes, utils
 from email.generator import BytesGenerator
 from email.header import decode_header
 from email.message import Message
+from email.parser import BytesParser
 from email.policy import compat32
 from email.utils import getaddresses, parsedate_to_datetime
 from html.parser import HTMLParser
@@ -121,8 +122,17 @@ _OBS_FIELD_NAME = re.compile(rb"^([!-9;-~]+)[ \t]+:", re.M)
 
 def parse(raw: bytes) -> ParsedMail:
     """Parse raw message bytes. Never raises for malformed mail."""
-    msg = message_from_bytes(_header_syntax_repaired(raw), policy=compat32)
-    defects: list[str] = [f"headers: {type(d).__name__}" for d in msg.defects]
+    data = _header_syntax_repaired(raw)
+    try:
+        msg = message_from_bytes(data, policy=compat32)
+        defects: list[str] = [f"headers: {type(d).__name__}" for d in msg.defects]
+    except RecursionError:
+        # Thousands of nested parts exhaust the stdlib parser: keep the header, and the
+        # body as one attachment.
+        msg = BytesParser(policy=compat32).parsebytes(data, headersonly=True)
+        del msg["content-type"]
+        msg["Content-Type"] = "application/octet-stream"
+        defects = ["MIME parts nested too deep to read: the body is kept as one attachment"]
     body = _Body(defects)
     body.walk(msg)
     # Raw 8-bit header text is read in the light of the charsets the body declares.
@@ -302,6 +312,7 @@ _ENCODING_DEFECTS = (
     errors.InvalidBase64PaddingDefect,
     errors.InvalidBase64LengthDefect,
 )
+_MAX_DEPTH = 40
 _EXACT_ENCODINGS = {"base64", "x-uuencode", "uuencode", "x-uue", "uue"}
 _BOUNDARY = re.compile(r"""boundary\s*=\s*(?:"([^"]*)"|([^\s;"]+))""", re.I)
 
@@ -333,6 +344,10 @@ class _Body:
         return "\n".join(self.htmls) if self.htmls else None
 
     def walk(self, part: Message, parent: str = "", first: bool = True, depth: int = 0) -> None:
+        if depth > _MAX_DEPTH:
+            self.defects.append(f"MIME parts nested deeper than {_MAX_DEPTH}: the rest kept as one attachment")
+            self._attach(part)
+            return
         ctype = part.get_content_type()
         maintype = part.get_content_maintype()
         if maintype == "message":
@@ -340,7 +355,7 @@ class _Body:
             return
         if part.is_multipart():
             children = part.get_payload()
-            if not isinstance(children, list) or depth > 50:
+            if not isinstance(children, list):
                 return
             if ctype == "multipart/alternative":
                 self._walk_alternative(children, depth)
@@ -399,9 +414,17 @@ class _Body:
     def _recover_multipart(self, part: Message) -> Message | None:
         """Re-read a multipart whose boundary the stdlib missed (folded, or no ``;``)."""
         header = part.get("content-type")
-        payload = part.get_payload()
-        if header is None or not isinstance(payload, str):
+        if header is None or part.is_multipart():
             return None
+        try:
+            # decode=True gives the original bytes; without it the stdlib would replace
+            # every 8-bit byte it cannot read in the declared charset.
+            body = part.get_payload(decode=True)
+        except Exception:  # noqa: BLE001
+            return None
+        if not body:
+            return None
+        payload = body.decode("ascii", "surrogateescape")
         m = _BOUNDARY.search(_unfold(str(header)))
         if m is None:
             return None
@@ -410,7 +433,7 @@ class _Body:
             return None
         self.defects.append(f"{part.get_content_type()}: malformed boundary parameter, read as {boundary!r}")
         rebuilt = f'Content-Type: {part.get_content_type()}; boundary="{boundary}"\n\n'
-        return message_from_bytes(rebuilt.encode("ascii", "replace") + payload.encode("ascii", "surrogateescape"), policy=compat32)
+        return message_from_bytes(rebuilt.encode("ascii", "replace") + body, policy=compat32)
 
     def _payload(self, part: Message) -> bytes:
         try:
@@ -420,8 +443,8 @@ class _Body:
         if data is None:
             raw = part.get_payload()
             if isinstance(raw, list):
-                return b"".join(p.as_bytes() for p in raw if isinstance(p, Message))
-            data = str(raw).encode("ascii", "surrogateescape")
+                return b"".join(_as_bytes(p) for p in raw if isinstance(p, Message))
+            data = str(raw).encode("utf-8", "surrogateescape")
         for d in part.defects:
             self.defects.append(f"{part.get_content_type()}: {type(d).__name__}")
         if str(part.get("content-transfer-encoding", "")).strip().lower() not in _EXACT_ENCODINGS:
@@ -485,6 +508,16 @@ class _Body:
                 payload=payload,
             )
         )
+
+
+def _as_bytes(part: Message) -> bytes:
+    try:
+        return part.as_bytes(policy=compat32)
+    except Exception:  # noqa: BLE001 - text the stdlib decoded on its own cannot go back to ASCII
+        try:
+            return part.as_string(policy=compat32).encode("utf-8", "surrogateescape")
+        except Exception:  # noqa: BLE001 - e.g. nested too deep to serialise
+            return b""
 
 
 def _rfc2231_param(part: Message, param: str, header: str) -> str | None:
