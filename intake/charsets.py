@@ -279,7 +279,3 @@ def decode_raw(value: str, hints: Iterable[str] = ()) -> str:
         return value  # already real text
     return _guess(raw, hints)[0]
 
-
-def repair_raw_header(value: str) -> str:
-    """Header text parsed from raw 8-bit bytes (surrogate-escaped) → real text."""
-    return decode_raw(value)
