@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import codecs
 import re
+from collections.abc import Iterable
 
 # Declared name (lower case) → codecs to try in order.
 _FAMILIES: dict[str, tuple[str, ...]] = {
@@ -38,83 +39,164 @@ _FAMILIES: dict[str, tuple[str, ...]] = {
     "euc-kr": ("cp949",),
     # Windows text labelled Latin-1 is the norm; cp1252 is a superset in practice.
     "iso-8859-1": ("cp1252", "latin-1"),
+    "iso_8859-1": ("cp1252", "latin-1"),
+    "iso8859-1": ("cp1252", "latin-1"),
     "latin1": ("cp1252", "latin-1"),
+    "latin-1": ("cp1252", "latin-1"),
     "us-ascii": ("ascii",),
     "ascii": ("ascii",),
+    "ansi_x3.4-1968": ("ascii",),
     "utf8": ("utf-8",),
     "unicode-1-1-utf-7": ("utf-7",),
+    "x-mac-roman": ("mac-roman",),
+    "iso-8859-8-i": ("iso8859-8",),
+    "iso-8859-6-i": ("iso8859-6",),
 }
 _ISO2022JP = re.compile(r"^(csiso2022jp|iso-?2022-?jp(-\w+)?)$")
-_JIS_ESCAPE = re.compile(rb"\x1b[\$\(][@BJI]")
+_JIS_ESCAPE = re.compile(rb"\x1b(?:\$[@B]|\$\([DOQ]|\([BJI])")
+# CP932's user-defined area (lead bytes F0-F9) decodes to the private use area: real in
+# carrier emoji of declared Shift_JIS, but in undeclared bytes a sign of a wrong guess
+# (Latin-1 "ö" + a letter is a valid CP932 pair).
+_PUA = re.compile("[\ue000-\uf8ff]")
+_7BIT_OK = ("us-ascii", "ascii", "utf-8", "utf8", "ansi_x3.4-1968")
 
 
 def normalize_charset(name: str | None) -> str | None:
-    """Lower-case, unquoted charset name, or ``None`` when there is none."""
+    """Lower-case, unquoted charset name without an RFC 2231 language, or ``None``."""
     if not name:
         return None
-    name = name.strip().strip("\"'").lower()
+    if isinstance(name, tuple):  # an RFC 2231 value the stdlib did not collapse
+        name = name[2]
+    name = str(name).strip().strip("\"'").lower().partition("*")[0].strip()
     return name or None
 
 
-def decode(data: bytes, charset: str | None, defects: list[str] | None = None, where: str = "") -> tuple[str, str]:
+def codecs_for(charset: str | None) -> tuple[str, ...]:
+    """The codecs we try for a declared charset; empty when Python knows none."""
+    cs = normalize_charset(charset)
+    if cs is None:
+        return ()
+    family = _FAMILIES.get(cs)
+    if family is not None:
+        return family
+    try:
+        name = codecs.lookup(cs).name
+    except (LookupError, ValueError):  # ValueError: a NUL in the name
+        return ()
+    # An alias of a family member ("csshiftjis", "x-mac-japanese") gets the family's codecs.
+    return _FAMILIES.get(name, (name,))
+
+
+def decode(
+    data: bytes,
+    charset: str | None,
+    defects: list[str] | None = None,
+    where: str = "",
+    hints: Iterable[str] = (),
+) -> tuple[str, str]:
     """Decode ``data`` declared as ``charset``; returns (text, codec actually used).
 
     Never raises. When the declared charset is unknown or wrong, the best decoding is
-    returned and a defect is appended to ``defects``.
+    returned and a defect is appended to ``defects``. ``hints`` are other charsets the
+    same message declares: the likeliest reading of undeclared 8-bit bytes.
     """
     cs = normalize_charset(charset)
     # A 7-bit body full of JIS escapes is ISO-2022-JP whatever it claims to be.
-    if b"\x1b" in data and _JIS_ESCAPE.search(data) and (cs is None or cs in ("us-ascii", "ascii", "utf-8") or _ISO2022JP.match(cs)):
+    if b"\x1b" in data and _JIS_ESCAPE.search(data) and (cs is None or cs in _7BIT_OK or _ISO2022JP.match(cs)):
         if cs is not None and not _ISO2022JP.match(cs) and defects is not None:
             defects.append(f"{where}declared {cs} but contains ISO-2022-JP escapes")
-        return _decode_iso2022jp(data), "iso-2022-jp"
+        return decode_iso2022jp(data), "iso-2022-jp"
     if cs is not None and _ISO2022JP.match(cs):
-        return _decode_iso2022jp(data), "iso-2022-jp"
-    if cs is None:
-        return _guess(data)
-    candidates = _FAMILIES.get(cs)
-    if candidates is None:
-        try:
-            candidates = (codecs.lookup(cs).name,)
-        except LookupError:
-            text, used = _guess(data)
+        if not data.isascii() and not _JIS_ESCAPE.search(data):
+            # 8-bit bytes cannot be ISO-2022-JP: usually Shift_JIS mislabelled.
+            text, used = _guess(data, hints)
             if defects is not None:
-                defects.append(f"{where}unknown charset {cs!r}, decoded as {used}")
+                defects.append(f"{where}declared {cs} but has 8-bit bytes, decoded as {used}")
             return text, used
+        return decode_iso2022jp(data), "iso-2022-jp"
+    if cs is None:
+        return _guess(data, hints)
+    candidates = codecs_for(cs)
+    if not candidates:
+        text, used = _guess(data, hints)
+        if defects is not None:
+            defects.append(f"{where}unknown charset {cs!r}, decoded as {used}")
+        return text, used
     for codec in candidates:
         try:
             return data.decode(codec), codec
-        except UnicodeDecodeError:
+        except Exception:  # noqa: BLE001 - not a text codec ("base64", "rot13"), or bad bytes
             continue
-    # Declared charset is wrong for these bytes (often: "us-ascii" with 8-bit UTF-8).
-    text, used = _guess(data)
+    # The declared charset is wrong for these bytes (often "us-ascii" with 8-bit UTF-8).
     if defects is not None:
-        defects.append(f"{where}bytes are not valid {cs}, decoded as {used}")
-    return text, used
-
-
-def _guess(data: bytes) -> tuple[str, str]:
-    """Best decoding of undeclared bytes: ASCII, UTF-8, ISO-2022-JP, CP932, then cp1252."""
+        defects.append(f"{where}bytes are not valid {cs}")
+    text, used = _guess_strict(data, hints)
+    if text is not None:
+        return text, used
+    if candidates[0] in ("utf-8", "ascii"):
+        # Mostly UTF-8 with a few stray Latin-1 bytes (a pasted signature, a broken
+        # relay): keep the valid UTF-8 and read each stray byte as Windows-1252.
+        return data.decode("utf-8", errors=_LATIN_FALLBACK), "utf-8"
     try:
+        return data.decode(candidates[0], errors="replace"), candidates[0]
+    except Exception:  # noqa: BLE001 - not a text codec after all
+        return _guess(data, hints)
+
+
+def _latin_fallback(err: UnicodeError) -> tuple[str, int]:
+    assert isinstance(err, UnicodeDecodeError)
+    bad = err.object[err.start : err.end]
+    return "".join(_CP1252_OR_LATIN1[b] for b in bad), err.end
+
+
+_CP1252_OR_LATIN1 = [bytes([b]).decode("cp1252", errors="ignore") or chr(b) for b in range(256)]
+_LATIN_FALLBACK = "intake-latin-fallback"
+codecs.register_error(_LATIN_FALLBACK, _latin_fallback)
+
+
+def _guess_strict(data: bytes, hints: Iterable[str] = ()) -> tuple[str | None, str]:
+    """The first decoding that fits without an error: ASCII, UTF-8, hints, CP932, EUC-JP."""
+    if data.isascii():
+        if b"\x1b" in data and _JIS_ESCAPE.search(data):
+            return decode_iso2022jp(data), "iso-2022-jp"
         return data.decode("ascii"), "ascii"
-    except UnicodeDecodeError:
-        pass
     try:
         return data.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
         pass
+    for hint in hints:
+        if _ISO2022JP.match(hint or ""):
+            continue
+        for codec in codecs_for(hint):
+            if codec in ("ascii", "utf-8"):
+                continue
+            try:
+                return data.decode(codec), codec
+            except Exception:  # noqa: BLE001 - as in decode()
+                continue
     try:
-        return data.decode("cp932"), "cp932"
+        text = data.decode("cp932")
+        if not _PUA.search(text):
+            return text, "cp932"
     except UnicodeDecodeError:
         pass
     try:
         return data.decode("euc_jis_2004"), "euc_jis_2004"
     except UnicodeDecodeError:
         pass
-    return data.decode("cp1252", errors="replace"), "cp1252"
+    return None, ""
 
 
-def _decode_iso2022jp(data: bytes) -> str:
+def _guess(data: bytes, hints: Iterable[str] = ()) -> tuple[str, str]:
+    """Best decoding of undeclared bytes: the strict guesses, then Windows-1252."""
+    text, used = _guess_strict(data, hints)
+    if text is not None:
+        return text, used
+    return data.decode("utf-8", errors=_LATIN_FALLBACK), "cp1252"
+
+
+def decode_iso2022jp(data: bytes) -> str:
+    """ISO-2022-JP as Japanese mail programs write it (kana, NEC and IBM rows included)."""
     for codec in ("iso2022_jp", "iso2022_jp_ext", "iso2022_jp_2", "iso2022_jp_3"):
         try:
             return data.decode(codec)
@@ -146,7 +228,7 @@ def _jis_to_cp932(data: bytes) -> bytes:
             if seq == b"(I":
                 mode, i = "kana", i + 3
                 continue
-            if data[i + 1 : i + 4] == b"$(D" or data[i + 1 : i + 4] == b"$(Q" or data[i + 1 : i + 4] == b"$(O":
+            if data[i + 1 : i + 4] in (b"$(D", b"$(Q", b"$(O"):
                 mode, i = "jis", i + 4
                 continue
         if b == 0x0E:  # SO: half-width katakana until SI
@@ -182,12 +264,18 @@ def _jis_to_cp932(data: bytes) -> bytes:
     return bytes(out)
 
 
-_HAS_SURROGATE = re.compile("[\udc80-\udcff]")
+def decode_raw(value: str, hints: Iterable[str] = ()) -> str:
+    """Header text as parsed by the stdlib (8-bit bytes surrogate-escaped) → real text.
 
-
-def repair_raw_header(value: str) -> str:
-    """Header text parsed from raw 8-bit bytes (surrogate-escaped) → real text."""
-    if not _HAS_SURROGATE.search(value):
+    Raw 8-bit header text is UTF-8 (RFC 6532) or, from older Japanese mailers,
+    Shift_JIS or raw ISO-2022-JP; ``hints`` (the message's declared charsets) settle
+    the rest.
+    """
+    if value.isascii() and "\x1b" not in value:
         return value
-    raw = value.encode("ascii", "surrogateescape")
-    return _guess(raw)[0]
+    try:
+        raw = value.encode("ascii", "surrogateescape")
+    except UnicodeEncodeError:
+        return value  # already real text
+    return _guess(raw, hints)[0]
+

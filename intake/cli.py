@@ -326,7 +326,7 @@ def parse_cmd(ctx: click.Context, file: str, as_json: bool) -> None:
                + (f" ({'; '.join(cls['reasons'])})" if cls["reasons"] else ""))
     for a in report["attachments"]:
         inline = ", inline" if a["inline"] else ""
-        click.echo(f"Attachment  {a['filename'] or '(no name)'} ({a['content_type']}, {a['size']} bytes{inline})")
+        click.echo(f"Attachment  {a['filename'] or '(no name: ' + a['content_type'] + ')'} ({a['content_type']}, {a['size']} bytes{inline})")
     for d in report["defects"]:
         click.echo(f"Defect      {d}")
     click.echo("")

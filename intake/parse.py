@@ -10,16 +10,22 @@ Japanese mail. Parsing never raises on bad input: what was wrong is listed in
 from __future__ import annotations
 
 import hashlib
+import mimetypes
 import re
 import unicodedata
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from email import message_from_bytes
+from collections.abc import Iterable
+from email import errors, message_from_bytes, utils
+from email.generator import BytesGenerator
 from email.header import decode_header
 from email.message import Message
+from email.parser import BytesParser
 from email.policy import compat32
 from email.utils import getaddresses, parsedate_to_datetime
 from html.parser import HTMLParser
+from io import BytesIO
+from urllib.parse import unquote_to_bytes
 
 from intake import charsets
 
@@ -46,6 +52,8 @@ class Address:
 
 @dataclass(frozen=True)
 class Attachment:
+    """An attachment, inline image or attached message; ``filename`` as the mail names it."""
+
     filename: str | None
     content_type: str
     size: int
@@ -53,6 +61,16 @@ class Attachment:
     inline: bool
     content_id: str | None
     payload: bytes = field(repr=False)
+
+    @property
+    def display_name(self) -> str:
+        """A name to show and save under: the mail's, else one made from the type."""
+        if self.filename:
+            return self.filename
+        if self.content_type == "message/rfc822":
+            return "forwarded-message.eml"
+        ext = mimetypes.guess_extension(self.content_type) or ".bin"
+        return f"attachment{ext}"
 
 
 @dataclass
@@ -76,9 +94,12 @@ class ParsedMail:
     charsets: list[str]
     content_type: str
     headers: list[tuple[str, str]]
+    # The decoded From text when it holds no usable address (``from_`` is then None).
+    from_display: str = ""
 
     def header(self, name: str) -> str | None:
         """First decoded value of a header, or ``None``."""
+        # Classification asks for a dozen headers per message: index them once.
         index = self.__dict__.get("_index")
         if index is None:
             index = {}
@@ -99,17 +120,37 @@ class ParsedMail:
 _MSGID = re.compile(r"<([^<>\s]+)>")
 
 
+_OBS_FIELD_NAME = re.compile(rb"^([!-9;-~]+)[ \t]+:", re.M)
+
+
 def parse(raw: bytes) -> ParsedMail:
     """Parse raw message bytes. Never raises for malformed mail."""
-    msg = message_from_bytes(raw, policy=compat32)
-    defects: list[str] = [f"headers: {type(d).__name__}" for d in msg.defects]
-    # raw_items(): compat32 would turn raw 8-bit values into lossy Header objects.
-    raw_headers = [(k, str(v)) for k, v in msg.raw_items()]
-    headers = [(k, decode_header_value(v, defects)) for k, v in raw_headers]
-    hdr = {k.lower(): v for k, v in reversed(raw_headers)}
-
+    data = _header_syntax_repaired(raw)
+    try:
+        msg = message_from_bytes(data, policy=compat32)
+        defects: list[str] = [f"headers: {type(d).__name__}" for d in msg.defects]
+    except RecursionError:
+        # Thousands of nested parts exhaust the stdlib parser: keep the header, and the
+        # body as one attachment.
+        msg = BytesParser(policy=compat32).parsebytes(data, headersonly=True)
+        del msg["content-type"]
+        msg["Content-Type"] = "application/octet-stream"
+        defects = ["MIME parts nested too deep to read: the body is kept as one attachment"]
     body = _Body(defects)
     body.walk(msg)
+    # Raw 8-bit header text is read in the light of the charsets the body declares.
+    hints = tuple(body.declared)
+
+    # raw_items(): compat32 would turn raw 8-bit values into lossy Header objects.
+    raw_headers = [(k, str(v)) for k, v in msg.raw_items()]
+    headers = [(k, decode_header_value(v, defects, hints)) for k, v in raw_headers]
+    lowered = [(k.lower(), v) for k, v in raw_headers]
+    hdr: dict[str, str] = {}  # first raw value of each header
+    decoded: dict[str, str] = {}  # and its decoded text
+    for (k, v), (_, text) in zip(lowered, headers):
+        if k not in hdr:
+            hdr[k] = v
+            decoded[k] = text
 
     mid = _first_id(hdr.get("message-id", ""))
     synthesised = False
@@ -122,17 +163,18 @@ def parse(raw: bytes) -> ParsedMail:
     if not text.strip() and body.html:
         text = html_to_text(body.html)
 
+    senders, from_display = _addresses(lowered, "from", defects, hints, with_display=True)
     return ParsedMail(
         message_id=mid,
         message_id_synthesised=synthesised,
-        subject=_clean_subject_whitespace(decode_header_value(hdr.get("subject", ""), defects)),
-        from_=next(iter(_addresses(raw_headers, "from", defects)), None),
-        to=_addresses(raw_headers, "to", defects),
-        cc=_addresses(raw_headers, "cc", defects),
-        reply_to=_addresses(raw_headers, "reply-to", defects),
+        subject=_clean_subject_whitespace(decoded.get("subject", "")),
+        from_=next(iter(senders), None),
+        to=_addresses(lowered, "to", defects, hints)[0],
+        cc=_addresses(lowered, "cc", defects, hints)[0],
+        reply_to=_addresses(lowered, "reply-to", defects, hints)[0],
         date=_date(hdr.get("date"), defects),
         in_reply_to=_ids(hdr.get("in-reply-to", "")),
-        references=_ids(" ".join(v for k, v in raw_headers if k.lower() == "references")),
+        references=_ids(" ".join(v for k, v in lowered if k == "references")),
         text=text,
         html=body.html,
         attachments=body.attachments,
@@ -140,62 +182,94 @@ def parse(raw: bytes) -> ParsedMail:
         charsets=sorted(body.charsets),
         content_type=msg.get_content_type(),
         headers=headers,
+        from_display=from_display,
     )
 
 
-def decode_header_value(value: str | None, defects: list[str] | None = None) -> str:
-    """Decode a header value: RFC 2047 words in any charset, raw 8-bit or JIS text."""
+def _header_syntax_repaired(raw: bytes) -> bytes:
+    """RFC 5322 4.5 allows white space before a field's colon ("Subject :"); the stdlib
+    takes such a line for the end of the header, so the colon is moved up to the name."""
+    end = raw.find(b"\n\n")
+    end_crlf = raw.find(b"\r\n\r\n")
+    if end < 0 or 0 <= end_crlf < end:
+        end = end_crlf
+    head = raw if end < 0 else raw[:end]
+    if not _OBS_FIELD_NAME.search(head):
+        return raw
+    return _OBS_FIELD_NAME.sub(rb"\1:", head) + (b"" if end < 0 else raw[end:])
+
+
+def decode_header_value(value: str | None, defects: list[str] | None = None, hints: Iterable[str] = ()) -> str:
+    """Decode a header value: RFC 2047 words in any charset, raw 8-bit or JIS text.
+
+    ``hints`` are the charsets the message declares, used for raw 8-bit text that is
+    neither UTF-8 nor Japanese.
+    """
     if value is None:
         return ""
-    value = str(value)
-    if "\x1b" in value:
-        # Raw ISO-2022-JP in a header, as some Japanese mailers write it.
-        raw = value.encode("ascii", "surrogateescape")
-        value = charsets.decode(raw, "iso-2022-jp")[0]
-    value = charsets.repair_raw_header(value)
+    value = _unfold(str(value))
     if "=?" not in value:
-        return _unfold(value)
+        return charsets.decode_raw(value, hints).strip()
+    latin = value
+    if not value.isascii():
+        # decode_header() hands unencoded text back as raw-unicode-escape bytes: map
+        # every raw byte to one Latin-1 code point so that those bytes are the original
+        # ones, which our charset layer then decodes (8-bit text inside an encoded word
+        # is read in the word's charset).
+        latin = value.encode("utf-8", "surrogateescape").decode("latin-1")
     try:
-        parts = decode_header(value)
+        parts = decode_header(latin)
     except Exception:  # noqa: BLE001 - the stdlib raises several kinds on broken words
         if defects is not None:
             defects.append("header: undecodable encoded-word left as is")
-        return _unfold(value)
+        return charsets.decode_raw(value, hints).strip()
     out = []
     for chunk, cs in parts:
-        if isinstance(chunk, bytes):
-            out.append(charsets.decode(chunk, cs or "utf-8", defects, "header: ")[0])
-        else:
-            out.append(chunk)
-    return _unfold("".join(out))
+        if isinstance(chunk, str):  # no encoded word recognised
+            chunk = chunk.encode("latin-1")
+        out.append(charsets.decode(chunk, cs, defects, "header: ", hints)[0])
+    return "".join(out).strip()
 
 
 def _unfold(value: str) -> str:
-    return re.sub(r"\r?\n[ \t]*", " ", value).strip()
+    # RFC 5322 unfolding removes the line breaks and keeps the white space after them.
+    if "\n" not in value and "\r" not in value:
+        return value
+    return value.replace("\r", "").replace("\n", "")
 
 
 def _clean_subject_whitespace(value: str) -> str:
     return re.sub(r"[\x00-\x08\x0b-\x1f\x7f]", "", value).strip()
 
 
-def _addresses(raw_headers: list[tuple[str, str]], name: str, defects: list[str]) -> list[Address]:
-    values = [v for k, v in raw_headers if k.lower() == name]
+def _addresses(
+    lowered: list[tuple[str, str]],
+    name: str,
+    defects: list[str],
+    hints: Iterable[str],
+    with_display: bool = False,
+) -> tuple[list[Address], str]:
+    """The addresses of one header kind, and (when asked) the text of a header that held none."""
+    values = []
+    for k, v in lowered:
+        if k == name:
+            # Raw 8-bit and JIS text is decoded first: its bytes may look like the
+            # address syntax (ESC ( B opens a comment, a Shift_JIS byte is a backslash).
+            values.append(charsets.decode_raw(_unfold(v), hints))
     out: list[Address] = []
-    # Parse the list first, decode names second: a decoded name may contain commas.
-    raw_values = []
-    for v in values:
-        v = str(v)
-        if "\x1b" in v:
-            v = charsets.decode(v.encode("ascii", "surrogateescape"), "iso-2022-jp")[0]
-        raw_values.append(charsets.repair_raw_header(v))
-    for display, addr in getaddresses(raw_values):
-        addr = charsets.repair_raw_header(addr).strip()
+    display = ""
+    for text, addr in getaddresses(values):
+        addr = addr.strip()
         if not addr or "@" not in addr:
             if addr and defects is not None:
                 defects.append(f"{name}: not an address: {addr!r}")
+            if with_display and not display:
+                display = decode_header_value(text or addr, defects, hints)
             continue
-        out.append(Address(name=decode_header_value(display, defects), address=addr))
-    return out
+        out.append(Address(name=decode_header_value(text, defects, hints), address=addr))
+    if out:
+        display = ""
+    return out, display
 
 
 def _ids(value: str) -> list[str]:
@@ -236,8 +310,25 @@ def _date(value: str | None, defects: list[str]) -> datetime | None:
     return dt.astimezone(timezone.utc)
 
 
+_ENCODING_DEFECTS = (
+    errors.InvalidBase64CharactersDefect,
+    errors.InvalidBase64PaddingDefect,
+    errors.InvalidBase64LengthDefect,
+)
+_MAX_DEPTH = 40
+_EXACT_ENCODINGS = {"base64", "x-uuencode", "uuencode", "x-uue", "uue"}
+_BOUNDARY = re.compile(r"""boundary\s*=\s*(?:"([^"]*)"|([^\s;"]+))""", re.I)
+
+
 class _Body:
-    """Walks the MIME tree once: text, html, attachments and charsets."""
+    """Walks the MIME tree once: text, html, attachments and charsets.
+
+    Which parts are the body follows JMAP's rules (RFC 8621 4.1.4), the standard way
+    for a program to read a MIME tree: the text/plain and text/html parts that are not
+    marked as attachments, in a multipart/related only its first part; of a
+    multipart/alternative the plain and the HTML version; every other leaf, and every
+    message/* part, is an attachment (a forwarded mail never mixes into the text).
+    """
 
     def __init__(self, defects: list[str]) -> None:
         self.defects = defects
@@ -245,6 +336,7 @@ class _Body:
         self.htmls: list[str] = []
         self.attachments: list[Attachment] = []
         self.charsets: set[str] = set()
+        self.declared: list[str] = []
 
     @property
     def text(self) -> str:
@@ -254,58 +346,97 @@ class _Body:
     def html(self) -> str | None:
         return "\n".join(self.htmls) if self.htmls else None
 
-    def walk(self, part: Message, in_alternative: bool = False) -> None:
+    def walk(self, part: Message, parent: str = "", first: bool = True, depth: int = 0) -> None:
+        if depth > _MAX_DEPTH:
+            self.defects.append(f"MIME parts nested deeper than {_MAX_DEPTH}: the rest kept as one attachment")
+            self._attach(part)
+            return
         ctype = part.get_content_type()
+        maintype = part.get_content_maintype()
+        if maintype == "message":
+            self._attach(part)
+            return
         if part.is_multipart():
             children = part.get_payload()
             if not isinstance(children, list):
                 return
-            if ctype in ("message/rfc822", "message/delivery-status"):
-                self._attach(part)
-                return
             if ctype == "multipart/alternative":
-                self._walk_alternative(children)
+                self._walk_alternative(children, depth)
                 return
-            for child in children:
-                self.walk(child)
+            for i, child in enumerate(children):
+                self.walk(child, ctype, i == 0, depth + 1)
             return
-        if ctype == "message/rfc822":
-            self._attach(part)
-            return
-        disposition = (part.get_content_disposition() or "").lower()
-        filename = self._filename(part)
-        if ctype in ("text/plain", "text/html") and disposition != "attachment" and not filename:
-            text = self._text(part)
-            (self.texts if ctype == "text/plain" else self.htmls).append(text)
-            return
-        if part.get_content_maintype() == "multipart":
+        if maintype == "multipart":
+            recovered = self._recover_multipart(part)
+            if recovered is not None:
+                self.walk(recovered, parent, first, depth + 1)
+                return
             # A multipart without a parsable boundary: keep its bytes as text.
             self.defects.append(f"{ctype}: no usable boundary, kept as text")
-            self.texts.append(self._text(part))
+            text, _ = self._text(part)
+            if text.strip():
+                self.texts.append(text)
             return
+        if ctype in ("text/plain", "text/html") and self._is_body(part, parent, first):
+            text, clean = self._text(part)
+            if clean:
+                (self.texts if ctype == "text/plain" else self.htmls).append(text)
+                return
+            # Broken transfer encoding and bytes no charset reads: garbage, not text.
+            self.defects.append(f"{ctype}: undecodable, kept as an attachment")
         self._attach(part)
 
-    def _walk_alternative(self, children: list[Message]) -> None:
-        plain = [c for c in children if c.get_content_type() == "text/plain"]
-        html = [c for c in children if c.get_content_type() == "text/html"]
-        nested = [c for c in children if c.is_multipart()]
-        if plain:
-            self.walk(plain[0])
-        if html:
-            self.walk(html[0])
-        for c in nested:
-            # multipart/related inside alternative: the HTML and its inline images
-            if not plain or c.get_content_type() != "multipart/related":
-                self.walk(c)
+    def _is_body(self, part: Message, parent: str, first: bool) -> bool:
+        if (part.get_content_disposition() or "").lower() == "attachment":
+            return False
+        if first:
+            return True
+        return parent != "multipart/related" and self._filename(part) is None
+
+    def _walk_alternative(self, children: list[Message], depth: int) -> None:
+        # Each alternative is read on its own; the body takes the first plain version
+        # and the first HTML version, attachments come from all of them.
+        versions = []
+        for child in children:
+            sub = _Body(self.defects)
+            if child.get_content_type() in ("text/plain", "text/html"):
+                sub.walk(child, "multipart/alternative", True, depth + 1)
             else:
-                for inner in c.get_payload() if isinstance(c.get_payload(), list) else []:
-                    if inner.get_content_type() not in ("text/plain",):
-                        if inner.get_content_type() == "text/html" and html:
-                            continue
-                        self.walk(inner)
-        if not plain and not html and not nested:
-            for c in children:
-                self.walk(c)
+                sub.walk(child, "multipart/alternative", False, depth + 1)
+            versions.append(sub)
+            self.attachments.extend(sub.attachments)
+            self.charsets |= sub.charsets
+            self.declared.extend(c for c in sub.declared if c not in self.declared)
+        plain = next((v for v in versions if v.texts), None)
+        html = next((v for v in versions if v.htmls), None)
+        if plain is not None:
+            self.texts.extend(plain.texts)
+        if html is not None:
+            self.htmls.extend(html.htmls)
+
+    def _recover_multipart(self, part: Message) -> Message | None:
+        """Re-read a multipart whose boundary the stdlib missed (folded, or no ``;``)."""
+        header = part.get("content-type")
+        if header is None or part.is_multipart():
+            return None
+        try:
+            # decode=True gives the original bytes; without it the stdlib would replace
+            # every 8-bit byte it cannot read in the declared charset.
+            body = part.get_payload(decode=True)
+        except Exception:  # noqa: BLE001
+            return None
+        if not body:
+            return None
+        payload = body.decode("ascii", "surrogateescape")
+        m = _BOUNDARY.search(_unfold(str(header)))
+        if m is None:
+            return None
+        boundary = m.group(1) if m.group(1) is not None else m.group(2)
+        if not boundary or boundary == part.get_boundary() or f"--{boundary}" not in payload:
+            return None
+        self.defects.append(f"{part.get_content_type()}: malformed boundary parameter, read as {boundary!r}")
+        rebuilt = f'Content-Type: {part.get_content_type()}; boundary="{boundary}"\n\n'
+        return message_from_bytes(rebuilt.encode("ascii", "replace") + body, policy=compat32)
 
     def _payload(self, part: Message) -> bytes:
         try:
@@ -315,62 +446,63 @@ class _Body:
         if data is None:
             raw = part.get_payload()
             if isinstance(raw, list):
-                return b"".join(p.as_bytes() for p in raw)
-            data = str(raw).encode("ascii", "surrogateescape")
+                return b"".join(_as_bytes(p) for p in raw if isinstance(p, Message))
+            data = str(raw).encode("utf-8", "surrogateescape")
         for d in part.defects:
             self.defects.append(f"{part.get_content_type()}: {type(d).__name__}")
+        if str(part.get("content-transfer-encoding", "")).strip().lower() not in _EXACT_ENCODINGS:
+            # Line ends of unencoded content belong to the transport (CRLF over SMTP, LF
+            # in a file): the same attachment must hash alike whichever way it came.
+            data = data.replace(b"\r\n", b"\n")
         return data
 
-    def _text(self, part: Message) -> str:
+    def _message_payload(self, part: Message) -> bytes:
+        """The body of a message/* part as bytes (the attached mail, the report...)."""
+        if not isinstance(part.get_payload(), list):
+            return self._payload(part)
+        buf = BytesIO()
+        try:
+            BytesGenerator(buf, mangle_from_=False, policy=compat32).flatten(part)
+        except Exception:  # noqa: BLE001 - a broken inner message: keep what the stdlib has
+            return self._payload(part)
+        data = buf.getvalue()
+        if not part.keys():
+            return data[1:]
+        return data.split(b"\n\n", 1)[1] if b"\n\n" in data else b""
+
+    def _text(self, part: Message) -> tuple[str, bool]:
+        """The decoded text of a part, and False when it is unreadable (bad encoding and charset)."""
         data = self._payload(part)
         declared = charsets.normalize_charset(part.get_param("charset"))
-        text, used = charsets.decode(data, declared, self.defects, f"{part.get_content_type()}: ")
+        before = len(self.defects)
+        text, used = charsets.decode(data, declared, self.defects, f"{part.get_content_type()}: ", self.declared)
+        charset_trouble = len(self.defects) > before
         if declared:
             self.charsets.add(declared)
+            if declared not in self.declared:
+                self.declared.append(declared)
         self.charsets.add(used)
-        return text.replace("\r\n", "\n").replace("\r", "\n")
+        clean = not (charset_trouble and any(isinstance(d, _ENCODING_DEFECTS) for d in part.defects))
+        return text.replace("\r\n", "\n").replace("\r", "\n"), clean
 
     def _filename(self, part: Message) -> str | None:
-        try:
-            name = part.get_filename()
-        except Exception:  # noqa: BLE001
-            name = None
+        name = _rfc2231_param(part, "filename", "content-disposition")
         if name is None:
-            name = part.get_param("name")
-            if isinstance(name, tuple):  # RFC 2231 on the Content-Type
-                cs, _, value = name
-                name = charsets.decode(value.encode("latin-1", "replace"), cs)[0]
+            name = _rfc2231_param(part, "name", "content-type")
         if name is None:
             return None
-        name = str(name)
-        # RFC 2231 values are decoded by the stdlib as latin-1 when the charset is odd.
-        return decode_header_value(name, self.defects) or None
+        # Outlook and many Japanese mailers put RFC 2047 words in quoted parameters.
+        return decode_header_value(name, self.defects, self.declared) or None
 
     def _attach(self, part: Message) -> None:
         ctype = part.get_content_type()
-        if ctype == "message/rfc822":
-            inner = part.get_payload()
-            if isinstance(inner, list) and inner:
-                payload = inner[0].as_bytes(policy=compat32) if isinstance(inner[0], Message) else b""
-            else:
-                payload = self._payload(part)
-        elif ctype == "message/delivery-status" and isinstance(part.get_payload(), list):
-            # The stdlib splits a DSN into header blocks; keep them as the report's text.
-            payload = b"\n".join(block.as_bytes(policy=compat32) for block in part.get_payload())
-        else:
-            payload = self._payload(part)
-        filename = self._filename(part)
-        if filename is None and ctype == "message/rfc822":
-            inner_subject = ""
-            if isinstance(part.get_payload(), list) and part.get_payload():
-                inner_subject = decode_header_value(part.get_payload()[0].get("subject", ""), self.defects)
-            filename = (inner_subject or "forwarded message") + ".eml"
+        payload = self._message_payload(part) if part.get_content_maintype() == "message" else self._payload(part)
         cid = part.get("content-id")
         cid = str(cid).strip().strip("<>") if cid else None
         disposition = (part.get_content_disposition() or "").lower()
         self.attachments.append(
             Attachment(
-                filename=filename,
+                filename=self._filename(part),
                 content_type=ctype,
                 size=len(payload),
                 sha256=hashlib.sha256(payload).hexdigest(),
@@ -381,51 +513,184 @@ class _Body:
         )
 
 
+def _as_bytes(part: Message) -> bytes:
+    try:
+        return part.as_bytes(policy=compat32)
+    except Exception:  # noqa: BLE001 - text the stdlib decoded on its own cannot go back to ASCII
+        try:
+            return part.as_string(policy=compat32).encode("utf-8", "surrogateescape")
+        except Exception:  # noqa: BLE001 - e.g. nested too deep to serialise
+            return b""
+
+
+def _rfc2231_param(part: Message, param: str, header: str) -> str | None:
+    """A parameter value with RFC 2231 continuations and charset decoded by our layer."""
+    try:
+        value = part.get_param(param, header=header)
+    except Exception:  # noqa: BLE001 - a broken parameter list is no parameter
+        return None
+    if value is None:
+        return None
+    if isinstance(value, tuple):
+        cs, _lang, text = value
+        # The stdlib unquotes %XX to Latin-1 code points: those are the original bytes.
+        raw = unquote_to_bytes(text) if "%" in text else text.encode("latin-1", "surrogateescape")
+        if not cs:
+            return charsets.decode_raw(raw.decode("ascii", "surrogateescape"))
+        return charsets.decode(raw, cs)[0]
+    return utils.collapse_rfc2231_value(value)
+
+
 class _HTMLText(HTMLParser):
-    _BLOCK = {"p", "div", "br", "tr", "li", "h1", "h2", "h3", "h4", "h5", "h6", "blockquote", "table", "ul", "ol", "pre", "hr"}
-    _SKIP = {"script", "style", "head", "title"}
+    """Walks HTML once and writes lines: blocks break lines, paragraphs leave a blank
+    line, lists get markers, quotes get "> ", links keep their address."""
+
+    _PARAGRAPH = {"p", "h1", "h2", "h3", "h4", "h5", "h6"}
+    _BLOCK = {
+        "div", "li", "tr", "table", "ul", "ol", "dl", "dt", "dd", "pre", "hr", "form",
+        "section", "article", "header", "footer", "address", "center", "caption",
+    }  # fmt: skip
+    _SKIP = {"script", "style", "head", "title", "template"}
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
-        self.out: list[str] = []
+        self.lines: list[str] = []
+        self.cur: list[str] = []
+        self.cur_depth = 0
+        self.depth = 0  # blockquote nesting
+        self.pending = 0  # 1: end the line before the next text; 2: and leave a blank line
         self.skip = 0
         self.pre = 0
+        self.lists: list[int] = []  # per open list: next number, or 0 for bullets
+        self.first_cell = True
+        self.link: tuple[str, int] | None = None  # (href, length of the text before it)
+        self.link_text: list[str] = []
+
+    def _finish(self, force: bool = False) -> None:
+        text = "".join(self.cur)
+        text = text.rstrip() if self.pre else text.strip()
+        if text or force:
+            self.lines.append(("> " * self.cur_depth + text).rstrip())
+        self.cur = []
+
+    def _break(self, n: int) -> None:
+        self.pending = max(self.pending, n)
+
+    def _emit(self, text: str) -> None:
+        if self.pending:
+            self._finish()
+            if self.pending == 2 and self.lines and self.lines[-1].strip("> "):
+                self.lines.append(("> " * self.depth).rstrip())
+            self.pending = 0
+        if not self.cur:
+            self.cur_depth = self.depth
+        self.cur.append(text)
+        if self.link is not None:
+            self.link_text.append(text)
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "body":
+            self.skip = 0  # an unclosed <head> must not hide the body
         if tag in self._SKIP:
             self.skip += 1
+            return
+        if self.skip:
+            return
+        if tag == "br":
+            if self.pending:  # the line has ended already: this break makes a blank line
+                self._finish()
+                self.pending = 2
+            elif "".join(self.cur).strip():
+                self._finish()
+                self.pending = 1
+            return
+        if tag in self._PARAGRAPH:
+            self._break(2)
+        elif tag in self._BLOCK:
+            self._break(1)
+        if tag == "blockquote":
+            self._break(1)
+            self._finish()
+            self.depth += 1
         elif tag == "pre":
             self.pre += 1
-        if tag in self._BLOCK:
-            self.out.append("\n")
-        if tag == "li":
-            self.out.append("- ")
+        elif tag in ("ul", "ol"):
+            self.lists.append(1 if tag == "ol" else 0)
+        elif tag == "li":
+            if self.lists and self.lists[-1]:
+                self._emit(f"{self.lists[-1]}. ")
+                self.lists[-1] += 1
+            else:
+                self._emit("- ")
+        elif tag == "tr":
+            self.first_cell = True
+        elif tag in ("td", "th"):
+            if not self.first_cell:
+                self._emit("\t")
+            self.first_cell = False
+        elif tag == "a":
+            href = dict(attrs).get("href") or ""
+            self.link = (href, 0) if href.startswith(("http://", "https://")) else None
+            self.link_text = []
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.handle_starttag(tag, attrs)
 
     def handle_endtag(self, tag: str) -> None:
         if tag in self._SKIP:
             self.skip = max(0, self.skip - 1)
-        elif tag == "pre":
-            self.pre = max(0, self.pre - 1)
-        if tag in self._BLOCK and tag != "br":
-            self.out.append("\n")
-
-    def handle_data(self, data: str) -> None:
+            return
         if self.skip:
             return
-        self.out.append(data if self.pre else re.sub(r"\s+", " ", data))
+        if tag in self._PARAGRAPH:
+            self._break(2)
+        elif tag in self._BLOCK:
+            self._break(1)
+        if tag == "blockquote" and self.depth:
+            self._break(1)
+            self._finish()
+            self.depth -= 1
+        elif tag == "pre":
+            self._finish()  # while the pre is open, so its indentation stays
+            self.pre = max(0, self.pre - 1)
+        elif tag in ("ul", "ol") and self.lists:
+            self.lists.pop()
+        elif tag == "a" and self.link is not None:
+            href = self.link[0]
+            shown = "".join(self.link_text).strip()
+            self.link = None
+            if shown and shown != href and shown not in href:
+                self._emit(f" <{href}>")
+
+    def handle_data(self, data: str) -> None:
+        if self.skip or not data:
+            return
+        if not self.pre:
+            self._emit(re.sub(r"\s+", " ", data))
+            return
+        for i, piece in enumerate(data.replace("\r\n", "\n").split("\n")):
+            if i:
+                self._finish(force=True)
+                self.cur_depth = self.depth
+            if piece:
+                self._emit(piece)
+
+    def text(self) -> str:
+        self._finish()
+        return "\n".join(self.lines).strip("\n")
 
 
 def html_to_text(html: str) -> str:
-    """Readable plain text from an HTML body (paragraphs kept, scripts and styles dropped)."""
+    """Readable plain text from an HTML body: paragraphs and line breaks kept, lists
+    marked, quotes prefixed with "> ", link addresses kept, scripts and styles dropped."""
     p = _HTMLText()
     try:
         p.feed(html)
         p.close()
+        text = p.text()
     except Exception:  # noqa: BLE001 - html.parser is lenient; stay safe on anything odd
         return re.sub(r"<[^>]+>", "", html)
-    text = "".join(p.out)
-    lines = [line.strip() for line in text.split("\n")]
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+    return re.sub(r"\n{3,}", "\n\n", text)
 
 
 _JA = re.compile(r"[\u3040-\u30ff\u31f0-\u31ff\uff66-\uff9f\u4e00-\u9fff]")

@@ -901,7 +901,7 @@ def add_message(
     for a in attachments:
         if conn.execute(select(Blob.__table__.c.sha256).where(Blob.__table__.c.sha256 == a.sha256)).first() is None:
             conn.execute(insert(Blob.__table__), [{"sha256": a.sha256, "size": a.size, "data": a.payload}])
-        conn.execute(insert(AttachmentRow.__table__), [dict(message_row_id=row_id, sha256=a.sha256, filename=a.filename,
+        conn.execute(insert(AttachmentRow.__table__), [dict(message_row_id=row_id, sha256=a.sha256, filename=a.display_name,
                                                content_type=a.content_type, size=a.size, inline=a.inline,
                                                content_id=a.content_id)])
     return int(row_id)
