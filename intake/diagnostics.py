@@ -24,6 +24,7 @@ def parse_report(raw: bytes, *, own_addresses: Collection[str], agents: Collecti
         "message_id_synthesised": mail.message_id_synthesised,
         "date": mail.date.isoformat() if mail.date else None,
         "from": mail.from_.as_dict() if mail.from_ else None,
+        "from_display": mail.from_display,
         "to": [a.as_dict() for a in mail.to],
         "cc": [a.as_dict() for a in mail.cc],
         "reply_to": [a.as_dict() for a in mail.reply_to],

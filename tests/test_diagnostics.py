@@ -155,3 +155,36 @@ def test_retention_zero_keeps_forever(run_intake, tmp_path):
     run_intake("ingest", _eml(tmp_path, make_mail(), "m.eml"), config=cfg, check=True)
     assert "retention off" in run_intake("tick", "--at", "2040-01-01T00:00:00", config=cfg, check=True).stdout
     assert run_intake("messages", "raw", "1", config=cfg).returncode == 0
+
+
+def test_parse_json_on_the_corpora_agrees_with_the_foundation_measure(tmp_path):
+    """`intake parse --json` meets the corpus expectations exactly as parse() does."""
+    from types import SimpleNamespace
+
+    from click.testing import CliRunner
+
+    from conftest import write_config
+    from intake.cli import cli
+    from intake.parse import Address, parse
+    from test_corpus import CASES, failures
+
+    cfg = write_config(tmp_path)
+    runner = CliRunner()
+    disagreements = []
+    for case in CASES:
+        raw = case.raw.read_bytes()
+        res = runner.invoke(cli, ["--log-level", "ERROR", "--config", str(cfg), "parse", "--json", str(case.raw)])
+        assert res.exit_code == 0, (case.id, res.output)
+        out = json.loads(res.stdout)
+        # The JSON names attachments by SHA-256; find their bytes to compare MD5 sums.
+        payloads = {a.sha256: a.payload for a in parse(raw).attachments}
+        view = SimpleNamespace(
+            subject=out["subject"], text=out["text"], html=out["html"], from_display=out["from_display"],
+            from_=Address(**out["from"]) if out["from"] else None, to=[Address(**a) for a in out["to"]],
+            attachments=[SimpleNamespace(filename=a["filename"], content_type=a["content_type"], size=a["size"],
+                                         payload=payloads[a["sha256"]]) for a in out["attachments"]],
+        )
+        if failures(case, view) != failures(case, parse(raw)):
+            disagreements.append(case.id)
+    assert disagreements == []
+    assert len(CASES) >= 250
