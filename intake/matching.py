@@ -6,6 +6,7 @@ token and its participants); ``decide`` applies the order of DESIGN 5 to it and 
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 import hmac
@@ -62,8 +63,6 @@ _SIGNED = re.compile(r"^(?P<base>[^+@]+)\+(?P<kind>[cn])(?P<number>\d+)-(?P<sig>
 def _signature(secret: str, kind: str, number: int) -> str:
     digest = hmac.new(secret.encode(), f"{kind}{number}".encode(), hashlib.sha256).digest()
     # base32, lower case, 10 characters: 50 bits, short enough for a mail client's field.
-    import base64
-
     return base64.b32encode(digest).decode().lower()[:10]
 
 

@@ -9,7 +9,10 @@ processing raises is quarantined with the error; outcomes that are not errors
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
+import os
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -66,8 +69,6 @@ class Processor:
     @property
     def secret(self) -> str:
         if self._secret is None:
-            import os
-
             self._secret = os.environ.get("INTAKE_SECRET") or self.store.secret()
         return self._secret
 
@@ -381,9 +382,6 @@ def _thread_index_prefix(mail: ParsedMail) -> str | None:
     value = mail.header("Thread-Index")
     if not value:
         return None
-    import base64
-    import binascii
-
     try:
         raw = base64.b64decode(value.strip() + "==", validate=False)
     except (binascii.Error, ValueError):
