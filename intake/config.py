@@ -44,6 +44,7 @@ class MailboxConfig:
     queue: str = "support"
     brand: str = ""
     language: str = ""
+    name: str = ""
 
 
 @dataclass(frozen=True)

@@ -35,9 +35,17 @@ def _process_received(app: "App", now: datetime) -> str:
     return f"{app.processor.process_pending()} received message(s) processed"
 
 
+def _deliver_outbox(app: "App", now: datetime) -> str:
+    """Outbox delivery (``serve`` also delivers continuously; this is the fallback and ``tick``)."""
+    from intake.outbox import deliver_job
+
+    return deliver_job(app, now)
+
+
 # The job table, in the order `intake tick` runs them. Each capability adds its row here.
 JOBS: list[Job] = [
     Job("process-received", _process_received, 30.0),
+    Job("outbox-delivery", _deliver_outbox, 60.0),
 ]
 
 

@@ -736,6 +736,13 @@ def participant_addresses(s: Session, case_id: int) -> set[str]:
     return {r[0] for r in rows}
 
 
+def participant_rows(s: Session, case_id: int) -> list[tuple[str, str, str]]:
+    """(address, name, role) of a case's participants."""
+    rows = s.execute(select(Contact.address, Contact.name, Participant.role)
+                     .join(Participant, Participant.contact_id == Contact.id).where(Participant.case_id == case_id))
+    return [(a, n or "", r) for a, n, r in rows]
+
+
 def get_or_create_organization(s: Session, domain: str) -> Organization:
     org = s.scalars(select(Organization).where(Organization.domain == domain)).first()
     if org is None:
