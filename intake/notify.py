@@ -266,7 +266,8 @@ def sample_context(name: str, language: str) -> dict[str, Any]:
                  "date": case["created_at"]},
         reply={"text": "ドライバーを更新してください。" if ja else "Please update the driver.", "agent_name": "山田 花子",
                "agent_address": "hanako@example.com"},
-        status={"old": "open", "new": "resolved", "reason": ""},
+        status=({"old": "resolved", "new": "open", "reason": "customer replied"} if name == "customer_reply_agent"
+                else {"old": "open", "new": "resolved", "reason": ""}),
         escalation={"level": 1, "reason": "SLA first response breached"},
         auto_close={"days": 7, "at": "2026年11月27日 10:00" if ja else "2026-11-27 10:00 JST"},
         reply_address="support+c1042-abcdefghij@example.com", note_address="support+n1042-abcdefghij@example.com",
@@ -587,7 +588,7 @@ class Notifier:
         message = None
         if trigger.message_id:
             message = {"from": trigger.sender, "from_name": trigger.sender_name, "subject": trigger.subject,
-                       "text": trigger.text[:20000], "date": format_time(trigger.at, language, self.cfg)}
+                       "text": trigger.text.strip()[:20000], "date": format_time(trigger.at, language, self.cfg)}
         customer = {"name": case.requester.name if case.requester else "",
                     "address": case.requester.address if case.requester else ""}
         return build_context(
