@@ -196,7 +196,8 @@ def subject_with_token(subject: str, label: str) -> str:
     """The subject with the case token ``[CASE-1042]`` exactly once (after any ``Re:``)."""
     subject = clean_header(subject)
     token = f"[{label}]"
-    bare = re.sub(r"\s*\[\s*" + re.escape(label) + r"\s*\]\s*", " ", subject, flags=re.I).strip()
+    bare = re.sub(r"\s*\[\s*" + re.escape(label) + r"\s*\]\s*", " ", subject, flags=re.I)
+    bare = re.sub(r"\s+", " ", bare).strip()
     m = _REPLY_PREFIX.match(bare)
     prefix = m.group(0) if m else ""
     rest = bare[len(prefix):].strip()
@@ -392,7 +393,8 @@ class Notifier:
         rows = st.outbox_by_message_ids(s, list(message_ids))
         if not rows and failed:
             wanted = {a.lower() for a in failed}
-            rows = [r for r in st.outbox_for_case(s, case.id) if r.recipient in wanted][:1]
+            rows = [r for r in st.outbox_for_case(s, case.id, states=(st.OUT_SENT, st.OUT_SENDING, st.OUT_QUEUED))
+                    if r.recipient in wanted][:1]
         if not permanent:
             return []
         until = trigger.at + self.suppress_for
@@ -559,11 +561,15 @@ class Notifier:
     def _thread(self, s: Any, case: st.Case, template: str, trigger: Trigger) -> tuple[str | None, list[str]]:
         """In-Reply-To and References: continue the customer's thread."""
         if template == "agent_reply" or not trigger.message_id:
-            # The customer never saw the agent's own mail: continue from the case's public messages.
-            ids = [m for m in st.case_message_ids(s, case.id, limit=50) if m != trigger.message_id]
+            # The customer never saw the agent's own mail nor our notices to agents: continue
+            # from the case's public messages, answering the customer's latest one.
+            agents = self.rules().agent_addresses
+            msgs = [(m, d, f) for m, d, f in st.case_public_messages(s, case.id)
+                    if m != trigger.message_id and not (d == "in" and f in agents)]
+            ids = list(dict.fromkeys(m for m, _, _ in msgs))
             refs = ids[:1] + ids[-9:] if len(ids) > 10 else ids
-            refs = list(dict.fromkeys(refs))
-            return (refs[-1] if refs else None), refs
+            from_customer = [m for m, d, _ in msgs if d == "in"]
+            return (from_customer[-1] if from_customer else (refs[-1] if refs else None)), refs
         refs = list(dict.fromkeys([*trigger.references[-9:], trigger.message_id]))
         return trigger.message_id, refs
 
@@ -604,13 +610,28 @@ def _base_address(address: str) -> str:
     return local.split("+", 1)[0] + at + domain
 
 
-def dsn_is_permanent(attachments: Sequence[Any]) -> bool:
-    """False when every ``Action:`` of a delivery-status report is not a failure (delayed, relayed…)."""
-    actions = []
-    for a in attachments:
-        if a.content_type == "message/delivery-status":
-            for line in a.payload.decode("utf-8", "replace").splitlines():
-                key, _, value = line.partition(":")
-                if key.strip().lower() == "action":
-                    actions.append(value.strip().lower())
-    return not actions or "failed" in actions
+def dsn_report(raw: bytes) -> tuple[bool, list[str]]:
+    """(permanent, failed recipients) of a delivery-status report, read from the raw bytes.
+
+    Not permanent when every ``Action:`` is something other than ``failed`` (delayed,
+    relayed…); a bounce without a machine-readable report counts as permanent. Read from
+    the raw bytes because the report's header blocks are not kept as an attachment.
+    """
+    from email import message_from_bytes, message_from_string
+    from email.policy import compat32
+
+    actions: list[str] = []
+    failed: list[str] = []
+    for part in message_from_bytes(raw, policy=compat32).walk():
+        if part.get_content_type() != "message/delivery-status":
+            continue
+        payload = part.get_payload()
+        blocks = payload if isinstance(payload, list) else [message_from_string(str(payload), policy=compat32)]
+        for block in blocks:
+            action = str(block.get("Action", "")).strip().lower()
+            if action:
+                actions.append(action)
+            rcpt = str(block.get("Final-Recipient", "") or block.get("Original-Recipient", "")).split(";", 1)[-1].strip()
+            if rcpt and action == "failed":
+                failed.append(rcpt.lower())
+    return (not actions or "failed" in actions), failed

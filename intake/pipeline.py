@@ -20,7 +20,7 @@ from intake import store as st
 from intake.classify import AGENT, AUTOMATED, BOUNCE, CUSTOMER, MESSAGE, OWN, Classification, classify
 from intake.config import Config, MailboxConfig
 from intake.matching import Evidence, Match, case_tokens, clean_subject, decide, parse_reply_address
-from intake.notify import Notified, Notifier, Trigger, choose_language, dsn_is_permanent
+from intake.notify import Notified, Notifier, Trigger, choose_language, dsn_report
 from intake.parse import ParsedMail, parse
 from intake.rules import Decision, RuleContext, RuleSet, evaluate
 
@@ -401,10 +401,10 @@ class Processor:
             return Outcome(st.DROPPED, None, reason, run.mail.message_id)
         case, ref = found
         row = self._store_message(s, run, case, visibility="internal")
-        permanent = dsn_is_permanent(run.mail.attachments)
-        marked = self.notifier.bounce(s, case, self._trigger(run), [ref] if ref else [],
-                                      list(run.cls.failed_recipients), permanent)
-        st.add_event(s, case, "bounce", {"message_id": ref or None, "recipients": list(run.cls.failed_recipients),
+        permanent, failed = dsn_report(run.rec.raw or b"")
+        failed = list(dict.fromkeys([*(a.lower() for a in run.cls.failed_recipients), *failed]))
+        marked = self.notifier.bounce(s, case, self._trigger(run), [ref] if ref else [], failed, permanent)
+        st.add_event(s, case, "bounce", {"message_id": ref or None, "recipients": failed,
                                          "permanent": permanent, "outbox": marked},
                      message_row=row, inbound_id=run.rec.id, at=run.now)
         run.rec.case_id = case.id

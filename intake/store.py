@@ -1098,8 +1098,9 @@ def outbox_for_case(s: Session, case_id: int, *, states: Sequence[str] = (OUT_SE
                           .order_by(OutboxRow.id.desc())))
 
 
-def case_message_ids(s: Session, case_id: int, limit: int = 20) -> list[str]:
-    """Message-IDs of a case's messages, oldest first (for References)."""
-    rows = s.scalars(select(MessageRow.message_id).where(MessageRow.case_id == case_id)
-                     .order_by(MessageRow.id).limit(limit))
-    return list(rows)
+def case_public_messages(s: Session, case_id: int, limit: int = 50) -> list[tuple[str, str, str | None]]:
+    """(Message-ID, direction, from address) of a case's public messages, oldest first (for References)."""
+    rows = s.execute(select(MessageRow.message_id, MessageRow.direction, MessageRow.from_address)
+                     .where(MessageRow.case_id == case_id, MessageRow.visibility == "public")
+                     .order_by(MessageRow.id.desc()).limit(limit))
+    return [(m, d, f.lower() if f else None) for m, d, f in reversed(rows.all())]
