@@ -51,12 +51,19 @@ def build_mime(item: st.OutboxItem, *, eight_bit: bool = False, linesep: str = "
     msg = EmailMessage(policy=pol)
     for name, value in item.headers:
         msg[name] = value
-    msg.set_content(item.text, subtype="plain", charset="utf-8")
+    msg.set_content(item.text, subtype="plain", charset="utf-8", cte=_cte(item.text, eight_bit))
     if item.html:
-        msg.add_alternative(item.html, subtype="html", charset="utf-8")
+        msg.add_alternative(item.html, subtype="html", charset="utf-8", cte=_cte(item.html, eight_bit))
         for part in msg.iter_parts():
             del part["MIME-Version"]  # EmailMessage.add_alternative adds it to the part too
     return msg.as_bytes(policy=pol)
+
+
+def _cte(text: str, eight_bit: bool) -> str | None:
+    """8bit when allowed and every line fits SMTP's 998 bytes; else the stdlib picks base64/QP."""
+    if eight_bit and all(len(line.encode()) <= 990 for line in text.splitlines()):
+        return "8bit"
+    return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -222,7 +229,13 @@ class SmtpSender:
                 text = "; ".join(f"{a}: {r}" for a, (_, r) in replies.items())
                 return st.OutboxOutcome(item.id, st.OUT_FAILED, now, text, permanent=True, suppress_until=suppress)
             return self.policy.temporary(item, now, "; ".join(r for _, r in replies.values()))
-        except (smtplib.SMTPSenderRefused, smtplib.SMTPDataError) as exc:
+        except smtplib.SMTPSenderRefused as exc:
+            # Refusing our own sender (530 STARTTLS/AUTH required, relay denied) is about our
+            # configuration, not this mail: retried until give_up_after while the operator fixes it.
+            text = _reply(exc.smtp_code, exc.smtp_error)
+            log.error("outbox relay refused our sender %s: %s", item.mail_from, text)
+            return self.policy.temporary(item, now, f"relay refused the sender: {text}")
+        except smtplib.SMTPDataError as exc:
             text = _reply(exc.smtp_code, exc.smtp_error)
             if 500 <= exc.smtp_code < 600:
                 return st.OutboxOutcome(item.id, st.OUT_FAILED, now, text, permanent=True)
