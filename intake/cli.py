@@ -399,6 +399,12 @@ def messages_show(ctx: click.Context, ref: str, as_json: bool) -> None:
     click.echo("log:")
     for line in log_lines(detail["log"], app.cfg.tz):
         click.echo(line)
+    if detail["outbox"]:
+        click.echo("mails it caused:")
+        for o in detail["outbox"]:
+            error = f" — {o['last_error']}" if o["last_error"] else ""
+            click.echo(f"  outbox #{o['id']}  {o['template']} to {o['to']}: {o['state']}"
+                       f" ({o['attempts']} attempt(s)){error}")
     if detail["state"] == QUARANTINED and detail["traceback"]:
         click.echo("error:")
         click.echo(detail["traceback"].rstrip())
@@ -418,6 +424,88 @@ def messages_raw(ctx: click.Context, ref: str) -> None:
         raise click.ClickException(f"inbound #{detail['id']}: raw bytes were removed by retention")
     sys.stdout.buffer.write(raw)
     sys.stdout.buffer.flush()
+# -- outbox ------------------------------------------------------------------------------------
+
+
+@cli.group()
+def outbox() -> None:
+    """Outgoing mail and its state."""
+
+
+@outbox.command("list")
+@click.option("--state", type=click.Choice(["queued", "sending", "sent", "failed", "bounced"]))
+@click.option("--case", "case", help="Only the mail of this case (CASE-N).")
+@click.option("--limit", type=int, default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@click.pass_context
+def outbox_list(ctx: click.Context, state: str | None, case: str | None, limit: int, as_json: bool) -> None:
+    """List outgoing mail, newest first."""
+    from intake.store import list_outbox
+
+    app = _open(ctx)
+    items = list_outbox(app.store, state=state, case=case, limit=limit)
+    if as_json:
+        click.echo(json.dumps([i.as_json() for i in items], ensure_ascii=False, indent=2))
+        return
+    tz = app.cfg.tz
+    rows = [(i.id, i.case or "-", i.template, i.recipient, i.state, i.attempts,
+             i.created_at.astimezone(tz).strftime("%Y-%m-%d %H:%M"),
+             (i.sent_at.astimezone(tz).strftime("%Y-%m-%d %H:%M") if i.sent_at else
+              i.next_attempt_at.astimezone(tz).strftime("next %m-%d %H:%M") if i.state == "queued" else "-"),
+             i.last_error or i.subject) for i in items]
+    click.echo(table(["id", "case", "template", "to", "state", "tries", "queued", "sent", "subject / last error"],
+                     rows, max_width=60))
+    click.echo(f"{len(items)} mail(s)")
+
+
+@outbox.command("retry")
+@click.argument("ids", nargs=-1, required=True)
+@click.pass_context
+def outbox_retry(ctx: click.Context, ids: tuple[str, ...]) -> None:
+    """Queue failed mail ID… for delivery now (a sent mail is never sent twice)."""
+    from intake.config import parse_duration
+    from intake.store import retry_outbox, utcnow
+
+    app = _open(ctx)
+    failed = 0
+    for raw_id in ids:
+        if not raw_id.isdigit():
+            raise click.UsageError(f"not an outbox id: {raw_id}")
+        why = retry_outbox(app.store, int(raw_id), utcnow(), parse_duration(app.cfg.outbound.give_up_after))
+        click.echo(f"#{raw_id}: {'queued for delivery' if why is None else why}")
+        failed += why is not None
+    ctx.exit(1 if failed else 0)
+
+
+# -- templates ----------------------------------------------------------------------------------
+
+
+@cli.group()
+def templates() -> None:
+    """Mail templates."""
+
+
+@templates.command("check")
+@click.argument("path", required=False, type=click.Path(file_okay=False))
+@click.pass_context
+def templates_check(ctx: click.Context, path: str | None) -> None:
+    """Render every template against sample data in both languages; errors as file:line."""
+    from intake.config import parse_size
+    from intake.notify import sample_context
+    from intake.templates import TemplateSet
+
+    app = _open(ctx, load_rule_files=False)
+    cfg = app.cfg
+    folder = Path(path) if path else cfg.path(cfg.templates.path)
+    tset = TemplateSet(folder, cfg.templates.default_language, parse_size(cfg.notify.max_output))
+    brands = tuple(sorted({mb.brand for mb in cfg.mailbox if mb.brand}))
+    languages = tuple(dict.fromkeys(["ja", "en", cfg.templates.default_language]))
+    count, errors = tset.check(sample_context, languages=languages, brands=brands)
+    for line in errors:
+        click.echo(line, err=True)
+    roots = ", ".join(str(r) for r in tset.roots if r.is_dir())
+    click.echo(f"{count} template file(s) rendered from {roots}; {len(errors)} error(s)")
+    ctx.exit(1 if errors else 0)
 
 
 # -- periodic jobs -----------------------------------------------------------------------------

@@ -44,6 +44,7 @@ class MailboxConfig:
     queue: str = "support"
     brand: str = ""
     language: str = ""
+    name: str = ""
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,30 @@ class OutboundConfig:
     username: str = ""
     password_env: str = ""
     give_up_after: str = "2d"
+    # Delivery tuning and relay details (see config.example.toml).
+    verify_tls: bool = True
+    ca_file: str = ""
+    timeout: float = 30.0
+    batch_size: int = 100
+    connections: int = 1
+    retry_initial: str = "1m"
+    retry_max: str = "1h"
+    interval: float = 5.0
+    installation: str = ""
+
+
+@dataclass(frozen=True)
+class NotifyConfig:
+    """Which mails a change causes, and the loop protection that limits them."""
+
+    ack: bool = True
+    notify_agents: bool = True
+    ack_per_sender_per_hour: int = 5
+    ack_per_case_per_hour: int = 2
+    loop_window: str = "10m"
+    loop_max: int = 10
+    suppress_after_failure: str = "7d"
+    max_output: str = "256KB"
 
 
 @dataclass(frozen=True)
@@ -125,6 +150,7 @@ class Config:
     )
     imap: tuple[ImapConfig, ...] = ()
     outbound: OutboundConfig = field(default_factory=OutboundConfig)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
     rules: RulesConfig = field(default_factory=RulesConfig)
     templates: TemplatesConfig = field(default_factory=TemplatesConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
@@ -156,6 +182,11 @@ class Config:
     def own_addresses(self) -> frozenset[str]:
         """Every address intake receives for (without plus parts)."""
         return frozenset(mb.address.lower() for mb in self.mailbox)
+
+    @property
+    def installation(self) -> str:
+        """The name our loop header carries: ``[outbound] installation`` or the first mailbox's domain."""
+        return self.outbound.installation or self.mailbox[0].address.rpartition("@")[2].lower()
 
     @property
     def tz(self) -> ZoneInfo:
@@ -276,10 +307,19 @@ def _validate(cfg: Config, where: str) -> None:
     try:
         parse_size(cfg.smtp.max_message_size)
         parse_duration(cfg.outbound.give_up_after)
+        parse_duration(cfg.outbound.retry_initial)
+        parse_duration(cfg.outbound.retry_max)
+        parse_duration(cfg.notify.loop_window)
+        parse_duration(cfg.notify.suppress_after_failure)
+        parse_size(cfg.notify.max_output)
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     if cfg.outbound.mode not in ("maildir", "smtp"):
         raise ConfigError(f"{where}: outbound.mode must be 'maildir' or 'smtp'")
+    if cfg.outbound.ssl and cfg.outbound.starttls:
+        raise ConfigError(f"{where}: outbound: choose ssl (implicit TLS) or starttls, not both")
+    if cfg.outbound.connections < 1 or cfg.outbound.batch_size < 1:
+        raise ConfigError(f"{where}: outbound.connections and outbound.batch_size must be at least 1")
     if cfg.smtp.protocol not in ("smtp", "lmtp"):
         raise ConfigError(f"{where}: smtp.protocol must be 'smtp' or 'lmtp'")
     try:

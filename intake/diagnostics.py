@@ -95,6 +95,13 @@ def _describe(entry: dict[str, Any]) -> str:
         return f"status of {entry.get('case')}: {entry.get('from')} → {entry.get('to')}"
     if step == "bounce":
         return f"bounce of <{entry.get('bounced')}> recorded on {entry.get('case')}"
+    if step == "notify":
+        lines = ["notify:"]
+        for q in entry.get("queued") or []:
+            lines.append(f"      queued {q.get('template')} to {q.get('to')} (outbox #{q.get('outbox')})")
+        for k in entry.get("skipped") or []:
+            lines.append(f"      not sent: {k.get('template')} to {k.get('to')} ({k.get('check')}: {k.get('reason')})")
+        return "\n".join(lines)
     if step == "done":
         return f"done: {entry.get('state')}" + (f" {entry['case']}" if entry.get("case") else "") + (
             f" — {entry['reason']}" if entry.get("reason") else "")

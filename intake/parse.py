@@ -239,7 +239,12 @@ def _unfold(value: str) -> str:
 
 
 def _clean_subject_whitespace(value: str) -> str:
-    return re.sub(r"[\x00-\x08\x0b-\x1f\x7f]", "", value).strip()
+    """A one-line header value: line breaks an encoded word smuggled in become spaces."""
+    return _CONTROL.sub("", _BREAKS.sub(" ", value)).strip()
+
+
+_BREAKS = re.compile(r"[\r\n]+")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
 def _addresses(
@@ -266,7 +271,7 @@ def _addresses(
             if with_display and not display:
                 display = decode_header_value(text or addr, defects, hints)
             continue
-        out.append(Address(name=decode_header_value(text, defects, hints), address=addr))
+        out.append(Address(name=_clean_subject_whitespace(decode_header_value(text, defects, hints)), address=addr))
     if out:
         display = ""
     return out, display

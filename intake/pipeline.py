@@ -20,9 +20,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from intake import store as st
-from intake.classify import AGENT, AUTOMATED, BOUNCE, OWN, Classification, classify
+from intake.classify import AGENT, AUTOMATED, BOUNCE, CUSTOMER, MESSAGE, OWN, Classification, classify
 from intake.config import Config, MailboxConfig, base_address
 from intake.matching import Evidence, Match, case_tokens, clean_subject, decide, parse_reply_address
+from intake.notify import Notified, Notifier, Trigger, choose_language, dsn_report
 from intake.parse import ParsedMail, parse
 from intake.rules import Decision, RuleContext, RuleSet, evaluate
 
@@ -65,6 +66,14 @@ class Processor:
         self.rules = rules
         self.clock = clock
         self._secret: str | None = None
+        self._notifier: Notifier | None = None
+
+    @property
+    def notifier(self) -> Notifier:
+        """Renders the mails a change causes into the outbox (same transaction)."""
+        if self._notifier is None:
+            self._notifier = Notifier.for_config(self.cfg, self.rules, lambda: self.secret)
+        return self._notifier
 
     @property
     def secret(self) -> str:
@@ -260,7 +269,10 @@ class Processor:
     def _new_case(self, s: Any, run: _Run, decision: Decision, match: Match) -> st.Case:
         mail, rec = run.mail, run.rec
         requester = self._contact(s, mail.from_.address, mail.from_.name) if mail.from_ else None
-        language = decision.language or (requester.language if requester else None) or None
+        language, language_from = choose_language(
+            rule=decision.language, contact=requester.language if requester else None,
+            message_text=f"{mail.subject}\n{mail.text}", mailbox=run.mailbox.language or None,
+            default=self.cfg.templates.default_language)
         case = st.create_case(
             s,
             prefix=self.cfg.cases.prefix,
@@ -293,13 +305,26 @@ class Processor:
         for number in match.mentions:
             st.add_event(s, case, "note", {"text": f"subject names {self.cfg.cases.prefix}-{number}, "
                                                    "but the sender is not its participant"}, at=run.now)
-        run.step("stored", case=case.label, created=True)
+        run.step("stored", case=case.label, created=True, language=language, language_from=language_from)
+        # notify: same transaction as the new case (DESIGN 3)
+        self._notified(run, self.notifier.new_case(s, case, self._trigger(run), decision.ack))
         return case
 
     def _attach_to_case(self, s: Any, run: _Run, case: st.Case) -> None:
         """The inbound record and its Message-ID now belong to ``case``."""
         run.rec.case_id = case.id
         st.set_message_key_case(s, run.mail.message_id, case.id)
+
+    def _trigger(self, run: _Run) -> Trigger:
+        mail, cls = run.mail, run.cls
+        refs = [*mail.references, *(i for i in mail.in_reply_to if i not in mail.references)]
+        return Trigger(at=run.now, inbound_id=run.rec.id, message_id=mail.message_id, references=tuple(refs),
+                       sender=mail.from_.key if mail.from_ else None, sender_name=mail.from_.name if mail.from_ else "",
+                       sender_class=cls.sender, kind=cls.kind, subject=mail.subject, text=mail.text)
+
+    def _notified(self, run: _Run, done: Notified) -> None:
+        if done.queued or done.skipped:
+            run.step("notify", **done.as_log())
 
     def _add_cc_participants(self, s: Any, run: _Run, case: st.Case) -> None:
         own = self.cfg.own_addresses
@@ -330,6 +355,7 @@ class Processor:
         visibility = "internal" if match.internal else "public"
         row = self._store_message(s, run, case, visibility=visibility)
         st.add_event(s, case, "message", {"threading": match.method}, message_row=row, inbound_id=run.rec.id, at=run.now)
+        status_change: tuple[str, str] | None = None
         if cls.sender == AGENT:
             if case.first_response_at is None and visibility == "public":
                 case.first_response_at = run.now
@@ -338,10 +364,18 @@ class Processor:
                 st.add_participant(s, case, self._contact(s, mail.from_.address, mail.from_.name), "cc")
             self._add_cc_participants(s, run, case)
             if case.status in ("resolved", "closed", "pending"):
+                status_change = (case.status, "open")
                 self._set_status(s, case, "open", run, "customer replied")
         case.updated_at = run.now
         self._attach_to_case(s, run, case)
         run.step("stored", case=case.label, created=False, visibility=visibility)
+        # notify: same transaction as the comment. An internal note (the `n` address) reaches
+        # no customer; automated mail causes no mail at all.
+        if cls.kind == MESSAGE:
+            if cls.sender == AGENT and visibility == "public":
+                self._notified(run, self.notifier.agent_reply(s, case, self._trigger(run)))
+            elif cls.sender == CUSTOMER:
+                self._notified(run, self.notifier.customer_comment(s, case, self._trigger(run), status_change))
         return Outcome(st.PROCESSED, case.label, f"comment ({match.method})", mail.message_id)
 
     def _follow_up(self, s: Any, run: _Run, old: st.Case) -> st.Case:
@@ -365,16 +399,28 @@ class Processor:
     def _bounce(self, s: Any, run: _Run) -> Outcome:
         found = st.case_by_message_ids(s, list(run.cls.bounced_message_ids))
         if found is None:
+            # No Message-ID we know: the signed envelope sender (Return-Path) of our mail names the case.
+            for rcpt in [*run.rec.envelope_to, *(a.address for a in run.mail.to)]:
+                signed = parse_reply_address(rcpt, self.secret)
+                case_ = st.case_by_number(s, signed[1]) if signed else None
+                if case_ is not None:
+                    found = (case_, "")
+                    break
+        if found is None:
             reason = "bounce that names none of our messages"
             run.step("dropped", reason=reason)
             return Outcome(st.DROPPED, None, reason, run.mail.message_id)
         case, ref = found
         row = self._store_message(s, run, case, visibility="internal")
-        st.add_event(s, case, "bounce", {"bounced_message_id": ref, "recipients": list(run.cls.failed_recipients)},
+        permanent, failed = dsn_report(run.rec.raw or b"")
+        failed = list(dict.fromkeys([*(a.lower() for a in run.cls.failed_recipients), *failed]))
+        marked = self.notifier.bounce(s, case, self._trigger(run), [ref] if ref else [], failed, permanent)
+        st.add_event(s, case, "bounce", {"bounced_message_id": ref or None, "recipients": failed,
+                                         "permanent": permanent, "outbox": marked},
                      message_row=row, inbound_id=run.rec.id, at=run.now)
         self._attach_to_case(s, run, case)
-        run.step("bounce", case=case.label, bounced=ref)
-        return Outcome(st.PROCESSED, case.label, f"bounce of <{ref}>", run.mail.message_id)
+        run.step("bounce", case=case.label, bounced=ref or None, permanent=permanent, outbox=marked)
+        return Outcome(st.PROCESSED, case.label, f"bounce of <{ref or 'signed return path'}>", run.mail.message_id)
 
 
 def _thread_index_prefix(mail: ParsedMail) -> str | None:

@@ -43,11 +43,18 @@ def _retention(app: "App", now: datetime) -> str:
     purged = app.store.purge_raw(now - timedelta(days=days))
     return f"{purged} raw message(s) older than {days} days removed"
 
+def _deliver_outbox(app: "App", now: datetime) -> str:
+    """Outbox delivery (``serve`` also delivers continuously; this is the fallback and ``tick``)."""
+    from intake.outbox import deliver_job
+
+    return deliver_job(app, now)
+
 
 # The job table, in the order `intake tick` runs them. Each capability adds its row here.
 JOBS: list[Job] = [
     Job("process-received", _process_received, 30.0),
     Job("retention", _retention, 3600.0),
+    Job("outbox-delivery", _deliver_outbox, 60.0),
 ]
 
 

@@ -24,6 +24,7 @@ class Service:
         self.app = app
         self.wake = asyncio.Event()
         self.stopping = asyncio.Event()
+        self.outbox_wake = asyncio.Event()  # set after the processor ran: mail may be queued
         self._tasks: list[asyncio.Task[None]] = []
         self._extra: list[Callable[["Service"], Awaitable[None]]] = []
 
@@ -41,7 +42,8 @@ class Service:
         while not self.stopping.is_set():
             self.wake.clear()
             try:
-                await loop.run_in_executor(None, proc.process_pending)
+                if await loop.run_in_executor(None, proc.process_pending):
+                    self.outbox_wake.set()
             except Exception:  # noqa: BLE001 - the store may be down; keep serving, retry
                 log.exception("processor pass failed; retrying")
             wake = asyncio.ensure_future(self.wake.wait())
@@ -66,11 +68,13 @@ class Service:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, _on_signal)
+        from intake.outbox import run_outbox
         from intake.scheduler import run_scheduler
         from intake.store import utcnow
 
         self._tasks = [asyncio.create_task(self._processor()),
-                       asyncio.create_task(run_scheduler(self.app, self.stopping, utcnow))]
+                       asyncio.create_task(run_scheduler(self.app, self.stopping, utcnow)),
+                       asyncio.create_task(run_outbox(self))]
         self._tasks += [asyncio.create_task(c(self)) for c in self._extra]
         log.info("serving: database %s, %d mailboxes", self.app.cfg.database_url, len(self.app.cfg.mailbox))
         await self.stopping.wait()

@@ -12,7 +12,7 @@ import secrets
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -240,6 +240,67 @@ class Event(Base):
     message_row_id: Mapped[int | None] = mapped_column(ForeignKey("messages.id"))
     inbound_id: Mapped[int | None] = mapped_column(ForeignKey("inbound.id"))
     data: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+# Outbox states: queued → sending → sent | failed | bounced (a sent mail that came back).
+OUT_QUEUED = "queued"
+OUT_SENDING = "sending"
+OUT_SENT = "sent"
+OUT_FAILED = "failed"
+OUT_BOUNCED = "bounced"
+OUTBOX_STATES = (OUT_QUEUED, OUT_SENDING, OUT_SENT, OUT_FAILED, OUT_BOUNCED)
+
+
+class OutboxRow(Base):
+    """One rendered outgoing mail, stored in the transaction of the change that caused it.
+
+    The MIME bytes are built at delivery time from these fields, because the transfer
+    encoding depends on whether the relay announces 8BITMIME.
+    """
+
+    __tablename__ = "outbox"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    case_id: Mapped[int | None] = mapped_column(ForeignKey("cases.id"), index=True)
+    message_row_id: Mapped[int | None] = mapped_column(ForeignKey("messages.id"))
+    inbound_id: Mapped[int | None] = mapped_column(ForeignKey("inbound.id"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    template: Mapped[str] = mapped_column(String(50))
+    audience: Mapped[str] = mapped_column(String(10))  # customer | agent
+    auto_submitted: Mapped[str] = mapped_column(String(20))
+    language: Mapped[str] = mapped_column(String(10))
+    mail_from: Mapped[str] = mapped_column(String(320))  # envelope sender (signed case address)
+    recipient: Mapped[str] = mapped_column(String(320))  # primary recipient, lower case
+    recipients: Mapped[list[Any]] = mapped_column(default=list)  # envelope RCPT TO
+    message_id: Mapped[str] = mapped_column(String(998), index=True)
+    headers: Mapped[list[Any]] = mapped_column(default=list)  # [[name, value], ...] in order
+    subject: Mapped[str] = mapped_column(Text, default="")
+    text: Mapped[str] = mapped_column(Text, default="")
+    html: Mapped[str | None] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(10), default=OUT_QUEUED)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    give_up_at: Mapped[datetime] = mapped_column(default=utcnow)
+    claimed_at: Mapped[datetime | None]
+    sent_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    permanent: Mapped[bool] = mapped_column(Boolean, default=False)
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        Index("ix_outbox_due", "state", "next_attempt_at"),
+        Index("ix_outbox_recipient", "recipient", "created_at"),
+    )
+
+
+class Suppression(Base):
+    """An address that gets no automated mail until ``until`` (after a bounce or a 5xx)."""
+
+    __tablename__ = "suppressions"
+    address: Mapped[str] = mapped_column(String(320), primary_key=True)
+    until: Mapped[datetime]
+    reason: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Counter(Base):
@@ -528,7 +589,15 @@ class Store:
             if rec is None:
                 return None
             case = s.get(Case, rec.case_id) if rec.case_id else None
+            caused = s.execute(
+                select(OutboxRow.id, OutboxRow.template, OutboxRow.recipient, OutboxRow.state, OutboxRow.attempts,
+                       OutboxRow.message_id, OutboxRow.last_error).where(OutboxRow.inbound_id == rec.id)
+                .order_by(OutboxRow.id)
+            )
             return {
+                "outbox": [{"id": o.id, "template": o.template, "to": o.recipient, "state": o.state,
+                            "attempts": o.attempts, "message_id": o.message_id, "last_error": o.last_error}
+                           for o in caused],
                 "id": rec.id, "received_at": rec.received_at.isoformat(), "channel": rec.channel,
                 "mailbox": rec.mailbox, "envelope_from": rec.envelope_from, "envelope_to": list(rec.envelope_to or []),
                 "source": dict(rec.source or {}), "size": rec.size, "raw_sha256": rec.raw_sha256,
@@ -820,6 +889,13 @@ def participant_addresses(s: Session, case_id: int) -> set[str]:
     return {r[0] for r in rows}
 
 
+def participant_rows(s: Session, case_id: int) -> list[tuple[str, str, str]]:
+    """(address, name, role) of a case's participants."""
+    rows = s.execute(select(Contact.address, Contact.name, Participant.role)
+                     .join(Participant, Participant.contact_id == Contact.id).where(Participant.case_id == case_id))
+    return [(a, n or "", r) for a, n, r in rows]
+
+
 @dataclass(frozen=True)
 class ContactRef:
     id: int
@@ -929,3 +1005,278 @@ def flush_events(s: Session) -> None:
     rows = s.info.pop("events", None)
     if rows:
         s.connection().execute(insert(Event.__table__), rows)
+
+
+# ---------------------------------------------------------------------------------------
+# The outbox
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    """A plain view of one outbox row: what delivery and ``intake outbox list`` see."""
+
+    id: int
+    case: str | None
+    template: str
+    audience: str
+    auto_submitted: str
+    mail_from: str
+    recipient: str
+    recipients: list[str]
+    message_id: str
+    headers: list[list[str]]
+    subject: str
+    text: str
+    html: str | None
+    state: str
+    attempts: int
+    created_at: datetime
+    next_attempt_at: datetime
+    give_up_at: datetime
+    sent_at: datetime | None
+    last_error: str | None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "case": self.case, "template": self.template, "audience": self.audience,
+            "to": self.recipient, "recipients": list(self.recipients), "subject": self.subject,
+            "message_id": self.message_id, "state": self.state, "attempts": self.attempts,
+            "created_at": self.created_at.isoformat(), "next_attempt_at": self.next_attempt_at.isoformat(),
+            "sent_at": self.sent_at.isoformat() if self.sent_at else None, "last_error": self.last_error,
+        }
+
+
+@dataclass(frozen=True)
+class OutboxOutcome:
+    """The result of one delivery attempt, applied by ``Store.finish_outbox``.
+
+    ``state`` is ``sent``, ``queued`` (temporary failure: retry at ``next_attempt_at``)
+    or ``failed``; ``refused`` maps recipients the relay refused permanently to its reply.
+    """
+
+    id: int
+    state: str
+    at: datetime
+    error: str | None = None
+    next_attempt_at: datetime | None = None
+    permanent: bool = False
+    refused: dict[str, str] | None = None
+    suppress_until: datetime | None = None
+
+
+def _outbox_item(row: OutboxRow, label: str | None) -> OutboxItem:
+    return OutboxItem(
+        id=row.id, case=label, template=row.template, audience=row.audience, auto_submitted=row.auto_submitted,
+        mail_from=row.mail_from, recipient=row.recipient, recipients=list(row.recipients or []),
+        message_id=row.message_id, headers=[list(h) for h in row.headers or []], subject=row.subject, text=row.text,
+        html=row.html, state=row.state, attempts=row.attempts, created_at=row.created_at,
+        next_attempt_at=row.next_attempt_at, give_up_at=row.give_up_at, sent_at=row.sent_at,
+        last_error=row.last_error,
+    )
+
+
+def _labels(s: Session, case_ids: set[int]) -> dict[int, str]:
+    if not case_ids:
+        return {}
+    return {cid: f"{prefix}-{number}" for cid, prefix, number in
+            s.execute(select(Case.id, Case.prefix, Case.number).where(Case.id.in_(case_ids)))}
+
+
+def claim_outbox(store: Store, now: datetime, limit: int) -> list[OutboxItem]:
+    """Claim up to ``limit`` due rows for delivery (state ``sending``), oldest first.
+
+    The claim is committed before anything is sent: a row is sent by one process only,
+    and a crash after sending leaves it ``sending``, never ``queued`` (no second copy).
+    """
+    with store.session() as s:
+        q = (select(OutboxRow).where(OutboxRow.state == OUT_QUEUED, OutboxRow.next_attempt_at <= now)
+             .order_by(OutboxRow.next_attempt_at, OutboxRow.id).limit(limit))
+        if s.get_bind().dialect.name == "postgresql":
+            q = q.with_for_update(skip_locked=True)
+        rows = list(s.scalars(q))
+        wall = utcnow()
+        for r in rows:
+            r.state = OUT_SENDING
+            r.claimed_at = wall
+            r.updated_at = wall
+        labels = _labels(s, {r.case_id for r in rows if r.case_id})
+        return [_outbox_item(r, labels.get(r.case_id)) for r in rows]  # type: ignore[arg-type]
+
+
+def finish_outbox(store: Store, outcomes: Sequence[OutboxOutcome]) -> None:
+    """Record delivery results in one transaction; failures go on the case timeline."""
+    if not outcomes:
+        return
+    with store.session() as s:
+        rows = {r.id: r for r in s.scalars(select(OutboxRow).where(OutboxRow.id.in_([o.id for o in outcomes])))}
+        for o in outcomes:
+            row = rows.get(o.id)
+            if row is None or row.state != OUT_SENDING:
+                continue
+            row.attempts += 1
+            row.updated_at = o.at
+            row.last_error = o.error
+            row.state = o.state
+            case = s.get(Case, row.case_id) if row.case_id else None
+            if o.state == OUT_SENT:
+                row.sent_at = row.finished_at = o.at
+                if row.message_row_id:
+                    msg = s.get(MessageRow, row.message_row_id)
+                    if msg is not None:
+                        msg.sent_at = o.at
+            elif o.state == OUT_QUEUED:
+                row.next_attempt_at = o.next_attempt_at or o.at
+            else:
+                row.finished_at = o.at
+                row.permanent = o.permanent
+                if case is not None:
+                    add_event(s, case, "mail_failed", {"message_id": row.message_id, "to": row.recipient,
+                                                       "template": row.template, "reply": o.error,
+                                                       "permanent": o.permanent}, at=o.at)
+                if o.permanent and o.suppress_until:
+                    for addr in row.recipients or [row.recipient]:
+                        suppress(s, addr, o.suppress_until, f"outbox #{row.id}: {o.error}")
+            for addr, reply in (o.refused or {}).items():
+                if case is not None:
+                    add_event(s, case, "mail_failed", {"message_id": row.message_id, "to": addr,
+                                                       "template": row.template, "reply": reply,
+                                                       "permanent": True}, at=o.at)
+                if o.suppress_until:
+                    suppress(s, addr, o.suppress_until, f"outbox #{row.id}: {reply}")
+
+
+def fail_interrupted_outbox(store: Store, claimed_before: datetime) -> list[int]:
+    """Rows left ``sending`` by a process that stopped: marked failed, never resent by themselves.
+
+    Whether the relay took such a mail is unknown; sending it again could deliver it
+    twice, so an operator decides (``intake outbox retry ID``).
+    """
+    with store.session() as s:
+        rows = list(s.scalars(select(OutboxRow).where(OutboxRow.state == OUT_SENDING,
+                                                      OutboxRow.claimed_at < claimed_before)))
+        now = utcnow()
+        for row in rows:
+            row.state = OUT_FAILED
+            row.finished_at = row.updated_at = now
+            row.last_error = ("delivery was interrupted (the sending process stopped); not resent automatically "
+                              "so that nobody gets it twice: `intake outbox retry %d` sends it" % row.id)
+            case = s.get(Case, row.case_id) if row.case_id else None
+            if case is not None:
+                add_event(s, case, "mail_failed", {"message_id": row.message_id, "to": row.recipient,
+                                                   "template": row.template, "reply": row.last_error,
+                                                   "permanent": False}, at=now)
+        return [r.id for r in rows]
+
+
+def list_outbox(store: Store, *, state: str | None = None, case: str | None = None,
+                limit: int | None = None) -> list[OutboxItem]:
+    """Outbox rows, newest first."""
+    with store._sessions() as s:
+        q = select(OutboxRow).order_by(OutboxRow.id.desc())
+        if state:
+            q = q.where(OutboxRow.state == state)
+        if case:
+            number = parse_case_label(case)
+            q = q.join(Case, Case.id == OutboxRow.case_id).where(Case.number == (number or -1))
+        if limit:
+            q = q.limit(limit)
+        rows = list(s.scalars(q))
+        labels = _labels(s, {r.case_id for r in rows if r.case_id})
+        return [_outbox_item(r, labels.get(r.case_id)) for r in rows]  # type: ignore[arg-type]
+
+
+def outbox_item(store: Store, outbox_id: int) -> OutboxItem | None:
+    with store._sessions() as s:
+        row = s.get(OutboxRow, outbox_id)
+        if row is None:
+            return None
+        return _outbox_item(row, _labels(s, {row.case_id} if row.case_id else set()).get(row.case_id))  # type: ignore[arg-type]
+
+
+def retry_outbox(store: Store, outbox_id: int, now: datetime, give_up_after: float) -> str | None:
+    """Queue a failed (or still queued) row for delivery now; returns why not, or None."""
+    with store.session() as s:
+        row = s.get(OutboxRow, outbox_id)
+        if row is None:
+            return "no such outbox row"
+        if row.state in (OUT_SENT, OUT_BOUNCED):
+            return f"already {row.state} at {row.sent_at.isoformat() if row.sent_at else '?'}; a mail is never sent twice"
+        if row.state == OUT_SENDING:
+            return "being sent right now"
+        row.state = OUT_QUEUED
+        row.next_attempt_at = now
+        row.give_up_at = now + timedelta(seconds=give_up_after)
+        row.permanent = False
+        row.finished_at = None
+        row.updated_at = now
+        case = s.get(Case, row.case_id) if row.case_id else None
+        if case is not None:
+            add_event(s, case, "note", {"text": f"outbox #{row.id} queued again by an operator",
+                                        "message_id": row.message_id}, at=now)
+        return None
+
+
+# -- outbox operations inside the caller's transaction ------------------------------------
+
+
+def add_outbox(s: Session, **fields: Any) -> OutboxRow:
+    row = OutboxRow(**fields)
+    s.add(row)
+    s.flush()
+    return row
+
+
+def count_outbox(s: Session, *, since: datetime, template: str | None = None, recipient: str | None = None,
+                 case_id: int | None = None, audience: str | None = None) -> int:
+    """How many mails were queued since ``since`` (any state), by template/recipient/case."""
+    q = select(func.count(OutboxRow.id)).where(OutboxRow.created_at >= since)
+    if template:
+        q = q.where(OutboxRow.template == template)
+    if recipient:
+        q = q.where(OutboxRow.recipient == recipient.lower())
+    if case_id is not None:
+        q = q.where(OutboxRow.case_id == case_id)
+    if audience:
+        q = q.where(OutboxRow.audience == audience)
+    return int(s.scalar(q) or 0)
+
+
+def count_inbound_messages(s: Session, case_id: int, since: datetime) -> int:
+    """Messages that came in on a case since ``since``."""
+    return int(s.scalar(select(func.count(MessageRow.id)).where(
+        MessageRow.case_id == case_id, MessageRow.direction == "in", MessageRow.created_at >= since)) or 0)
+
+
+def suppression(s: Session, address: str, now: datetime) -> Suppression | None:
+    """The active suppression of an address, if any."""
+    row = s.get(Suppression, address.lower())
+    return row if row is not None and row.until > now else None
+
+
+def suppress(s: Session, address: str, until: datetime, reason: str) -> None:
+    address = address.lower()
+    row = s.get(Suppression, address)
+    if row is None:
+        s.add(Suppression(address=address, until=until, reason=reason))
+        s.flush()
+    elif row.until < until:
+        row.until, row.reason = until, reason
+
+
+def outbox_by_message_ids(s: Session, ids: Sequence[str]) -> list[OutboxRow]:
+    if not ids:
+        return []
+    return list(s.scalars(select(OutboxRow).where(OutboxRow.message_id.in_(list(ids)))))
+
+
+def outbox_for_case(s: Session, case_id: int, *, states: Sequence[str] = (OUT_SENT,)) -> list[OutboxRow]:
+    return list(s.scalars(select(OutboxRow).where(OutboxRow.case_id == case_id, OutboxRow.state.in_(list(states)))
+                          .order_by(OutboxRow.id.desc())))
+
+
+def case_public_messages(s: Session, case_id: int, limit: int = 50) -> list[tuple[str, str, str | None]]:
+    """(Message-ID, direction, from address) of a case's public messages, oldest first (for References)."""
+    rows = s.execute(select(MessageRow.message_id, MessageRow.direction, MessageRow.from_address)
+                     .where(MessageRow.case_id == case_id, MessageRow.visibility == "public")
+                     .order_by(MessageRow.id.desc()).limit(limit))
+    return [(m, d, f.lower() if f else None) for m, d, f in reversed(rows.all())]

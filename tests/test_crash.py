@@ -23,7 +23,9 @@ def _mails(folder: Path) -> list[str]:
         mid = f"<crash-{n}@customer.example.org>"
         ids.append(mid.strip("<>"))
         subject = f"問い合わせ {n}" if n % 2 else f"request {n}"
-        (folder / f"{n:04d}.eml").write_bytes(make_mail(subject=subject, message_id=mid))
+        # One sender each: the acknowledgement rate limit is per sender.
+        sender = f"user{n}@customer{n % 7}.example.org"
+        (folder / f"{n:04d}.eml").write_bytes(make_mail(subject=subject, message_id=mid, sender=sender))
     return ids
 
 
@@ -67,7 +69,10 @@ def test_sigkill_during_ingest_then_restart_processes_every_message_exactly_once
         assert app.store.count_inbound() == COUNT + app.store.count_inbound(DUPLICATE)
         for number in (1, COUNT // 2, COUNT):
             detail = app.store.case_detail(f"CASE-{number}")
-            messages = [e for e in detail["timeline"] if e["type"] == "message"]
-            assert len(messages) == 1 and messages[0]["message_id"] in expected
+            inbound = [e for e in detail["timeline"] if e["type"] == "message" and e["direction"] == "in"]
+            assert len(inbound) == 1 and inbound[0]["message_id"] in expected
+            # Notifications are written in the processing transaction: exactly one ack too.
+            acks = [e for e in detail["timeline"] if e["type"] == "message" and e.get("template") == "ack"]
+            assert len(acks) == 1
     finally:
         app.close()

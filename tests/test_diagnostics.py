@@ -123,7 +123,12 @@ def test_processing_log_of_each_path(run_intake, tmp_path, app, monkeypatch):
 
     detail = json.loads(run_intake("messages", "show", "1", "--json", check=True).stdout)
     assert [e["step"] for e in detail["log"]] == ["received", "parsed", "classified", "threaded", "routed", "stored",
-                                                    "done"]
+                                                    "notify", "done"]
+    # The mails it caused, with their delivery state (delivered as .eml files by tick).
+    assert "queued ack to alice@customer.example.org" in new_case
+    assert "mails it caused:" in new_case and "ack to alice@customer.example.org: queued" in new_case
+    run_intake("tick", check=True)
+    assert "ack to alice@customer.example.org: sent (1 attempt(s))" in _show(run_intake, "1")
 
 
 def test_messages_raw_returns_the_received_bytes_exactly(app):

@@ -38,8 +38,10 @@ def test_ingest_makes_a_case_with_the_design_json_keys(run_intake, tmp_path):
 
     detail = json.loads(run_intake("cases", "show", "CASE-1", "--json", check=True).stdout)
     assert set(detail["participants"]) == {"taro@bigcorp.co.jp", "hanako@bigcorp.co.jp"}
-    msgs = [e for e in detail["timeline"] if e["type"] == "message"]
+    msgs = [e for e in detail["timeline"] if e["type"] == "message" and e["direction"] == "in"]
     assert len(msgs) == 1
+    # The mails it caused (ack, agent notices) are on the timeline as outgoing messages.
+    assert any(e["type"] == "message" and e["direction"] == "out" for e in detail["timeline"])
     m = msgs[0]
     for key in ("at", "direction", "visibility", "from", "to", "subject", "message_id", "text", "attachments"):
         assert key in m

@@ -43,5 +43,5 @@ def test_ingest_on_postgresql(run_intake, tmp_path, pg_url):
     cases = json.loads(run_intake("cases", "list", "--json", config=cfg, check=True).stdout)
     assert [(c["number"], c["subject"]) for c in cases] == [("CASE-1", "請求書について"), ("CASE-2", "second")]
     detail = json.loads(run_intake("cases", "show", "CASE-1", "--json", config=cfg, check=True).stdout)
-    assert [e["type"] for e in detail["timeline"]].count("message") == 2
+    assert [e.get("direction") for e in detail["timeline"] if e["type"] == "message"].count("in") == 2
     assert [e["type"] for e in detail["timeline"]].count("duplicate") == 1
