@@ -92,11 +92,22 @@ def ingest(ctx: click.Context, mailbox: str | None, channel: str, files: tuple[s
     could not be stored (an MTA retries), 64 on a usage error.
     """
     try:
-        app = _open(ctx)
+        app = _open(ctx, load_rule_files=False)
     except click.ClickException as exc:
         click.echo(f"intake ingest: {exc.message}", err=True)
         ctx.exit(EX_TEMPFAIL)
         return
+    # A rule typo must not cost mail: store it anyway and leave processing to `serve`,
+    # which keeps routing with the last good rule set (or to the next ingest/tick).
+    from intake.rules import load_rules
+
+    rules_error: str | None = None
+    try:
+        app.ruleset = load_rules(app.cfg.path(app.cfg.rules.path))
+    except RulesError as exc:
+        rules_error = str(exc)
+        click.echo(f"intake ingest: the rules do not load; messages are stored and processed later:\n{exc}",
+                   err=True)
     if mailbox and app.cfg.mailbox_for(mailbox) is None:
         click.echo(f"intake ingest: {mailbox} is not one of our mailboxes", err=True)
         ctx.exit(EX_USAGE)
@@ -117,6 +128,9 @@ def ingest(ctx: click.Context, mailbox: str | None, channel: str, files: tuple[s
             click.echo(f"intake ingest: {name}: cannot store now: {exc}", err=True)
             ctx.exit(EX_TEMPFAIL)
             return
+        if rules_error is not None:
+            click.echo(f"{name}: stored as #{inbound_id}; processing deferred (the rules do not load)")
+            continue
         try:
             outcome = proc.process(inbound_id)
         except StoreUnavailable as exc:
@@ -161,7 +175,7 @@ def cases() -> None:
 @click.pass_context
 def cases_list(ctx: click.Context, queue: str | None, status: str | None, as_json: bool) -> None:
     """List cases, oldest first."""
-    app = _open(ctx)
+    app = _open(ctx, load_rule_files=False)
     views = app.store.list_cases(queue=queue, status=status)
     if as_json:
         click.echo(json.dumps([v.as_json() for v in views], ensure_ascii=False, indent=2))
@@ -179,7 +193,7 @@ def cases_list(ctx: click.Context, queue: str | None, status: str | None, as_jso
 @click.pass_context
 def cases_show(ctx: click.Context, number: str, as_json: bool) -> None:
     """Show one case (CASE-N) with its timeline."""
-    app = _open(ctx)
+    app = _open(ctx, load_rule_files=False)
     detail = app.store.case_detail(number)
     if detail is None:
         raise click.ClickException(f"no case {number}")

@@ -501,6 +501,7 @@ class _Loader:
             if key in self.agent_at:
                 self.error(at, f"agent {addr} is already defined at {self.agent_at[key]}")
                 continue
+            self.agent_at[key] = f"{self.file}:{at}"
             if spec is None:
                 spec = _Map()
             if not isinstance(spec, _Map):
@@ -515,7 +516,6 @@ class _Loader:
             away = self.flag(spec, "away", False, f"agent {addr}")
             if ok and name is not None and lang is not None and away is not None:
                 self.agents[key] = Agent(key, name, lang, away)
-                self.agent_at[key] = f"{self.file}:{at}"
 
     def load_queues(self, value: Any, line: int) -> None:
         if not isinstance(value, _Map):
@@ -529,6 +529,7 @@ class _Loader:
             if key in self.queue_at:
                 self.error(at, f"queue '{key}' is already defined at {self.queue_at[key]}")
                 continue
+            self.queue_at[key] = f"{self.file}:{at}"
             if spec is None:
                 spec = _Map()
             if not isinstance(spec, _Map):
@@ -586,7 +587,6 @@ class _Loader:
                     self.refs.append(_Ref("queue", escalate, self.file, spec.lines["escalate_to"], f"{where}: escalate_to"))
             if ok and name is not None and assign is not None:
                 self.queues[key] = Queue(key, name, tuple(agents), assign, sla, escalate)
-                self.queue_at[key] = f"{self.file}:{at}"
 
     # -- rules -----------------------------------------------------------------------------
 
@@ -910,13 +910,13 @@ class _Loader:
         for ref in self.refs:
             self.file = ref.file
             if ref.kind == "queue" and ref.name not in self.queues and ref.name not in self.queue_at:
-                known = sorted(self.queues)
+                known = sorted(self.queue_at)
                 hint = _did_you_mean(ref.name, known) or (f" (queues: {', '.join(known)})" if known else
-                                                          " (no queues: are defined)")
+                                                          " (no queues are defined)")
                 self.error(ref.line, f"{ref.what}: unknown queue '{ref.name}'{hint}")
             elif ref.kind == "agent" and ref.name not in self.agents and ref.name not in self.agent_at:
                 self.error(ref.line, f"{ref.what}: unknown agent '{ref.name}'"
-                                     f"{_did_you_mean(ref.name, sorted(self.agents), 0.8)}; list agents under agents:")
+                                     f"{_did_you_mean(ref.name, sorted(self.agent_at), 0.8)}; list agents under agents:")
 
 
 def _normalize_pattern(pattern: str) -> str:

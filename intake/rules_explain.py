@@ -154,17 +154,18 @@ def render(report: dict[str, Any]) -> str:
     out.append("")
     out.append(f"Rules ({len(report['rules'])}, from {', '.join(report['files']) or 'no files'}):")
     for i, r in enumerate(report["rules"], 1):
-        head = f"  {i:>3}. {r['rule']}  ({r['at']})"
+        mark = {"matched": "✓", "not matched": "✗", "disabled": "-"}.get(r["result"], "·")
+        out.append(f"  {mark} {i:>2}. {r['rule']}  ({r['at']})")
         if r["result"] == "matched":
             sets = ", ".join(f"{k}={_val(v)}" for k, v in r["set"].items()) or "nothing"
             kept = f"; kept from earlier rules: {', '.join(r['kept'])}" if r["kept"] else ""
-            out.append(f"  ✓{head[3:]}\n         matched: set {sets}{kept}; {'stop' if r['stop'] else 'continue'}")
+            out.append(f"         matched: set {sets}{kept}; {'stop' if r['stop'] else 'continue'}")
         elif r["result"] == "not matched":
-            out.append(f"  ✗{head[3:]}\n         not matched: {r['failed']}  (at {r['failed_at']})")
+            out.append(f"         not matched: {r['failed']}  (at {r['failed_at']})")
         elif r["result"] == "disabled":
-            out.append(f"  -{head[3:]}\n         disabled")
+            out.append("         disabled")
         else:
-            out.append(f"  ·{head[3:]}\n         not evaluated (stopped by '{r['stopped_by']}')")
+            out.append(f"         not evaluated (stopped by '{r['stopped_by']}')")
     d = report["decision"]
     out.append("")
     out.append("Result:")
