@@ -98,7 +98,7 @@ class Condition:
     children: tuple["Condition", ...] = ()
     kind: str = "field"  # field | all | any | not
 
-    @property
+    @cached_property
     def at(self) -> str:
         return f"{self.file}:{self.line}"
 
@@ -126,9 +126,18 @@ class Rule:
     enabled: bool = True
     description: str = ""
 
-    @property
+    @cached_property
     def at(self) -> str:
         return f"{self.file}:{self.line}"
+
+    @cached_property
+    def checks(self) -> tuple[tuple[Callable[["Facts"], bool], Condition, dict[str, Any] | None], ...]:
+        """(test, condition, trace entry when it fails) per condition.
+
+        For a combinator the entry names the whole combinator; ``Condition.why_not`` (used
+        by ``intake rules explain``) narrows it to the part that failed."""
+        return tuple((c.test, c, {"rule": self.name, "matched": False, "failed": c.text, "at": c.at})
+                     for c in self.conditions)
 
 
 @dataclass(frozen=True)
@@ -142,6 +151,27 @@ class RuleSet:
     @property
     def agent_addresses(self) -> frozenset[str]:
         return frozenset(self.agents)
+
+    @cached_property
+    def table(self) -> tuple[tuple[Callable[["Facts"], bool], dict[str, Any] | None, Rule], ...]:
+        """The rule table: one row (test, trace entry when it fails, rule) per enabled rule.
+
+        A rule of one plain condition has that condition's test and a ready-made trace
+        entry; any other rule has the conjunction of its conditions and no entry: when it
+        fails, its first failing condition is looked up (the slow, rarer path).
+        """
+        rows = []
+        for r in self.rules:
+            if not r.enabled:
+                continue
+            checks = r.checks
+            if len(checks) == 1:
+                rows.append((checks[0][0], checks[0][2], r))
+            elif not checks:
+                rows.append((_always, None, r))
+            else:
+                rows.append((_combine("and", [c[0] for c in checks]), None, r))
+        return tuple(rows)
 
     def rule(self, name: str) -> Rule | None:
         return next((r for r in self.rules if r.name == name), None)
@@ -202,88 +232,128 @@ def _base(address: str) -> str:
 
 def _keys(addresses: Iterable[str]) -> frozenset[str]:
     """Lower-cased addresses plus their forms without a ``+tag``."""
-    out = set()
-    for a in addresses:
-        out.add(a)
-        out.add(_base(a))
-    return frozenset(out)
+    return frozenset([*addresses, *(_base(a) for a in addresses if "+" in a)])
+
+
+class _lazy:  # noqa: N801 - used as a decorator
+    """``cached_property`` without its lock (Python 3.11 takes an RLock on every first
+    access, which doubles the cost of evaluating a small rule table)."""
+
+    def __init__(self, func: Callable[[Any], Any]) -> None:
+        self.func = func
+        self.name = func.__name__
+
+    def __get__(self, obj: Any, owner: Any = None) -> Any:
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.func(obj)
+        return value
 
 
 class Facts:
-    """The message as the rules see it. Each value is computed on first use and kept."""
+    """The message as the rules see it. Each value is computed on first use and kept.
+
+    Multi-valued fields are tuples; single-valued ones also come as one string (``*_s``,
+    "" when absent), the form compiled conditions read.
+    """
 
     def __init__(self, ctx: RuleContext) -> None:
         self.ctx = ctx
         self._headers: dict[str, tuple[str, ...]] = {}
 
-    @cached_property
-    def from_(self) -> tuple[str, ...]:
+    @_lazy
+    def from_s(self) -> str:
         f = self.ctx.mail.from_
-        return (f.key,) if f and f.address else ()
+        return f.address.lower() if f and f.address else ""
 
-    @cached_property
+    @_lazy
+    def from_(self) -> tuple[str, ...]:
+        return (self.from_s,) if self.from_s else ()
+
+    @_lazy
     def to(self) -> tuple[str, ...]:
-        return tuple(a.key for a in self.ctx.mail.to if a.address)
+        return tuple(a.address.lower() for a in self.ctx.mail.to if a.address)
 
-    @cached_property
+    @_lazy
     def cc(self) -> tuple[str, ...]:
-        return tuple(a.key for a in self.ctx.mail.cc if a.address)
+        return tuple(a.address.lower() for a in self.ctx.mail.cc if a.address)
 
-    @cached_property
+    @_lazy
     def recipient(self) -> tuple[str, ...]:
-        seen = dict.fromkeys([*(r.lower() for r in self.ctx.recipients if r), *self.to, *self.cc])
-        return tuple(seen)
+        return tuple(dict.fromkeys([*(r.lower() for r in self.ctx.recipients if r), *self.to, *self.cc]))
 
-    @cached_property
+    @_lazy
     def from_keys(self) -> frozenset[str]:
         return _keys(self.from_)
 
-    @cached_property
+    @_lazy
     def to_keys(self) -> frozenset[str]:
         return _keys(self.to)
 
-    @cached_property
+    @_lazy
     def cc_keys(self) -> frozenset[str]:
         return _keys(self.cc)
 
-    @cached_property
+    @_lazy
     def recipient_keys(self) -> frozenset[str]:
         return _keys(self.recipient)
 
-    @cached_property
+    @_lazy
+    def from_domain_s(self) -> str:
+        return self.from_s.rpartition("@")[2] if "@" in self.from_s else ""
+
+    @_lazy
     def from_domain(self) -> tuple[str, ...]:
-        f = self.ctx.mail.from_
-        return (f.domain,) if f and "@" in f.address else ()
+        return (self.from_domain_s,) if self.from_domain_s else ()
 
-    @cached_property
+    @_lazy
+    def organization_s(self) -> str:
+        return (self.ctx.organization or "").lower()
+
+    @_lazy
     def organization(self) -> tuple[str, ...]:
-        return (self.ctx.organization.lower(),) if self.ctx.organization else ()
+        return (self.organization_s,) if self.organization_s else ()
 
-    @cached_property
+    @_lazy
+    def subject_s(self) -> str:
+        return normalize_text(self.ctx.mail.subject or "").strip()
+
+    @_lazy
     def subject(self) -> tuple[str, ...]:
-        s = normalize_text(self.ctx.mail.subject or "").strip()
-        return (s,) if s else ()
+        return (self.subject_s,) if self.subject_s else ()
 
-    @cached_property
-    def body(self) -> tuple[str, ...]:
+    @_lazy
+    def body_s(self) -> str:
         b = normalize_text((self.ctx.mail.text or "")[:BODY_LIMIT])
-        return (b,) if b.strip() else ()
+        return b if b.strip() else ""
 
-    @cached_property
+    @_lazy
+    def body(self) -> tuple[str, ...]:
+        return (self.body_s,) if self.body_s else ()
+
+    @_lazy
+    def language_s(self) -> str:
+        return self.ctx.mail.language
+
+    @_lazy
     def language(self) -> tuple[str, ...]:
-        return (self.ctx.mail.language,)
+        return (self.language_s,)
 
-    @cached_property
+    @_lazy
+    def channel_s(self) -> str:
+        return (self.ctx.channel or "").lower()
+
+    @_lazy
     def channel(self) -> tuple[str, ...]:
-        return ((self.ctx.channel or "").lower(),)
+        return (self.channel_s,)
 
-    @cached_property
+    @_lazy
     def has_attachment(self) -> bool:
         # Inline parts (signature logos, pasted screenshots in HTML) are not what people
         # mean by "has an attachment".
         return any(not a.inline for a in self.ctx.mail.attachments)
 
-    @cached_property
+    @_lazy
     def business_hours(self) -> bool:
         return (self.ctx.calendar or DEFAULT_HOURS).is_open(self.ctx.now)
 
@@ -313,6 +383,10 @@ class _Seq(list[Any]):
     lines: list[int]
 
 
+# libyaml's parser when PyYAML has it (several times faster), the pure-Python one otherwise.
+_YamlLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 class _Located(Exception):
     def __init__(self, line: int, message: str) -> None:
         super().__init__(message)
@@ -323,7 +397,7 @@ class _Located(Exception):
 class _Plain:
     """Turns a composed YAML node tree into ``_Map``/``_Seq``/scalars with line numbers."""
 
-    def __init__(self, loader: yaml.SafeLoader) -> None:
+    def __init__(self, loader: Any) -> None:
         self.loader = loader
         self.count = 0
 
@@ -451,7 +525,7 @@ class _Loader:
             self.error(line, "not UTF-8 text (save the file as UTF-8)")
             return
         try:
-            loader = yaml.SafeLoader(text)
+            loader = _YamlLoader(text)
             try:
                 node = loader.get_single_node()
                 doc = _Plain(loader).value(node) if node is not None else None
@@ -659,13 +733,9 @@ class _Loader:
         match = self.matcher(kind, value, line, f"{where}: {key}")
         if match is None:
             return None
-        if kind == "address":
-            return Condition(text, self.file, line, _address_test(key, match))
-        attr = {"from": "from_"}.get(key, key)
-        return Condition(text, self.file, line, _field_test(attr, match.test))
+        return Condition(text, self.file, line, _compile_test(key, match))
 
     def combinator(self, key: str, value: Any, line: int, where: str) -> Condition | None:
-        text_of = f"{key}: …"
         if key == "not":
             if not isinstance(value, _Map) or not value:
                 self.error(line, f"{where}: not: expected a mapping of conditions, got {_type_name(value)}")
@@ -673,9 +743,8 @@ class _Loader:
             inner = self.conditions(value, where)
             if len(inner) != len(value):
                 return None
-            tests = tuple(c.test for c in inner)
-            return Condition(f"not: {_show(value)}", self.file, line,
-                             lambda f: not all(t(f) for t in tests), tuple(inner), "not")
+            return Condition(f"not: {_show(value)}", self.file, line, _combine("not", [c.test for c in inner]),
+                             tuple(inner), "not")
         if not isinstance(value, _Seq) or not value:
             self.error(line, f"{where}: {key}: expected a list of conditions (- from: …), got {_type_name(value)}")
             return None
@@ -693,16 +762,15 @@ class _Loader:
             if len(inner) == 1:
                 items.append(inner[0])
             else:
-                tests = tuple(c.test for c in inner)
-                items.append(Condition(_show(item), self.file, iline, lambda f, ts=tests: all(t(f) for t in ts),
+                items.append(Condition(_show(item), self.file, iline, _combine("and", [c.test for c in inner]),
                                        tuple(inner), "all"))
         if not ok:
             return None
-        tests = tuple(c.test for c in items)
+        tests = [c.test for c in items]
         text_of = f"{key}: {_show(value)}"
         if key == "all":
-            return Condition(text_of, self.file, line, lambda f: all(t(f) for t in tests), tuple(items), "all")
-        return Condition(text_of, self.file, line, lambda f: any(t(f) for t in tests), tuple(items), "any")
+            return Condition(text_of, self.file, line, _combine("and", tests), tuple(items), "all")
+        return Condition(text_of, self.file, line, _combine("or", tests), tuple(items), "any")
 
     def header(self, value: Any, line: int, where: str, text: str) -> Condition | None:
         if not isinstance(value, _Map) or not value:
@@ -760,7 +828,8 @@ class _Loader:
             try:
                 # Text is matched in its normalised form (NFKC, one wave dash), so the
                 # pattern is normalised alike; case never matters.
-                pattern = re.compile(_normalize_pattern(arg_text), re.IGNORECASE)
+                normalized = _normalize_pattern(arg_text)
+                pattern = re.compile(normalized, re.IGNORECASE if _has_upper(normalized) else 0)
             except re.error as exc:
                 self.error(oline, f"{where}: bad regex {arg_text!r}: {exc}")
                 return None
@@ -919,6 +988,13 @@ class _Loader:
                                      f"{_did_you_mean(ref.name, sorted(self.agent_at), 0.8)}; list agents under agents:")
 
 
+def _has_upper(pattern: str) -> bool:
+    """Whether a pattern needs IGNORECASE against case-folded text (escapes such as \\W and
+    group names aside); matching without it is markedly faster."""
+    bare = re.sub(r"\\.|\(\?P<[^>]*>|\(\?P=[^)]*\)|\(\?[a-zA-Z-]+[:)]", "", pattern)
+    return bare != bare.lower()
+
+
 def _normalize_pattern(pattern: str) -> str:
     import unicodedata
 
@@ -977,25 +1053,51 @@ class _Matcher:
         return lambda vals: not exact.isdisjoint(vals)
 
 
-def _field_test(attr: str, test: Callable[[Sequence[str]], bool]) -> Callable[[Facts], bool]:
-    getter = _attrgetter(attr)
-    return lambda f: test(getter(f))
+def _always(_: Facts) -> bool:
+    return True
 
 
-def _address_test(key: str, m: _Matcher) -> Callable[[Facts], bool]:
-    attr = {"from": "from_"}.get(key, key)
-    if m.exists is None and m.contains is None and m.regex is None and not m.others:
+def _combine(op: str, tests: Sequence[Callable[[Facts], bool]]) -> Callable[[Facts], bool]:
+    """``t0(f) and t1(f) …`` (or ``or``; ``not`` negates an ``and``) as one generated closure."""
+    ns = {f"t{i}": t for i, t in enumerate(tests)}
+    joined = (" or " if op == "or" else " and ").join(f"t{i}(f)" for i in range(len(tests)))
+    return eval(f"lambda f: not ({joined})" if op == "not" else f"lambda f: {joined}", ns)  # noqa: S307
+
+
+SINGLE = ("from", "from_domain", "organization", "subject", "body", "language", "channel")
+
+
+def _compile_test(key: str, m: _Matcher) -> Callable[[Facts], bool]:
+    """One closure per condition, with the fact read inline: the evaluation hot path.
+
+    The expression is generated from a fixed set of shapes; the field name comes from
+    ``FIELDS`` (never from the rule file) and every value is passed as a variable.
+    """
+    attr = "from_" if key == "from" else key
+    ns: dict[str, Any] = {"exact": m.exact, "sfx": m.suffixes, "needle": m.contains, "want": m.exists,
+                          "search": m.regex.search if m.regex else None, "test": m.test}
+    plain = m.contains is None and m.regex is None and m.exists is None and not m.others
+    if plain and FIELDS.get(key) == "address":
         # Exact addresses also match their plus-addresses (support+urgent@ is support@).
-        exact = m.exact
-        keys = _attrgetter(f"{'from' if key == 'from' else key}_keys")
-        return lambda f: not exact.isdisjoint(keys(f))
-    return _field_test(attr, m.test)
-
-
-def _attrgetter(attr: str) -> Callable[[Facts], Any]:
-    from operator import attrgetter
-
-    return attrgetter(attr)
+        expr = f"not exact.isdisjoint(f.{key}_keys)"
+    elif key in SINGLE and not m.others:
+        x = f"f.{key}_s"
+        if m.exists is not None:
+            expr = f"bool({x}) is want"
+        elif m.contains is not None:
+            expr = f"needle in {x}"
+        elif m.regex is not None:
+            expr = f"search({x}) is not None"
+        elif m.suffixes:
+            expr = f"({x} in exact or {x}.endswith(sfx))"
+        elif len(m.exact) == 1:
+            ns["one"] = next(iter(m.exact))
+            expr = f"{x} == one"
+        else:
+            expr = f"{x} in exact"
+    else:
+        expr = f"test(f.{attr})"
+    return eval(f"lambda f: {expr}", ns)  # noqa: S307 - generated from the fixed shapes above
 
 
 # =======================================================================================
@@ -1069,17 +1171,17 @@ def evaluate(ruleset: RuleSet, ctx: RuleContext) -> Decision:
     """
     facts = Facts(ctx)
     trace: list[dict[str, Any]] = []
+    append = trace.append
     decided: dict[str, Any] = {}
     set_by: dict[str, str] = {}
     tags: list[str] = []
-    for rule in ruleset.rules:
-        if not rule.enabled:
-            continue
-        for cond in rule.conditions:
-            if not cond.test(facts):
-                trace.append({"rule": rule.name, "matched": False,
-                              "failed": cond.why_not(facts) if cond.children else cond.text, "at": cond.at})
-                break
+    for test, failed, rule in ruleset.table:
+        if not test(facts):
+            # A fresh dict per entry: callers may keep or change their trace.
+            if failed is not None:
+                append(failed.copy())
+            else:
+                append(next(entry for t, _, entry in rule.checks if not t(facts)).copy())
         else:
             applied: dict[str, Any] = {}
             kept: list[str] = []

@@ -15,7 +15,7 @@ from typing import Any
 from intake.classify import classify
 from intake.config import Config
 from intake.parse import parse
-from intake.rules import Decision, RuleContext, RuleSet, evaluate, facts_of, load_rules
+from intake.rules import Decision, Facts, RuleContext, RuleSet, evaluate, facts_of, load_rules
 
 
 def explain(cfg: Config, raw: bytes, *, mailbox: str, channel: str, now: datetime) -> dict[str, Any]:
@@ -37,14 +37,16 @@ def explain(cfg: Config, raw: bytes, *, mailbox: str, channel: str, now: datetim
         "facts": facts_of(ctx),
         "classification": {**cls.as_dict(), "opens_case": cls.opens_case},
         "threading": _threading(cfg, ruleset, raw, mail, cls, mb, channel, now),
-        "rules": rule_results(ruleset, decision),
+        "rules": rule_results(ruleset, decision, ctx),
         "decision": _decision(ruleset, decision, mb.queue),
         "files": list(ruleset.files),
     }
 
 
-def rule_results(ruleset: RuleSet, decision: Decision) -> list[dict[str, Any]]:
-    """Every rule of the table with its outcome for this message, in order."""
+def rule_results(ruleset: RuleSet, decision: Decision, ctx: RuleContext) -> list[dict[str, Any]]:
+    """Every rule of the table with its outcome for this message, in order; for a failed
+    all/not combinator, narrowed to the part that failed."""
+    facts = Facts(ctx)
     by_name = {t["rule"]: t for t in decision.trace}
     stopped_by = next((t["rule"] for t in reversed(decision.trace) if t.get("matched") and not t.get("continue")), None)
     out = []
@@ -59,7 +61,9 @@ def rule_results(ruleset: RuleSet, decision: Decision) -> list[dict[str, Any]]:
         elif t["matched"]:
             entry.update(result="matched", set=t["set"], kept=t.get("kept", []), stop=not t["continue"])
         else:
-            entry.update(result="not matched", failed=t["failed"], failed_at=t["at"])
+            cond = next((c for c in r.conditions if c.at == t["at"] and c.text == t["failed"]), None)
+            failed = cond.why_not(facts) if cond is not None and cond.children else t["failed"]
+            entry.update(result="not matched", failed=failed, failed_at=t["at"])
         out.append(entry)
     return out
 

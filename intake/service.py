@@ -127,9 +127,9 @@ class RulesWatcher:
             fingerprint = _fingerprint(stamp)
             if fingerprint != self._seen:
                 self._seen = fingerprint
+                self.record("refused", error=str(exc))
                 log.error("rules refused, keeping the set loaded at %s: %s", self._loaded_at,
                           " | ".join(exc.errors))
-                self.record("refused", error=str(exc))
             return False
         except OSError as exc:  # a file vanished between listing and reading: next poll
             log.warning("rules folder changing (%s); retrying", exc)
@@ -143,8 +143,8 @@ class RulesWatcher:
         self.app.ruleset = ruleset  # one reference swap: a message sees the old or the new set
         self._seen = ruleset.fingerprint
         self._loaded_at = utcnow_iso()
-        log.info("rules reloaded: %s (fingerprint %s)", ruleset.summary(), ruleset.fingerprint)
         self.record("ok")
+        log.info("rules reloaded: %s (fingerprint %s)", ruleset.summary(), ruleset.fingerprint)
         return True
 
     async def __call__(self, service: "Service") -> None:

@@ -307,7 +307,15 @@ def test_trace_records_each_evaluated_rule_with_the_first_failing_condition():
     first, nested, last = d.trace
     assert first["matched"] is False and first["failed"] == 'to: "billing@example.com"'
     assert first["at"] == "20-rules.yaml:6"
-    assert nested["failed"].startswith("all → subject:") and nested["at"] == "20-rules.yaml:13"
+    assert nested["failed"].startswith("all: [") and nested["at"] == "20-rules.yaml:13"
+    from intake.rules import Facts
+    from intake.rules_explain import rule_results
+
+    ctx = ctx_for(make_mail(sender="a@bigcorp.co.jp", subject="Printer"))
+    explained = {r["rule"]: r for r in rule_results(rs, d, ctx)}
+    assert explained["nested"]["failed"] == 'all → subject: {"contains": "invoice"}'
+    assert explained["disabled"]["result"] == "disabled"
+    assert Facts(ctx).subject_s == "printer"
     assert last == {"rule": "catch all", "matched": True, "at": "20-rules.yaml:17", "set": {"category": "general"},
                     "continue": False}
 
