@@ -548,6 +548,8 @@ class _Loader:
             return
         for key, value in doc.items():
             line = doc.lines[key]
+            if isinstance(key, str) and key.startswith("x-"):
+                continue  # a place for YAML anchors to reuse (x-urgent: &urgent {…})
             if key not in TOP_KEYS:
                 self.error(line, f"unknown section '{key}'{_did_you_mean(key, TOP_KEYS)}; "
                                  "a rule file holds agents:, queues: and rules:")

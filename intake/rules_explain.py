@@ -118,8 +118,8 @@ def render(report: dict[str, Any]) -> str:
     out: list[str] = []
     sender = report["from"]
     out.append(f"message    <{report['message_id']}>")
-    out.append(f"from       {(sender['name'] + ' ') if sender and sender['name'] else ''}"
-               f"<{sender['address'] if sender else ''}>")
+    out.append(f"from       {(sender['name'] + ' ') if sender['name'] else ''}<{sender['address']}>" if sender
+               else "from       - (no From header)")
     out.append(f"evaluated  as of {report['at']}")
     out.append("")
     out.append("What the rules see (text conditions match the normalised form):")

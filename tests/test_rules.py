@@ -446,3 +446,15 @@ def test_missing_folder_is_an_empty_set_and_files_load_in_name_order(tmp_path):
     rs = load_rules(tmp_path)
     assert [r.name for r in rs.rules] == ["first", "second"]
     assert len(rs.files) == 2
+
+
+def test_yaml_anchors_in_x_keys_can_be_reused():
+    rs = ruleset("""
+        x-urgent: &urgent {priority: urgent, tags: [urgent]}
+        rules:
+          - name: outage
+            when: {subject: {contains: down}}
+            then: {<<: *urgent, queue: tier2}
+    """)
+    d = evaluate(rs, ctx_for(make_mail(subject="Server down")))
+    assert (d.priority, d.tags, d.queue) == ("urgent", ("urgent",), "tier2")
