@@ -92,11 +92,22 @@ def ingest(ctx: click.Context, mailbox: str | None, channel: str, files: tuple[s
     could not be stored (an MTA retries), 64 on a usage error.
     """
     try:
-        app = _open(ctx)
+        app = _open(ctx, load_rule_files=False)
     except click.ClickException as exc:
         click.echo(f"intake ingest: {exc.message}", err=True)
         ctx.exit(EX_TEMPFAIL)
         return
+    # A rule typo must not cost mail: store it anyway and leave processing to `serve`,
+    # which keeps routing with the last good rule set (or to the next ingest/tick).
+    from intake.rules import load_rules
+
+    rules_error: str | None = None
+    try:
+        app.ruleset = load_rules(app.cfg.path(app.cfg.rules.path))
+    except RulesError as exc:
+        rules_error = str(exc)
+        click.echo(f"intake ingest: the rules do not load; messages are stored and processed later:\n{exc}",
+                   err=True)
     if mailbox and app.cfg.mailbox_for(mailbox) is None:
         click.echo(f"intake ingest: {mailbox} is not one of our mailboxes", err=True)
         ctx.exit(EX_USAGE)
@@ -122,7 +133,7 @@ def ingest(ctx: click.Context, mailbox: str | None, channel: str, files: tuple[s
                 ctx.exit(EX_TEMPFAIL)
         items = []
         for name, raw in batch:
-            target = mailbox or _mailbox_from_headers(app, raw)
+            target = mailbox or _mailbox_for_raw(app.cfg, raw)
             items.append((raw, {"channel": channel, "mailbox": target, "envelope_to": [target],
                                 "source": {"ingest": name}}))
         try:
@@ -131,6 +142,10 @@ def ingest(ctx: click.Context, mailbox: str | None, channel: str, files: tuple[s
             click.echo(f"intake ingest: cannot store now: {exc}", err=True)
             ctx.exit(EX_TEMPFAIL)
             return
+        if rules_error is not None:
+            for (name, _), inbound_id in zip(batch, ids):
+                click.echo(f"{name}: stored as #{inbound_id}; processing deferred (the rules do not load)")
+            continue
         try:
             outcomes = proc.process_batch(ids)
         except StoreUnavailable as exc:
@@ -145,7 +160,7 @@ def ingest(ctx: click.Context, mailbox: str | None, channel: str, files: tuple[s
 INGEST_BATCH = 100
 
 
-def _mailbox_from_headers(app: App, raw: bytes) -> str:
+def _mailbox_for_raw(cfg: Any, raw: bytes) -> str:
     """The first of our mailboxes named in Delivered-To/X-Original-To/To/Cc."""
     from email.parser import BytesHeaderParser
     from email.policy import compat32
@@ -154,10 +169,10 @@ def _mailbox_from_headers(app: App, raw: bytes) -> str:
     headers = BytesHeaderParser(policy=compat32).parsebytes(raw)
     for name in ("Delivered-To", "X-Original-To", "To", "Cc"):
         for _, addr in getaddresses([str(v) for v in headers.get_all(name, [])]):
-            mb = app.cfg.mailbox_for(addr)
+            mb = cfg.mailbox_for(addr)
             if mb is not None:
                 return mb.address
-    return app.cfg.mailbox[0].address
+    return cfg.mailbox[0].address
 
 
 # -- cases ---------------------------------------------------------------------------------
@@ -175,7 +190,7 @@ def cases() -> None:
 @click.pass_context
 def cases_list(ctx: click.Context, queue: str | None, status: str | None, as_json: bool) -> None:
     """List cases, oldest first."""
-    app = _open(ctx)
+    app = _open(ctx, load_rule_files=False)
     views = app.store.list_cases(queue=queue, status=status)
     if as_json:
         click.echo(json.dumps([v.as_json() for v in views], ensure_ascii=False, indent=2))
@@ -193,7 +208,7 @@ def cases_list(ctx: click.Context, queue: str | None, status: str | None, as_jso
 @click.pass_context
 def cases_show(ctx: click.Context, number: str, as_json: bool) -> None:
     """Show one case (CASE-N) with its timeline."""
-    app = _open(ctx)
+    app = _open(ctx, load_rule_files=False)
     detail = app.store.case_detail(number)
     if detail is None:
         raise click.ClickException(f"no case {number}")
@@ -286,6 +301,138 @@ def quarantine_retry(ctx: click.Context, ids: tuple[str, ...], all_: bool) -> No
         click.echo(f"#{inbound_id}: {outcome.state}{case}{' — ' + outcome.reason if outcome.reason else ''}")
         failed += outcome.state == QUARANTINED
     ctx.exit(1 if failed else 0)
+
+
+# -- routing rules ------------------------------------------------------------------------------
+
+
+@cli.group()
+def rules() -> None:
+    """Routing rules: check, explain, stats."""
+
+
+def _load_config(ctx: click.Context) -> Any:
+    from intake.config import load_config
+
+    try:
+        return load_config(ctx.obj.get("config"))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@rules.command("check")
+@click.argument("path", required=False, type=click.Path())
+@click.pass_context
+def rules_check(ctx: click.Context, path: str | None) -> None:
+    """Validate rule files: PATH is a folder or one file (default: the configured folder).
+
+    Every error is printed as file:line: message; the exit status is 1 when there is any.
+    """
+    from intake.rules import load_rules
+
+    target = Path(path) if path else _load_config(ctx).path(_load_config(ctx).rules.path)
+    if not target.exists():
+        click.echo(f"{target}: no such file or folder", err=True)
+        ctx.exit(1)
+    try:
+        ruleset = load_rules(target)
+    except RulesError as exc:
+        for line in exc.errors:
+            click.echo(line, err=True)
+        click.echo(f"{len(exc.errors)} error(s); nothing changes until they are fixed", err=True)
+        ctx.exit(1)
+        return
+    if not ruleset.files:
+        click.echo(f"{target}: no *.yaml rule files", err=True)
+        ctx.exit(1)
+    click.echo(f"{target}: OK: {ruleset.summary()}")
+
+
+def _parse_at(at: str | None) -> Any:
+    from datetime import datetime, timezone
+
+    from intake.store import utcnow
+
+    if not at:
+        return utcnow()
+    try:
+        when = datetime.fromisoformat(at)
+    except ValueError:
+        raise click.UsageError(f"--at: not an ISO 8601 time: {at}") from None
+    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
+
+
+@rules.command("explain")
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--at", "at", help="Evaluate as of this ISO 8601 time (default: now; naive times are UTC).")
+@click.option("--mailbox", "mailbox", help="Mailbox it arrived at (default: from its headers).")
+@click.option("--channel", default="email", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.pass_context
+def rules_explain(ctx: click.Context, file: str, at: str | None, mailbox: str | None, channel: str,
+                  as_json: bool) -> None:
+    """Dry run of FILE.eml: what the rules see, each rule's result, the final actions. Writes nothing."""
+    from intake.rules_explain import explain, render
+
+    cfg = _load_config(ctx)
+    try:
+        raw = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
+    except OSError as exc:
+        raise click.UsageError(f"{file}: {exc.strerror}") from None
+    if mailbox and cfg.mailbox_for(mailbox) is None:
+        raise click.UsageError(f"{mailbox} is not one of our mailboxes")
+    try:
+        report = explain(cfg, raw, mailbox=mailbox or _mailbox_for_raw(cfg, raw), channel=channel, now=_parse_at(at))
+    except RulesError as exc:
+        raise click.ClickException("the rules do not load:\n" + str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(report, ensure_ascii=False, indent=2, default=str))
+    else:
+        click.echo(render(report))
+
+
+@rules.command("stats")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@click.pass_context
+def rules_stats(ctx: click.Context, as_json: bool) -> None:
+    """Hit count and last hit of every rule, and the state of the last reload under serve."""
+    from intake.rules import load_rules
+
+    app = _open(ctx, load_rule_files=False)
+    stats = app.store.rule_stats()
+    state = app.store.rules_state()
+    load_error = None
+    try:
+        current = load_rules(app.cfg.path(app.cfg.rules.path)).rules
+    except RulesError as exc:
+        current, load_error = (), str(exc)
+    rows = []
+    for r in current:
+        hits, last = stats.pop(r.name, (0, None))
+        rows.append({"rule": r.name, "at": r.at, "hits": hits, "last_hit": last.isoformat() if last else None,
+                     "enabled": r.enabled, "current": True})
+    for name, (hits, last) in sorted(stats.items()):
+        rows.append({"rule": name, "at": None, "hits": hits, "last_hit": last.isoformat() if last else None,
+                     "enabled": False, "current": False})
+    if as_json:
+        click.echo(json.dumps(rows, ensure_ascii=False, indent=2))
+        return
+    from datetime import datetime
+
+    tz = app.cfg.tz
+    shown = [(r["rule"] + ("" if r["current"] else " (no longer in the rules)") + ("" if r["enabled"] or not r["current"]
+                                                                                  else " (disabled)"),
+              r["at"] or "-", r["hits"],
+              datetime.fromisoformat(r["last_hit"]).astimezone(tz).strftime("%Y-%m-%d %H:%M") if r["last_hit"] else "-")
+             for r in rows]
+    click.echo(table(["rule", "defined at", "hits", "last hit"], shown, max_width=60))
+    if state:
+        line = f"serve: rules {state.get('state')} at {state.get('at')}"
+        if state.get("state") == "refused":
+            line += f"; still using the set loaded at {state.get('loaded_at')}\n{state.get('error')}"
+        click.echo(line)
+    if load_error:
+        click.echo(f"the rule files on disk do not load:\n{load_error}", err=True)
 
 
 # -- diagnostics: what intake sees and what it did ----------------------------------------------

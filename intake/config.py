@@ -12,9 +12,13 @@ import difflib
 import re
 import tomllib
 from dataclasses import dataclass, field, fields, is_dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import TYPE_CHECKING, Any, get_type_hints
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+if TYPE_CHECKING:
+    from intake.business_hours import BusinessHours
 
 
 class ConfigError(Exception):
@@ -137,6 +141,17 @@ class CasesConfig:
 
 
 @dataclass(frozen=True)
+class BusinessHoursConfig:
+    """The support team's calendar (the ``business_hours`` rule condition)."""
+
+    time_zone: str = ""  # "" = [cases] time_zone
+    days: tuple[str, ...] = ("mon", "tue", "wed", "thu", "fri")
+    hours: tuple[str, ...] = ("09:00-18:00",)
+    holidays: str = "JP"  # country code of public holidays (holidays package); "" = none
+    closed: tuple[str, ...] = ()  # company closures: "2026-12-29" once, "12-29" every year
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration; ``base_dir`` anchors every relative path."""
 
@@ -155,6 +170,7 @@ class Config:
     templates: TemplatesConfig = field(default_factory=TemplatesConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     cases: CasesConfig = field(default_factory=CasesConfig)
+    business_hours: BusinessHoursConfig = field(default_factory=BusinessHoursConfig)
 
     def path(self, value: str) -> Path:
         """Resolve a configured path relative to the config file's folder."""
@@ -191,6 +207,19 @@ class Config:
     @property
     def tz(self) -> ZoneInfo:
         return ZoneInfo(self.cases.time_zone)
+
+    @property
+    def calendar(self) -> "BusinessHours":
+        """The business calendar of ``[business_hours]`` (validated at load)."""
+        return _calendar(self.business_hours, self.cases.time_zone)
+
+
+@lru_cache(maxsize=16)
+def _calendar(bh: BusinessHoursConfig, default_tz: str) -> "BusinessHours":
+    from intake.business_hours import BusinessHours
+
+    return BusinessHours.from_settings(time_zone=bh.time_zone or default_tz, days=bh.days, hours=bh.hours,
+                                       holidays=bh.holidays, closed=bh.closed)
 
 
 def base_address(address: str) -> str:
@@ -326,3 +355,7 @@ def _validate(cfg: Config, where: str) -> None:
         ZoneInfo(cfg.cases.time_zone)
     except (ZoneInfoNotFoundError, ValueError):
         raise ConfigError(f"{where}: cases.time_zone: unknown time zone {cfg.cases.time_zone!r}") from None
+    try:
+        cfg.calendar
+    except ValueError as exc:
+        raise ConfigError(f"{where}: business_hours: {exc}") from None

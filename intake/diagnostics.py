@@ -77,13 +77,19 @@ def _describe(entry: dict[str, Any]) -> str:
     if step == "routed":
         lines = [f"routing: queue {entry.get('queue')}" + (" (mailbox default)" if entry.get("default_queue") else "")]
         for r in entry.get("rules") or []:
+            where = f" ({r['at']})" if r.get("at") else ""
             if r.get("matched"):
-                sets = ", ".join(f"{k}={v}" for k, v in (r.get("actions") or {}).items())
-                lines.append(f"      rule {r.get('rule')!r}: matched" + (f", set {sets}" if sets else ""))
+                sets = ", ".join(f"{k}={v}" for k, v in (r.get("set") or {}).items())
+                kept = ", ".join(f"{k}" for k in (r.get("kept") or {}))
+                lines.append(f"      rule {r.get('rule')!r}{where}: matched" + (f", set {sets}" if sets else "")
+                             + (f", kept earlier {kept}" if kept else ""))
             else:
-                why = r.get("failed") or r.get("reason") or "did not match"
-                lines.append(f"      rule {r.get('rule')!r}: not matched ({why})")
+                lines.append(f"      rule {r.get('rule')!r}{where}: not matched, failed {r.get('failed')}")
         return "\n".join(lines)
+    if step == "assigned":
+        who = entry.get("assignee") or "nobody"
+        rule = f" (rule {entry['rule']!r})" if entry.get("rule") else ""
+        return f"assigned to {who} by {entry.get('method')}{rule}: {entry.get('reason')}"
     if step == "duplicate":
         return f"duplicate of inbound #{entry.get('of')}" + (f", recorded on {entry['case']}" if entry.get("case") else "")
     if step in ("dropped", "quarantined"):

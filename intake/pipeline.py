@@ -25,7 +25,7 @@ from intake.config import Config, MailboxConfig, base_address
 from intake.matching import Evidence, Match, case_tokens, clean_subject, decide, parse_reply_address
 from intake.notify import Notified, Notifier, Trigger, choose_language, dsn_report
 from intake.parse import ParsedMail, parse
-from intake.rules import Decision, RuleContext, RuleSet, evaluate
+from intake.rules import Decision, RuleContext, RuleSet, evaluate, pick_least_open, pick_round_robin
 
 log = logging.getLogger("intake.pipeline")
 
@@ -51,6 +51,8 @@ class _Run:
     cls: Classification
     mailbox: MailboxConfig
     now: datetime
+    # One rule set for the whole message, even if a hot reload swaps it meanwhile.
+    ruleset: RuleSet = field(default_factory=RuleSet)
     log: list[dict[str, Any]] = field(default_factory=list)
 
     def step(self, step: str, **data: Any) -> None:
@@ -142,7 +144,7 @@ class Processor:
         ruleset = self.rules()
         cls = classify(mail, own_addresses=self.cfg.own_addresses, agents=ruleset.agent_addresses)
         mailbox = self.cfg.mailbox_for(rec.mailbox) or self.cfg.mailbox[0]
-        run = _Run(rec=rec, mail=mail, cls=cls, mailbox=mailbox, now=now)
+        run = _Run(rec=rec, mail=mail, cls=cls, mailbox=mailbox, now=now, ruleset=ruleset)
         rec.message_id = mail.message_id
         rec.from_address = mail.from_.address if mail.from_ else None
         rec.subject = mail.subject
@@ -199,7 +201,7 @@ class Processor:
             run.step("dropped", reason=reason)
             return Outcome(st.DROPPED, None, reason, mail.message_id)
 
-        decision = self._route(run)
+        decision = self._route(s, run)
         if decision.drop:
             reason = "dropped by rule " + ", ".join(t.get("rule", "?") for t in decision.trace if t.get("matched"))
             run.step("dropped", reason=reason)
@@ -243,25 +245,67 @@ class Processor:
 
     # -- route --------------------------------------------------------------------------
 
-    def _route(self, run: _Run) -> Decision:
-        ruleset = self.rules()
+    def _route(self, s: Any, run: _Run) -> Decision:
+        """Evaluate the rules for a new case and count each matched rule's hit."""
         ctx = RuleContext(
             mail=run.mail, classification=run.cls, mailbox=run.mailbox.address,
             recipients=tuple(run.rec.envelope_to or ()), channel=run.rec.channel, now=run.now,
             organization=self._organization_domain(run.mail.from_.address if run.mail.from_ else ""),
+            calendar=self.cfg.calendar,
         )
-        decision = evaluate(ruleset, ctx)
+        decision = evaluate(run.ruleset, ctx)
+        st.record_rule_hits(s, decision.matched, run.now)
+        actions = {k: v for k, v in (("priority", decision.priority), ("category", decision.category),
+                                     ("assign", decision.assign), ("language", decision.language),
+                                     ("ack", decision.ack)) if v is not None}
+        if decision.tags:
+            actions["tags"] = list(decision.tags)
+        if decision.drop:
+            actions["drop"] = True
         run.step("routed", rules=list(decision.trace), queue=decision.queue or run.mailbox.queue,
-                 default_queue=decision.queue is None)
+                 default_queue=decision.queue is None, actions=actions)
         return decision
+
+    def _assign(self, s: Any, run: _Run, case: st.Case, decision: Decision) -> None:
+        """Apply ``assign`` (a rule's, else the queue's method) and record who and why."""
+        ruleset = run.ruleset
+        queue = ruleset.queues.get(case.queue or "")
+        method = decision.assign or (queue.assign if queue else "none")
+        rule = decision.set_by.get("assign") if decision.assign else None
+        why = f"rule {rule}" if rule else f"queue {case.queue} assigns {method}"
+        if method == "none":
+            return
+        agent: str | None
+        if method in ("round_robin", "least_open"):
+            order = list(queue.agents) if queue else []
+            available = [a for a in order if not (ruleset.agents.get(a) and ruleset.agents[a].away)]
+            if method == "round_robin":
+                agent = pick_round_robin(order, available, st.rotation_last(s, case.queue or "") if available else None)
+                if agent:
+                    st.set_rotation_last(s, case.queue or "", agent, run.now)
+            else:
+                agent = pick_least_open(order, available, st.open_case_counts(s, available))
+            if agent is None:
+                reason = (f"queue {case.queue} is not defined in the rules" if queue is None else
+                          f"no agent of queue {case.queue} is available (all away or none listed)")
+                st.add_event(s, case, "note", {"text": f"not assigned: {reason}", "rule": rule}, at=run.now)
+                run.step("assigned", assignee=None, method=method, rule=rule, reason=reason)
+                return
+        else:
+            agent = method
+            method = "rule"
+        case.assignee = agent
+        data: dict[str, Any] = {"from": None, "to": agent, "method": method, "rule": rule, "queue": case.queue,
+                                "reason": why}
+        if ruleset.agents.get(agent) and ruleset.agents[agent].away:
+            data["away"] = True
+        st.add_event(s, case, "assignee", data, inbound_id=run.rec.id, at=run.now)
+        run.step("assigned", assignee=agent, method=method, rule=rule, reason=why)
 
     # -- store --------------------------------------------------------------------------
 
     def _organization_domain(self, address: str) -> str | None:
-        domain = address.rpartition("@")[2].lower()
-        if not domain or domain in self.cfg.cases.free_mail_domains:
-            return None
-        return domain
+        return organization_domain(self.cfg, address)
 
     def _contact(self, s: Any, address: str, name: str) -> st.ContactRef:
         return st.get_or_create_contact(s, address, name, self._organization_domain(address))
@@ -302,6 +346,7 @@ class Processor:
         for t in decision.trace:
             if t.get("matched"):
                 st.add_event(s, case, "rule", dict(t), inbound_id=rec.id, at=run.now)
+        self._assign(s, run, case, decision)
         for number in match.mentions:
             st.add_event(s, case, "note", {"text": f"subject names {self.cfg.cases.prefix}-{number}, "
                                                    "but the sender is not its participant"}, at=run.now)
@@ -379,7 +424,7 @@ class Processor:
         return Outcome(st.PROCESSED, case.label, f"comment ({match.method})", mail.message_id)
 
     def _follow_up(self, s: Any, run: _Run, old: st.Case) -> st.Case:
-        decision = self._route(run)
+        decision = self._route(s, run)
         case = self._new_case(s, run, decision, Match(None, "follow-up", ""))
         case.linked_case_id = old.id
         st.add_event(s, case, "note", {"text": f"follow-up of {old.label}, closed more than "
@@ -421,6 +466,14 @@ class Processor:
         self._attach_to_case(s, run, case)
         run.step("bounce", case=case.label, bounced=ref or None, permanent=permanent, outbox=marked)
         return Outcome(st.PROCESSED, case.label, f"bounce of <{ref or 'signed return path'}>", run.mail.message_id)
+
+
+def organization_domain(cfg: Config, address: str) -> str | None:
+    """The organization (mail domain) of an address; free-mail domains make none."""
+    domain = address.rpartition("@")[2].lower()
+    if not domain or domain in cfg.cases.free_mail_domains:
+        return None
+    return domain
 
 
 def _thread_index_prefix(mail: ParsedMail) -> str | None:

@@ -13,6 +13,7 @@ import signal
 from collections.abc import Awaitable, Callable
 
 from intake.app import App
+from intake.rules import RulesError, compile_rules, rule_files
 
 log = logging.getLogger("intake.service")
 
@@ -84,6 +85,98 @@ class Service:
         return 0
 
 
+class RulesWatcher:
+    """Hot reload of the rules folder: a valid set replaces the running one atomically.
+
+    A stat-based poll (names, sizes, modification times of ``*.yaml``) notices a change,
+    whatever editor or deployment tool made it; the content fingerprint decides whether
+    to load. An invalid set is refused: the error goes to the log and to the store
+    (``Store.rules_state()``, shown by ``intake status`` and ``intake rules stats``), and
+    the last good set keeps routing.
+    """
+
+    def __init__(self, app: App, interval: float = 1.0) -> None:
+        self.app = app
+        self.interval = interval
+        self.folder = app.cfg.path(app.cfg.rules.path)
+        self._stamp = self._stat()
+        self._seen = app.ruleset.fingerprint
+        self._loaded_at = utcnow_iso()
+
+    def _stat(self) -> tuple[tuple[str, int, int], ...]:
+        try:
+            files = sorted(self.folder.glob("*.yaml"))
+            return tuple((f.name, st.st_mtime_ns, st.st_size) for f in files for st in [f.stat()])
+        except OSError:
+            return ()
+
+    def record(self, state: str, **extra: object) -> None:
+        try:
+            self.app.store.set_rules_state({"state": state, "at": utcnow_iso(), "loaded_at": self._loaded_at,
+                                            "fingerprint": self.app.ruleset.fingerprint,
+                                            "summary": self.app.ruleset.summary(), **extra})
+        except Exception:  # noqa: BLE001 - the state is informative; routing goes on
+            log.exception("could not record the rules state")
+
+    def check(self) -> bool:
+        """Reload when the folder changed; returns True when a new set was installed."""
+        stamp = self._stat()
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        try:
+            contents = [(f, f.read_bytes()) for f in rule_files(self.folder)]
+            ruleset = compile_rules(contents)
+        except RulesError as exc:
+            fingerprint = _fingerprint(stamp)
+            if fingerprint != self._seen:
+                self._seen = fingerprint
+                self.record("refused", error=str(exc))
+                log.error("rules refused, keeping the set loaded at %s: %s", self._loaded_at,
+                          " | ".join(exc.errors))
+            return False
+        except OSError as exc:  # a file vanished between listing and reading: next poll
+            log.warning("rules folder changing (%s); retrying", exc)
+            self._stamp = ()
+            return False
+        if ruleset.fingerprint == self.app.ruleset.fingerprint:
+            if self._seen != ruleset.fingerprint:
+                self._seen = ruleset.fingerprint
+                self.record("ok")
+            return False
+        self.app.ruleset = ruleset  # one reference swap: a message sees the old or the new set
+        self._seen = ruleset.fingerprint
+        self._loaded_at = utcnow_iso()
+        self.record("ok")
+        log.info("rules reloaded: %s (fingerprint %s)", ruleset.summary(), ruleset.fingerprint)
+        return True
+
+    async def __call__(self, service: "Service") -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.record, "ok")
+        while not service.stopping.is_set():
+            try:
+                await loop.run_in_executor(None, self.check)
+            except Exception:  # noqa: BLE001 - never let the watcher die
+                log.exception("rules watcher failed; retrying")
+            try:
+                await asyncio.wait_for(service.stopping.wait(), timeout=self.interval)
+            except asyncio.TimeoutError:
+                pass
+
+
+def _fingerprint(stamp: tuple[tuple[str, int, int], ...]) -> str:
+    return "stat:" + repr(stamp)
+
+
+def utcnow_iso() -> str:
+    from intake.store import utcnow
+
+    return utcnow().isoformat()
+
+
 def serve(app: App) -> int:
     """Run the service in a new event loop; returns the exit code."""
-    return asyncio.run(Service(app).run())
+    service = Service(app)
+    service.add(RulesWatcher(app))
+    return asyncio.run(service.run())

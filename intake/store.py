@@ -317,6 +317,25 @@ class Setting(Base):
     value: Mapped[str] = mapped_column(Text)
 
 
+class RuleStat(Base):
+    """How often each routing rule matched (``intake rules stats``), by rule name."""
+
+    __tablename__ = "rule_stats"
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    hits: Mapped[int] = mapped_column(BigInteger, default=0)
+    first_hit_at: Mapped[datetime | None]
+    last_hit_at: Mapped[datetime | None]
+
+
+class QueueRotation(Base):
+    """Round-robin position of a queue: the agent assigned last."""
+
+    __tablename__ = "queue_rotation"
+    queue: Mapped[str] = mapped_column(String(100), primary_key=True)
+    last_agent: Mapped[str | None] = mapped_column(String(320))
+    updated_at: Mapped[datetime | None]
+
+
 # ---------------------------------------------------------------------------------------
 # Engine and migrations
 
@@ -664,6 +683,39 @@ class Store:
                 return s.get(Setting, "secret").value  # type: ignore[union-attr]
             return value
 
+    # -- routing rules ----------------------------------------------------------------
+
+    def setting(self, key: str) -> str | None:
+        """A stored setting, read without creating anything."""
+        with self._sessions() as s:
+            row = s.get(Setting, key)
+            return row.value if row is not None else None
+
+    def rule_stats(self) -> dict[str, tuple[int, datetime | None]]:
+        """Hit count and last hit of every rule that ever matched, by rule name."""
+        with self._sessions() as s:
+            return {r.name: (int(r.hits), r.last_hit_at) for r in s.scalars(select(RuleStat))}
+
+    def set_rules_state(self, state: dict[str, Any]) -> None:
+        """Record the outcome of the last rule (re)load of ``serve`` (for ``intake status``)."""
+        import json
+
+        with self.session() as s:
+            row = s.get(Setting, RULES_STATE_KEY)
+            text = json.dumps(state, ensure_ascii=False, default=str)
+            if row is None:
+                s.add(Setting(key=RULES_STATE_KEY, value=text))
+            else:
+                row.value = text
+
+    def rules_state(self) -> dict[str, Any] | None:
+        """The last rule (re)load of ``serve``: ``state`` ok|refused, ``error``, times, summary."""
+        import json
+
+        with self._sessions() as s:
+            row = s.get(Setting, RULES_STATE_KEY)
+            return json.loads(row.value) if row is not None else None
+
     # -- reading cases ----------------------------------------------------------------
 
     def list_cases(self, *, queue: str | None = None, status: str | None = None, limit: int | None = None) -> list[CaseView]:
@@ -730,6 +782,9 @@ class Store:
                 entry.setdefault(k, v)
             out.append(entry)
         return out
+
+
+RULES_STATE_KEY = "rules.state"
 
 
 def parse_case_label(label: str) -> int | None:
@@ -1280,3 +1335,56 @@ def case_public_messages(s: Session, case_id: int, limit: int = 50) -> list[tupl
                      .where(MessageRow.case_id == case_id, MessageRow.visibility == "public")
                      .order_by(MessageRow.id.desc()).limit(limit))
     return [(m, d, f.lower() if f else None) for m, d, f in reversed(rows.all())]
+
+
+def record_rule_hits(s: Session, names: Sequence[str], at: datetime) -> None:
+    """Count one hit for each rule name, inside the processing transaction."""
+    if not names:
+        return
+    dialect = s.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    for name in dict.fromkeys(names):
+        stmt = insert(RuleStat).values(name=name, hits=1, first_hit_at=at, last_hit_at=at)
+        s.execute(stmt.on_conflict_do_update(index_elements=[RuleStat.name],
+                                             set_={"hits": RuleStat.hits + 1, "last_hit_at": stmt.excluded.last_hit_at}))
+
+
+def rotation_last(s: Session, queue: str) -> str | None:
+    """The agent a queue's round robin assigned last; locks the row on PostgreSQL."""
+    row = s.get(QueueRotation, queue, with_for_update=s.get_bind().dialect.name == "postgresql")
+    if row is None:
+        try:
+            with s.begin_nested():
+                s.add(QueueRotation(queue=queue, last_agent=None))
+        except IntegrityError:
+            row = s.get(QueueRotation, queue, with_for_update=True, populate_existing=True)
+            return row.last_agent if row else None
+        return None
+    return row.last_agent
+
+
+def set_rotation_last(s: Session, queue: str, agent: str, at: datetime) -> None:
+    row = s.get(QueueRotation, queue)
+    if row is None:
+        row = QueueRotation(queue=queue)
+        s.add(row)
+    row.last_agent = agent
+    row.updated_at = at
+
+
+OPEN_STATUSES = ("new", "open", "pending")
+
+
+def open_case_counts(s: Session, agents: Sequence[str]) -> dict[str, int]:
+    """Open (not resolved or closed) cases per assignee, across all queues."""
+    if not agents:
+        return {}
+    rows = s.execute(
+        select(Case.assignee, func.count(Case.id))
+        .where(Case.assignee.in_(list(agents)), Case.status.in_(OPEN_STATUSES))
+        .group_by(Case.assignee)
+    )
+    return {a: int(n) for a, n in rows}

@@ -31,12 +31,28 @@ def intake_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def write_config(folder: Path, extra: str = "", *, database: str | None = None) -> Path:
-    """A config file in ``folder`` with the example mailboxes and the given extra TOML."""
+# Two agents sharing every queue, nobody assigned automatically: for tests about who is
+# notified, independent of the shipped example's round robin.
+SIMPLE_TEAM = """\
+agents:
+  hanako@example.com: {name: 山田 花子, language: ja}
+  ken@example.com: {name: Ken Sato, language: en}
+queues:
+  support: {name: Support, agents: [hanako@example.com, ken@example.com], assign: none}
+  billing: {name: Billing, agents: [hanako@example.com], assign: none}
+"""
+
+
+def write_config(folder: Path, extra: str = "", *, database: str | None = None, team: str | None = None) -> Path:
+    """A config file in ``folder`` with the example mailboxes and the given extra TOML.
+
+    The rules folder gets the shipped team file, or ``team`` (YAML) when given.
+    """
     rules = folder / "routing_rules"
     if not rules.exists():
         rules.mkdir()
-        (rules / "10-team.yaml").write_text((ROOT / "routing_rules" / "10-team.yaml").read_text("utf-8"), "utf-8")
+        text = team if team is not None else (ROOT / "routing_rules" / "10-team.yaml").read_text("utf-8")
+        (rules / "10-team.yaml").write_text(text, "utf-8")
     db_url = database or f"sqlite:///{folder / 'intake.db'}"
     text = textwrap.dedent(
         f"""

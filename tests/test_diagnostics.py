@@ -122,8 +122,9 @@ def test_processing_log_of_each_path(run_intake, tmp_path, app, monkeypatch):
     assert "done: processed CASE-2" in retried
 
     detail = json.loads(run_intake("messages", "show", "1", "--json", check=True).stdout)
-    assert [e["step"] for e in detail["log"]] == ["received", "parsed", "classified", "threaded", "routed", "stored",
-                                                    "notify", "done"]
+    assert [e["step"] for e in detail["log"]] == ["received", "parsed", "classified", "threaded", "routed",
+                                                    "assigned", "stored", "notify", "done"]
+    assert "assigned to " in new_case and "by round_robin" in new_case
     # The mails it caused, with their delivery state (delivered as .eml files by tick).
     assert "queued ack to alice@customer.example.org" in new_case
     assert "mails it caused:" in new_case and "ack to alice@customer.example.org: queued" in new_case
@@ -193,3 +194,19 @@ def test_parse_json_on_the_corpora_agrees_with_the_foundation_measure(tmp_path):
             disagreements.append(case.id)
     assert disagreements == []
     assert len(CASES) >= 250
+
+
+def test_log_shows_every_rule_and_a_drop_by_rule(run_intake, tmp_path, config_path):
+    (config_path.parent / "routing_rules" / "20-test.yaml").write_text(
+        "rules:\n"
+        "  - name: billing address\n"
+        "    when: {to: billing@example.com}\n"
+        "    then: {queue: billing}\n"
+        "  - name: advertising\n"
+        "    when: {subject: {contains: 広告}}\n"
+        "    then: {drop: true}\n", "utf-8")
+    run_intake("ingest", _eml(tmp_path, make_mail(subject="【広告】新製品のお知らせ"), "ad.eml"), check=True)
+    log = _show(run_intake, "1")
+    assert "rule 'billing address' (routing_rules/20-test.yaml:3): not matched, failed to: \"billing@example.com\"" in log
+    assert "rule 'advertising'" in log and "matched, set drop=True" in log
+    assert "dropped: dropped by rule advertising" in log

@@ -7,7 +7,18 @@ from email import message_from_bytes, policy
 from pathlib import Path
 
 import pytest
-from conftest import write_config
+from conftest import SIMPLE_TEAM
+from conftest import write_config as _write_config
+
+
+def write_config(folder, extra: str = "", **kw):
+    """These tests are about who gets which mail: a team without automatic assignment."""
+    return _write_config(folder, extra, team=SIMPLE_TEAM, **kw)
+
+
+@pytest.fixture
+def config_path(tmp_path):
+    return write_config(tmp_path)
 from mailfactory import make_mail
 
 from intake import store as st

@@ -13,7 +13,18 @@ import pytest
 import trustme
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
-from conftest import write_config
+from conftest import SIMPLE_TEAM
+from conftest import write_config as _write_config
+
+
+def write_config(folder, extra: str = "", **kw):
+    """These tests are about who gets which mail: a team without automatic assignment."""
+    return _write_config(folder, extra, team=SIMPLE_TEAM, **kw)
+
+
+@pytest.fixture
+def config_path(tmp_path):
+    return write_config(tmp_path)
 from mailfactory import make_mail
 from sqlalchemy import update
 

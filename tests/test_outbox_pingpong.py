@@ -13,8 +13,18 @@ from email import message_from_bytes, policy
 from pathlib import Path
 
 import pytest
+
+from conftest import SIMPLE_TEAM
+from conftest import write_config as _write_config
+
 from conftest import intake_env
 from mailfactory import make_mail
+
+
+@pytest.fixture
+def config_path(tmp_path):
+    """These tests are about who gets which mail: a team without automatic assignment."""
+    return _write_config(tmp_path, team=SIMPLE_TEAM)
 
 ROBOT = "robot@autoresponder.example"
 MAX_ROUNDS = 12
