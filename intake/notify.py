@@ -334,13 +334,13 @@ class Notifier:
         done = Notified()
         if ack is not False and self.cfg.notify.ack and case.requester is not None:
             template = ack if isinstance(ack, str) else "ack"
-            self._send(s, done, case, template, trigger, to=(case.requester.address, case.requester.name))
+            self._send(s, done, case, template, trigger, to=(case.requester.address, case.requester.name), fresh=True)
         elif case.requester is not None:
             why = "rule says ack: false" if ack is False else "[notify] ack = false"
             self._skip(s, done, case, "ack", case.requester.address, "config", why, trigger.at)
         if self.cfg.notify.notify_agents:
             for addr, name in self._agents(case):
-                self._send(s, done, case, "new_case_agent", trigger, to=(addr, name))
+                self._send(s, done, case, "new_case_agent", trigger, to=(addr, name), fresh=True)
         return done
 
     def customer_comment(self, s: Any, case: st.Case, trigger: Trigger,
@@ -416,10 +416,12 @@ class Notifier:
     # -- one mail -------------------------------------------------------------------------
 
     def _send(self, s: Any, done: Notified, case: st.Case, template: str, trigger: Trigger, *,
-              to: tuple[str, str], cc: Sequence[tuple[str, str]] = (), **extra: Any) -> st.OutboxRow | None:
+              to: tuple[str, str], cc: Sequence[tuple[str, str]] = (), fresh: bool = False,
+              **extra: Any) -> int | None:
+        """Queue one mail unless loop protection says no; ``fresh``: the case was opened by this trigger."""
         address, name = to[0].lower(), to[1] or ""
         audience = AGENT_AUDIENCE if template in AGENT_TEMPLATES else CUSTOMER
-        verdict = loop_protection(self._facts(s, case, template, address, trigger), self.limits)
+        verdict = loop_protection(self._facts(s, case, template, address, trigger, fresh), self.limits)
         if not verdict.send:
             if verdict.flag_loop:
                 self._flag_loop(s, case, verdict.reason, trigger.at)
@@ -446,7 +448,7 @@ class Notifier:
 
     def _enqueue(self, s: Any, done: Notified, case: st.Case, template: str, audience: str, language: str,
                  mailbox: MailboxConfig, brand_name: str, to: tuple[str, str], cc: Sequence[tuple[str, str]],
-                 rendered: Any, trigger: Trigger) -> st.OutboxRow:
+                 rendered: Any, trigger: Trigger) -> int:
         secret = self.secret()
         domain = mailbox.address.rpartition("@")[2]
         message_id = make_msgid(idstring=case.label.lower(), domain=domain)[1:-1]
@@ -484,7 +486,7 @@ class Notifier:
         )
         st.add_event(s, case, "message", {"template": template, "audience": audience}, message_row=msg_id,
                      at=trigger.at)
-        row = st.add_outbox(
+        row_id = st.add_outbox(
             s, case_id=case.id, message_row_id=msg_id, inbound_id=trigger.inbound_id, created_at=trigger.at,
             updated_at=trigger.at, template=template, audience=audience, auto_submitted=auto, language=language,
             mail_from=signed, recipient=to[0], recipients=[to[0], *(a for a, _ in cc)], message_id=message_id,
@@ -493,14 +495,15 @@ class Notifier:
         )
         if template == "agent_reply" and case.first_response_at is None:
             case.first_response_at = trigger.at
-        done.queued.append({"outbox": row.id, "template": template, "to": to[0], "message_id": message_id})
-        log.info("outbox queued #%d case=%s template=%s to=%s message_id=<%s>", row.id, case.label, template, to[0],
+        done.queued.append({"outbox": row_id, "template": template, "to": to[0], "message_id": message_id})
+        log.info("outbox queued #%d case=%s template=%s to=%s message_id=<%s>", row_id, case.label, template, to[0],
                  message_id)
-        return row
+        return row_id
 
     # -- helpers --------------------------------------------------------------------------
 
-    def _facts(self, s: Any, case: st.Case, template: str, address: str, trigger: Trigger) -> LoopFacts:
+    def _facts(self, s: Any, case: st.Case, template: str, address: str, trigger: Trigger,
+               fresh: bool = False) -> LoopFacts:
         hour_ago = trigger.at - timedelta(hours=1)
         window_start = trigger.at - self.loop_window
         sup = st.suppression(s, address, trigger.at)
@@ -517,8 +520,11 @@ class Notifier:
             case_flagged=LOOP_TAG in (case.tags or []),
             acks_to_recipient_last_hour=st.count_outbox(s, since=hour_ago, template="ack", recipient=address)
             if is_ack else 0,
-            acks_on_case_last_hour=st.count_outbox(s, since=hour_ago, template="ack", case_id=case.id) if is_ack else 0,
-            case_traffic_in_window=st.count_outbox(s, since=window_start, case_id=case.id, audience=CUSTOMER)
+            # A case opened by this very message has no history yet: no need to count it.
+            acks_on_case_last_hour=st.count_outbox(s, since=hour_ago, template="ack", case_id=case.id)
+            if is_ack and not fresh else 0,
+            case_traffic_in_window=1 if fresh else
+            st.count_outbox(s, since=window_start, case_id=case.id, audience=CUSTOMER)
             + st.count_inbound_messages(s, case.id, window_start),
         )
 

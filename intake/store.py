@@ -1274,38 +1274,51 @@ def retry_outbox(store: Store, outbox_id: int, now: datetime, give_up_after: flo
 # -- outbox operations inside the caller's transaction ------------------------------------
 
 
-def add_outbox(s: Session, **fields: Any) -> OutboxRow:
-    row = OutboxRow(**fields)
-    s.add(row)
-    s.flush()
-    return row
+def add_outbox(s: Session, **fields: Any) -> int:
+    """Queue one rendered mail; returns the outbox row's id."""
+    t = OutboxRow.__table__
+    return int(s.connection().execute(insert(t).returning(t.c.id), [fields]).scalar_one())
 
 
 def count_outbox(s: Session, *, since: datetime, template: str | None = None, recipient: str | None = None,
                  case_id: int | None = None, audience: str | None = None) -> int:
     """How many mails were queued since ``since`` (any state), by template/recipient/case."""
-    q = select(func.count(OutboxRow.id)).where(OutboxRow.created_at >= since)
+    t = OutboxRow.__table__
+    q = select(func.count(t.c.id)).where(t.c.created_at >= since)
     if template:
-        q = q.where(OutboxRow.template == template)
+        q = q.where(t.c.template == template)
     if recipient:
-        q = q.where(OutboxRow.recipient == recipient.lower())
+        q = q.where(t.c.recipient == recipient.lower())
     if case_id is not None:
-        q = q.where(OutboxRow.case_id == case_id)
+        q = q.where(t.c.case_id == case_id)
     if audience:
-        q = q.where(OutboxRow.audience == audience)
-    return int(s.scalar(q) or 0)
+        q = q.where(t.c.audience == audience)
+    # Core on the session's connection: these run for every mail and need no autoflush.
+    return int(s.connection().execute(q).scalar() or 0)
 
 
 def count_inbound_messages(s: Session, case_id: int, since: datetime) -> int:
     """Messages that came in on a case since ``since``."""
-    return int(s.scalar(select(func.count(MessageRow.id)).where(
-        MessageRow.case_id == case_id, MessageRow.direction == "in", MessageRow.created_at >= since)) or 0)
+    t = MessageRow.__table__
+    return int(s.connection().execute(select(func.count(t.c.id)).where(
+        t.c.case_id == case_id, t.c.direction == "in", t.c.created_at >= since)).scalar() or 0)
 
 
-def suppression(s: Session, address: str, now: datetime) -> Suppression | None:
+@dataclass(frozen=True)
+class SuppressionView:
+    address: str
+    until: datetime
+    reason: str
+
+
+def suppression(s: Session, address: str, now: datetime) -> SuppressionView | None:
     """The active suppression of an address, if any."""
-    row = s.get(Suppression, address.lower())
-    return row if row is not None and row.until > now else None
+    t = Suppression.__table__
+    row = s.connection().execute(select(t.c.address, t.c.until, t.c.reason).where(t.c.address == address.lower())).first()
+    if row is None:
+        return None
+    until = row.until if row.until.tzinfo else row.until.replace(tzinfo=timezone.utc)
+    return SuppressionView(row.address, until, row.reason) if until > now else None
 
 
 def suppress(s: Session, address: str, until: datetime, reason: str) -> None:
@@ -1341,15 +1354,13 @@ def record_rule_hits(s: Session, names: Sequence[str], at: datetime) -> None:
     """Count one hit for each rule name, inside the processing transaction."""
     if not names:
         return
-    dialect = s.get_bind().dialect.name
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
+    t = RuleStat.__table__
+    conn = s.connection()
+    upsert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
     for name in dict.fromkeys(names):
-        stmt = insert(RuleStat).values(name=name, hits=1, first_hit_at=at, last_hit_at=at)
-        s.execute(stmt.on_conflict_do_update(index_elements=[RuleStat.name],
-                                             set_={"hits": RuleStat.hits + 1, "last_hit_at": stmt.excluded.last_hit_at}))
+        stmt = upsert(t).values(name=name, hits=1, first_hit_at=at, last_hit_at=at)
+        conn.execute(stmt.on_conflict_do_update(index_elements=[t.c.name],
+                                                set_={"hits": t.c.hits + 1, "last_hit_at": stmt.excluded.last_hit_at}))
 
 
 def rotation_last(s: Session, queue: str) -> str | None:
