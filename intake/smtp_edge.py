@@ -41,10 +41,12 @@ R_SHUTDOWN = "421 4.3.2 {} Service shutting down, please retry later"
 R_BUSY = "421 4.7.0 {} Too many connections, please retry later"
 R_TOO_BIG = "552 5.3.4 Message too big for this system"
 
-# aiosmtpd's own fixed replies for oversize mail, given their enhanced codes.
+# aiosmtpd's own fixed replies for oversize mail, given their enhanced codes. The line
+# length limit is the message size limit, so a line over it is a message over it.
 _REWRITE = {
     "552 Error: message size exceeds fixed maximum message size": R_TOO_BIG,
     "552 Error: Too much mail data": R_TOO_BIG,
+    "500 Line too long (see RFC5321 4.5.3.1.6)": R_TOO_BIG,
 }
 
 # How long a stopping listener waits for transactions in flight before it closes them.
