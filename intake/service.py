@@ -11,11 +11,74 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 
 from intake.app import App
 
 log = logging.getLogger("intake.service")
+
+
+class WriteTurns:
+    """Turns at the database's one writer slot, inside this process: edges first.
+
+    SQLite has one writer at a time, and its busy handler (sleep and poll) lets a thread
+    that writes back to back (the processor) starve the others. Here a waiting writer is
+    woken at once, and the processor steps aside while an edge is busy (messages waiting
+    for a commit, or one committed less than ``quiet`` seconds ago: senders answered 250
+    send the next message at once), at most ``max_yield`` seconds per message so that
+    processing still advances under sustained load.
+    """
+
+    def __init__(self, max_yield: float = 0.1, quiet: float = 0.02) -> None:
+        self.max_yield = max_yield
+        self.quiet = quiet
+        self._cond = threading.Condition()
+        self._held = False
+        self._edge_queued = 0
+        self._edge_last = 0.0
+
+    def queue_edge(self, n: int) -> None:
+        """An edge has ``n`` more (or, negative, fewer) messages waiting for a commit."""
+        with self._cond:
+            self._edge_queued += n
+            self._edge_last = time.monotonic()
+            self._cond.notify_all()
+
+    @contextmanager
+    def edge(self) -> Iterator[None]:
+        """Hold the writer slot for an edge's commit."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._held)
+            self._held = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._held = False
+                self._cond.notify_all()
+
+    @contextmanager
+    def processor(self) -> Iterator[None]:
+        """Hold the writer slot for processing one message, after the edges' commits."""
+        deadline = time.monotonic() + self.max_yield
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                edge_busy = self._edge_queued > 0 or now - self._edge_last < self.quiet
+                if not self._held and (not edge_busy or now >= deadline):
+                    break
+                wait = deadline - now if self._edge_queued > 0 or now >= deadline else self._edge_last + self.quiet - now
+                self._cond.wait(timeout=max(0.001, wait))
+            self._held = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._held = False
+                self._cond.notify_all()
 
 
 class Service:
@@ -28,6 +91,7 @@ class Service:
         self._tasks: list[asyncio.Task[None]] = []
         self._extra: list[Callable[["Service"], Awaitable[None]]] = []
         self.exit_code = 0
+        self.turns = WriteTurns()
 
     def add(self, component: Callable[["Service"], Awaitable[None]]) -> None:
         """Register a coroutine function that runs beside the processor until stop."""
@@ -43,14 +107,25 @@ class Service:
         """Called by an edge after it committed a message: process it now."""
         self.wake.set()
 
-    async def _processor(self) -> None:
+    def _process_some(self, limit: int) -> int:
+        """Process up to ``limit`` received records (oldest first), taking turns with the edges."""
         proc = self.app.processor
+        done = 0
+        for inbound_id in self.app.store.pending_inbound(limit=limit):
+            if self.stopping.is_set():
+                break
+            with self.turns.processor():
+                proc.process(inbound_id)
+            done += 1
+        return done
+
+    async def _processor(self) -> None:
         loop = asyncio.get_running_loop()
         while not self.stopping.is_set():
             self.wake.clear()
             try:
                 # In chunks, so that a stop request is honoured between them.
-                if await loop.run_in_executor(None, proc.process_pending, 100) >= 100:
+                if await loop.run_in_executor(None, self._process_some, 100) >= 100:
                     self.wake.set()
             except Exception:  # noqa: BLE001 - the store may be down; keep serving, retry
                 log.exception("processor pass failed; retrying")

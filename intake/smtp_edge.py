@@ -26,7 +26,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from intake.config import Config, parse_size
 
 if TYPE_CHECKING:
-    from intake.service import Service
+    from intake.service import Service, WriteTurns
     from intake.store import Store
 
 log = logging.getLogger("intake.smtp")
@@ -87,9 +87,10 @@ class GroupCommit:
     delivery of its batch (they are answered ``451`` and retried by their senders).
     """
 
-    def __init__(self, store: "Store", on_commit: Callable[[], None], *, max_batch: int = 256,
-                 max_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(self, store: "Store", on_commit: Callable[[], None], *, turns: "WriteTurns | None" = None,
+                 max_batch: int = 256, max_bytes: int = 64 * 1024 * 1024) -> None:
         self._store = store
+        self._turns = turns
         self._on_commit = on_commit
         self._max_batch = max_batch
         self._max_bytes = max_bytes
@@ -101,11 +102,14 @@ class GroupCommit:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="intake-smtp-commit")
         self.batches = 0
         self.messages = 0
+        self.seconds = 0.0  # spent committing (waiting for the writer slot included)
 
     async def commit(self, items: list[tuple[bytes, dict[str, Any]]]) -> list[int]:
         """Commit ``items`` (raw bytes, receive metadata) with the next batch; their ids."""
         fut: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(items, fut, sum(len(raw) for raw, _ in items)))
+        if self._turns is not None:
+            self._turns.queue_edge(len(items))
         self._idle.clear()
         self._wake.set()
         return await fut
@@ -124,8 +128,9 @@ class GroupCommit:
                     continue
                 batch = self._take()
                 flat = [item for p in batch for item in p.items]
+                started = time.perf_counter()
                 try:
-                    ids = await loop.run_in_executor(self._executor, self._store.receive_many, flat)
+                    ids = await loop.run_in_executor(self._executor, self._receive, flat)
                 except Exception as exc:  # noqa: BLE001 - any failure: the senders retry (451)
                     log.error("commit of %d message(s) failed: %s: %s", len(flat), type(exc).__name__, exc)
                     for p in batch:
@@ -134,6 +139,7 @@ class GroupCommit:
                     continue
                 self.batches += 1
                 self.messages += len(flat)
+                self.seconds += time.perf_counter() - started
                 at = 0
                 for p in batch:
                     if not p.future.done():  # the client may have gone; its message is stored anyway
@@ -142,6 +148,16 @@ class GroupCommit:
                 self._on_commit()
         finally:
             self._executor.shutdown(wait=False)
+
+    def _receive(self, items: list[tuple[bytes, dict[str, Any]]]) -> list[int]:
+        """In the commit thread: one transaction for the whole batch."""
+        if self._turns is None:
+            return self._store.receive_many(items)
+        try:
+            with self._turns.edge():
+                return self._store.receive_many(items)
+        finally:
+            self._turns.queue_edge(-len(items))
 
     def _take(self) -> list[_Pending]:
         batch: list[_Pending] = []
@@ -378,7 +394,7 @@ async def run_listener(service: "Service", cfg: Config, *,
             return
     # aiosmtpd logs every command line at INFO; we log one line per message instead.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
-    committer = GroupCommit(service.app.store, service.notify_received)
+    committer = GroupCommit(service.app.store, service.notify_received, turns=service.turns)
     handler = SmtpHandler(cfg=cfg, committer=committer, hostname=hostname, protocol=sc.protocol,
                           max_recipients=sc.max_recipients)
     limits = _Limits(sc.max_connections)
@@ -424,5 +440,5 @@ async def run_listener(service: "Service", cfg: Config, *,
     await committer.close()
     await commit_task
     await server.wait_closed()
-    log.info("%s listener stopped (%d message(s) in %d commit(s))", sc.protocol.upper(), committer.messages,
-             committer.batches)
+    log.info("%s listener stopped (%d message(s) in %d commit(s), %.1fs committing)", sc.protocol.upper(),
+             committer.messages, committer.batches, committer.seconds)
