@@ -205,6 +205,7 @@ def main() -> int:
     ap.add_argument("--connections", default="1,10,50", help="concurrent connections")
     ap.add_argument("--latency-count", type=int, default=1000, help="messages of the DATA latency probe")
     ap.add_argument("--drain-seconds", type=float, default=15, help="how long to watch processing after sending")
+    ap.add_argument("--keep", action="store_true", help="keep the installations (databases, logs)")
     ap.add_argument("--bare-server", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.bare_server:
@@ -222,7 +223,7 @@ def main() -> int:
     print(f"smtp-source -d, {args.count} messages per cell; DATA latency from {args.latency_count} messages; "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start")
     head = (f"{'size':>6} {'conns':>5} | {'bare msg/s':>10} {'p50 ms':>7} {'p99 ms':>7} | {'intake msg/s':>12} "
-            f"{'p50 ms':>7} {'p99 ms':>7} | {'ratio':>6} | {'stored/acc':>11} {'backlog':>7} {'proc msg/s':>10}")
+            f"{'p50 ms':>7} {'p99 ms':>7} | {'ratio':>6} | {'stored/acc':>11} {'backlog':>7} {'proc msg/s':>10} {'drain msg/s':>11} {'left':>5}")
     print(head)
     print("-" * len(head))
     try:
@@ -260,7 +261,10 @@ def main() -> int:
     print("backlog: records still `received` when smtp-source finished (processing runs after the 250);")
     print("proc msg/s: records processed per second while receiving (the listener has priority);")
     print("drain msg/s: processed per second after sending stopped (watched --drain-seconds); left: still received then.")
-    print(f"work files: {work}")
+    if args.keep:
+        print(f"work files: {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
