@@ -16,7 +16,7 @@ import ssl
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from email.utils import formatdate
 from typing import TYPE_CHECKING, Any
 
@@ -192,7 +192,6 @@ class SmtpHandler:
     protocol: str = "smtp"
     max_recipients: int = 100
     draining: bool = False
-    data_seconds: list[float] = field(default_factory=list)
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str,
                           mail_options: list[str]) -> str:
@@ -215,7 +214,6 @@ class SmtpHandler:
         return R_OK_RCPT
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        started = time.perf_counter()
         try:
             items = self._records(session, envelope)
             ids = await self.committer.commit(items)
@@ -223,7 +221,6 @@ class SmtpHandler:
             log.error("not stored (451) from=<%s> to=%s: %s: %s", envelope.mail_from, envelope.rcpt_tos,
                       type(exc).__name__, exc)
             return self._per_recipient(envelope, R_TEMPFAIL)
-        self.data_seconds.append(time.perf_counter() - started)
         message_id = _message_id(envelope.original_content or b"")
         log.info("received #%s from=<%s> to=%s size=%d message_id=%s", ",".join(map(str, ids)),
                  envelope.mail_from, ",".join(envelope.rcpt_tos), len(envelope.original_content or b""), message_id)

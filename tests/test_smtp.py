@@ -7,7 +7,6 @@ import smtplib
 import ssl
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import trustme
