@@ -21,10 +21,14 @@ class App:
     cfg: Config
     store: Store
     ruleset: RuleSet = field(default_factory=RuleSet)
+    _processor: Processor | None = field(default=None, repr=False)
 
     @property
     def processor(self) -> Processor:
-        return Processor(self.cfg, self.store, lambda: self.ruleset)
+        """The processor, made once; it reads ``ruleset`` at each message, so reloads apply."""
+        if self._processor is None:
+            self._processor = Processor(self.cfg, self.store, lambda: self.ruleset)
+        return self._processor
 
     def close(self) -> None:
         self.store.close()

@@ -351,6 +351,12 @@ def _validate(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: outbound.connections and outbound.batch_size must be at least 1")
     if cfg.smtp.protocol not in ("smtp", "lmtp"):
         raise ConfigError(f"{where}: smtp.protocol must be 'smtp' or 'lmtp'")
+    if cfg.smtp.listen and not re.match(r"^(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):\d{1,5}$", cfg.smtp.listen.strip()):
+        raise ConfigError(f"{where}: smtp.listen: expected host:port (e.g. 127.0.0.1:2525), got {cfg.smtp.listen!r}")
+    if bool(cfg.smtp.tls_cert) != bool(cfg.smtp.tls_key):
+        raise ConfigError(f"{where}: smtp.tls_cert and smtp.tls_key go together (STARTTLS needs both)")
+    if cfg.smtp.max_connections < 1 or cfg.smtp.max_recipients < 1:
+        raise ConfigError(f"{where}: smtp.max_connections and smtp.max_recipients must be at least 1")
     try:
         ZoneInfo(cfg.cases.time_zone)
     except (ZoneInfoNotFoundError, ValueError):

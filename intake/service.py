@@ -9,13 +9,82 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
-from collections.abc import Awaitable, Callable
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 
 from intake.app import App
 from intake.rules import RulesError, compile_rules, rule_files
 
 log = logging.getLogger("intake.service")
+
+
+# Records processed per transaction under `serve`: large enough to share the fsync,
+# small enough that an edge waiting for the writer slot is not kept long.
+PROCESS_BATCH = 20
+
+
+class WriteTurns:
+    """Turns at the database's one writer slot, inside this process: edges first.
+
+    SQLite has one writer at a time, and its busy handler (sleep and poll) lets a thread
+    that writes back to back (the processor) starve the others. Here a waiting writer is
+    woken at once, and the processor steps aside while an edge is busy (messages waiting
+    for a commit, or one committed less than ``quiet`` seconds ago: senders answered 250
+    send the next message at once), at most ``max_yield`` seconds per message so that
+    processing still advances under sustained load.
+    """
+
+    def __init__(self, max_yield: float = 0.1, quiet: float = 0.02) -> None:
+        self.max_yield = max_yield
+        self.quiet = quiet
+        self._cond = threading.Condition()
+        self._held = False
+        self._edge_queued = 0
+        self._edge_last = 0.0
+
+    def queue_edge(self, n: int) -> None:
+        """An edge has ``n`` more (or, negative, fewer) messages waiting for a commit."""
+        with self._cond:
+            self._edge_queued += n
+            self._edge_last = time.monotonic()
+            self._cond.notify_all()
+
+    @contextmanager
+    def edge(self) -> Iterator[None]:
+        """Hold the writer slot for an edge's commit."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._held)
+            self._held = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._held = False
+                self._cond.notify_all()
+
+    @contextmanager
+    def processor(self) -> Iterator[None]:
+        """Hold the writer slot for processing one message, after the edges' commits."""
+        deadline = time.monotonic() + self.max_yield
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                edge_busy = self._edge_queued > 0 or now - self._edge_last < self.quiet
+                if not self._held and (not edge_busy or now >= deadline):
+                    break
+                wait = deadline - now if self._edge_queued > 0 or now >= deadline else self._edge_last + self.quiet - now
+                self._cond.wait(timeout=max(0.001, wait))
+            self._held = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._held = False
+                self._cond.notify_all()
 
 
 class Service:
@@ -28,25 +97,57 @@ class Service:
         self.outbox_wake = asyncio.Event()  # set after the processor ran: mail may be queued
         self._tasks: list[asyncio.Task[None]] = []
         self._extra: list[Callable[["Service"], Awaitable[None]]] = []
+        self.exit_code = 0
+        self.turns = WriteTurns()
 
     def add(self, component: Callable[["Service"], Awaitable[None]]) -> None:
         """Register a coroutine function that runs beside the processor until stop."""
         self._extra.append(component)
 
+    def fail(self, reason: str) -> None:
+        """A component cannot run (e.g. its port is taken): stop everything, exit 1."""
+        log.error("%s", reason)
+        self.exit_code = 1
+        self.stopping.set()
+
     def notify_received(self) -> None:
         """Called by an edge after it committed a message: process it now."""
         self.wake.set()
 
-    async def _processor(self) -> None:
+    def _process_some(self, limit: int) -> int:
+        """Process up to ``limit`` received records (oldest first), taking turns with the edges.
+
+        Each turn processes a small batch in one transaction (one durable commit), so that
+        processing keeps up with a burst of SMTP deliveries without holding the writer slot
+        for long.
+        """
         proc = self.app.processor
+        ids = self.app.store.pending_inbound(limit=limit)
+        done = 0
+        for start in range(0, len(ids), PROCESS_BATCH):
+            if self.stopping.is_set():
+                break
+            chunk = ids[start : start + PROCESS_BATCH]
+            with self.turns.processor():
+                proc.process_batch(chunk)
+            done += len(chunk)
+        return done
+
+    async def _processor(self) -> None:
         loop = asyncio.get_running_loop()
         while not self.stopping.is_set():
             self.wake.clear()
             try:
-                if await loop.run_in_executor(None, proc.process_pending):
+                # In chunks, so that a stop request is honoured between them.
+                done = await loop.run_in_executor(None, self._process_some, 100)
+                if done:
                     self.outbox_wake.set()
+                if done >= 100:
+                    self.wake.set()
             except Exception:  # noqa: BLE001 - the store may be down; keep serving, retry
                 log.exception("processor pass failed; retrying")
+            if self.wake.is_set():
+                continue
             wake = asyncio.ensure_future(self.wake.wait())
             stop = asyncio.ensure_future(self.stopping.wait())
             await asyncio.wait({wake, stop}, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
@@ -64,8 +165,10 @@ class Service:
                 log.info("stopping: finishing work in flight (signal again to exit at once)")
                 self.stopping.set()
             else:
+                # At once: no thread is waited for. Nothing is lost: every 250 followed a
+                # commit, and SQLite/PostgreSQL roll back a transaction cut off here.
                 log.warning("second signal: exiting now")
-                raise SystemExit(1)
+                os._exit(1)
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, _on_signal)
@@ -82,7 +185,7 @@ class Service:
         # Every component watches `stopping` and returns once its work in flight is done.
         await asyncio.gather(*self._tasks, return_exceptions=True)
         log.info("stopped")
-        return 0
+        return self.exit_code
 
 
 class RulesWatcher:
@@ -179,4 +282,8 @@ def serve(app: App) -> int:
     """Run the service in a new event loop; returns the exit code."""
     service = Service(app)
     service.add(RulesWatcher(app))
+    if app.cfg.smtp.listen:
+        from intake.smtp_edge import smtp_component
+
+        service.add(smtp_component(app.cfg))
     return asyncio.run(service.run())

@@ -1,0 +1,441 @@
+"""The SMTP (or LMTP) listener of ``intake serve``: an aiosmtpd server in the service's loop.
+
+Refuse early, accept late: RCPT refuses anything that is not one of our mailboxes or
+their plus-addresses (``550 5.1.1``; intake is never a relay); DATA is answered ``250``
+only after the raw bytes and envelope are committed, ``451 4.3.0`` when they cannot be.
+Concurrent deliveries share one commit (:class:`GroupCommit`), which runs in its own
+thread so that the loop keeps talking to every other client meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from email.utils import formatdate
+from typing import TYPE_CHECKING, Any
+
+from aiosmtpd.lmtp import LMTP
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from intake.config import Config, parse_size
+
+if TYPE_CHECKING:
+    from intake.service import Service, WriteTurns
+    from intake.store import Store
+
+log = logging.getLogger("intake.smtp")
+
+# Replies are values. Enhanced status codes (RFC 3463) tell the sending MTA whether to retry.
+R_OK_RCPT = "250 2.1.5 OK"
+R_UNKNOWN_RCPT = "550 5.1.1 <{}>: no such mailbox here"
+R_TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
+R_QUEUED = "250 2.0.0 OK: stored as #{}"
+R_TEMPFAIL = "451 4.3.0 Temporary failure, message not stored: please retry later"
+R_SHUTDOWN = "421 4.3.2 {} Service shutting down, please retry later"
+R_BUSY = "421 4.7.0 {} Too many connections, please retry later"
+R_TOO_BIG = "552 5.3.4 Message too big for this system"
+
+# aiosmtpd's own fixed replies for oversize mail, given their enhanced codes. The line
+# length limit is the message size limit, so a line over it is a message over it.
+_REWRITE = {
+    "552 Error: message size exceeds fixed maximum message size": R_TOO_BIG,
+    "552 Error: Too much mail data": R_TOO_BIG,
+    "500 Line too long (see RFC5321 4.5.3.1.6)": R_TOO_BIG,
+}
+
+# How long a stopping listener waits for transactions in flight before it closes them.
+DRAIN_SECONDS = 60.0
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``"127.0.0.1:2525"`` or ``"[::1]:25"`` → (host, port)."""
+    host, sep, port = value.strip().rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"smtp.listen: expected host:port, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def tls_context(cert: str, key: str) -> ssl.SSLContext:
+    """A server-side context for STARTTLS from PEM files."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+# ---------------------------------------------------------------------------------------
+# Group commit
+
+
+@dataclass
+class _Pending:
+    items: list[tuple[bytes, dict[str, Any]]]
+    future: asyncio.Future[list[int]]
+    size: int
+
+
+class GroupCommit:
+    """Commits received messages in batches: every delivery that arrives while one commit
+    runs goes into the next, so durability costs one fsync per batch, not per message.
+
+    The blocking commit runs in a thread of its own; a failing commit fails every
+    delivery of its batch (they are answered ``451`` and retried by their senders).
+    """
+
+    def __init__(self, store: "Store", on_commit: Callable[[], None], *, turns: "WriteTurns | None" = None,
+                 max_batch: int = 256, max_bytes: int = 64 * 1024 * 1024) -> None:
+        self._store = store
+        self._turns = turns
+        self._on_commit = on_commit
+        self._max_batch = max_batch
+        self._max_bytes = max_bytes
+        self._queue: list[_Pending] = []
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closed = False
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="intake-smtp-commit")
+        self.batches = 0
+        self.messages = 0
+        self.seconds = 0.0  # spent committing (waiting for the writer slot included)
+
+    async def commit(self, items: list[tuple[bytes, dict[str, Any]]]) -> list[int]:
+        """Commit ``items`` (raw bytes, receive metadata) with the next batch; their ids."""
+        fut: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(items, fut, sum(len(raw) for raw, _ in items)))
+        if self._turns is not None:
+            self._turns.queue_edge(len(items))
+        self._idle.clear()
+        self._wake.set()
+        return await fut
+
+    async def run(self) -> None:
+        """The committer: runs until :meth:`close` and every queued delivery is done."""
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                if not self._queue:
+                    self._idle.set()
+                    if self._closed:
+                        return
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                batch = self._take()
+                flat = [item for p in batch for item in p.items]
+                started = time.perf_counter()
+                try:
+                    ids = await loop.run_in_executor(self._executor, self._receive, flat)
+                except Exception as exc:  # noqa: BLE001 - any failure: the senders retry (451)
+                    log.error("commit of %d message(s) failed: %s: %s", len(flat), type(exc).__name__, exc)
+                    for p in batch:
+                        if not p.future.done():
+                            p.future.set_exception(exc)
+                    continue
+                self.batches += 1
+                self.messages += len(flat)
+                self.seconds += time.perf_counter() - started
+                at = 0
+                for p in batch:
+                    if not p.future.done():  # the client may have gone; its message is stored anyway
+                        p.future.set_result(ids[at:at + len(p.items)])
+                    at += len(p.items)
+                self._on_commit()
+        finally:
+            self._executor.shutdown(wait=False)
+
+    def _receive(self, items: list[tuple[bytes, dict[str, Any]]]) -> list[int]:
+        """In the commit thread: one transaction for the whole batch."""
+        if self._turns is None:
+            return self._store.receive_many(items)
+        try:
+            with self._turns.edge():
+                return self._store.receive_many(items)
+        finally:
+            self._turns.queue_edge(-len(items))
+
+    def _take(self) -> list[_Pending]:
+        batch: list[_Pending] = []
+        count = size = 0
+        while self._queue:
+            p = self._queue[0]
+            if batch and (count + len(p.items) > self._max_batch or size + p.size > self._max_bytes):
+                break
+            batch.append(self._queue.pop(0))
+            count += len(p.items)
+            size += p.size
+        return batch
+
+    async def close(self) -> None:
+        """Commit what is queued, then stop."""
+        self._closed = True
+        self._wake.set()
+        await self._idle.wait()
+
+
+# ---------------------------------------------------------------------------------------
+# The handler (aiosmtpd hooks; names must be spelled exactly as aiosmtpd looks them up)
+
+
+@dataclass
+class SmtpHandler:
+    """Decides RCPT and stores DATA; every failure becomes a temporary ``451``."""
+
+    cfg: Config
+    committer: GroupCommit
+    hostname: str
+    protocol: str = "smtp"
+    max_recipients: int = 100
+    draining: bool = False
+
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str,
+                          mail_options: list[str]) -> str:
+        if self.draining:
+            _close_soon(server)
+            return R_SHUTDOWN.format(self.hostname)
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
+                          rcpt_options: list[str]) -> str:
+        if self.cfg.mailbox_for(address) is None or address.count("@") != 1:
+            log.info("refused recipient <%s> from %s", address, _peer(session))
+            return R_UNKNOWN_RCPT.format(address)
+        if len(envelope.rcpt_tos) >= self.max_recipients:
+            return R_TOO_MANY_RCPTS
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return R_OK_RCPT
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        try:
+            items = self._records(session, envelope)
+            ids = await self.committer.commit(items)
+        except Exception as exc:  # noqa: BLE001 - never a 500 with a Python exception text
+            log.error("not stored (451) from=<%s> to=%s: %s: %s", envelope.mail_from, envelope.rcpt_tos,
+                      type(exc).__name__, exc)
+            return self._per_recipient(envelope, R_TEMPFAIL)
+        message_id = _message_id(envelope.original_content or b"")
+        log.info("received #%s from=<%s> to=%s size=%d message_id=%s", ",".join(map(str, ids)),
+                 envelope.mail_from, ",".join(envelope.rcpt_tos), len(envelope.original_content or b""), message_id)
+        return self._per_recipient(envelope, R_QUEUED.format(",".join(map(str, ids))))
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error("SMTP session error: %s: %s", type(error).__name__, error)
+        return R_TEMPFAIL
+
+    def _per_recipient(self, envelope: Envelope, reply: str) -> str:
+        # LMTP answers DATA once per accepted recipient (RFC 2033 4.2).
+        if self.protocol == "lmtp":
+            return "\r\n".join([reply] * len(envelope.rcpt_tos))
+        return reply
+
+    def _records(self, session: Session, envelope: Envelope) -> list[tuple[bytes, dict[str, Any]]]:
+        """One inbound record per mailbox among the recipients (support@ and billing@ at once
+        are two deliveries of the same message: the processor makes one case of them)."""
+        body = envelope.original_content or b""
+        groups: dict[str, list[str]] = {}
+        for rcpt in envelope.rcpt_tos:
+            mb = self.cfg.mailbox_for(rcpt)
+            assert mb is not None  # RCPT accepted only our mailboxes
+            groups.setdefault(mb.address, []).append(rcpt)
+        peer = _peer(session)
+        tls = session.ssl is not None
+        items = []
+        for mailbox, rcpts in groups.items():
+            raw = self._trace(session, envelope, rcpts, tls) + body
+            source = {"protocol": self.protocol, "peer": peer, "helo": session.host_name, "tls": tls}
+            items.append((raw, dict(channel="email", mailbox=mailbox, envelope_from=envelope.mail_from,
+                                    envelope_to=rcpts, source=source)))
+        return items
+
+    def _trace(self, session: Session, envelope: Envelope, rcpts: Sequence[str], tls: bool) -> bytes:
+        """Return-Path and Received, as the final delivery SMTP server must add (RFC 5321 4.4)."""
+        with_ = {"smtp": "ESMTP", "lmtp": "LMTP"}[self.protocol] + ("S" if tls and self.protocol == "smtp" else "")
+        ip = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
+        rcpt = f"\r\n\tfor <{rcpts[0]}>" if len(rcpts) == 1 else ""
+        received = (f"Received: from {session.host_name or 'unknown'} ([{ip}])\r\n\tby {self.hostname} (intake) "
+                    f"with {with_}{rcpt}; {formatdate(localtime=True)}\r\n")
+        return (f"Return-Path: <{envelope.mail_from or ''}>\r\n" + received).encode("utf-8", "surrogateescape")
+
+
+def _peer(session: Session) -> str:
+    peer = session.peer
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
+
+
+def _message_id(raw: bytes) -> str:
+    """The Message-ID header value for the log line (cheap scan of the header block)."""
+    head = raw.split(b"\r\n\r\n", 1)[0]
+    for line in head.split(b"\r\n"):
+        if line[:11].lower() == b"message-id:":
+            return line[11:].strip().decode("utf-8", "replace")
+    return "-"
+
+
+def _close_soon(server: SMTP) -> None:
+    """Close a session after the reply now being sent (421 means the server closes)."""
+    loop = asyncio.get_running_loop()
+    loop.call_soon(lambda: server.transport.close() if server.transport else None)
+
+
+# ---------------------------------------------------------------------------------------
+# The protocol: aiosmtpd's SMTP/LMTP with our limits
+
+
+class _Limits:
+    """Shared by every session of one listener: open sessions and the connection limit."""
+
+    def __init__(self, max_connections: int) -> None:
+        self.max_connections = max_connections
+        self.sessions: set[SMTP] = set()
+
+
+def _protocol_class(base: type[SMTP]) -> type[SMTP]:
+    class IntakeProtocol(base):  # type: ignore[misc, valid-type]
+        """aiosmtpd's protocol with long lines, enhanced size codes and a connection limit."""
+
+        def __init__(self, handler: SmtpHandler, limits: _Limits, *, line_length_limit: int, **kw: Any) -> None:
+            # Real mail has lines far over RFC 5321's 1000 octets; refusing them would be a
+            # permanent failure. aiosmtpd reads the limit in __init__, so set it first.
+            self.line_length_limit = line_length_limit
+            self._limits = limits
+            self._refused = False
+            super().__init__(handler, **kw)
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            if self not in self._limits.sessions:  # not the STARTTLS re-entry
+                self._refused = len(self._limits.sessions) >= self._limits.max_connections
+                self._limits.sessions.add(self)
+            super().connection_made(transport)
+
+        def connection_lost(self, error: Exception | None) -> None:
+            self._limits.sessions.discard(self)
+            super().connection_lost(error)
+
+        async def _handle_client(self) -> None:
+            if self._refused:
+                log.warning("refused connection from %s: %d sessions open", _peer(self.session),
+                            self._limits.max_connections)
+                await self.push(R_BUSY.format(self.hostname))
+                self.transport.close()
+                return
+            await super()._handle_client()
+
+        async def push(self, status: str | bytes) -> None:
+            if isinstance(status, str):
+                status = _REWRITE.get(status, status)
+            await super().push(status)
+
+        @property
+        def in_transaction(self) -> bool:
+            """Between MAIL and the reply to DATA (or RSET)."""
+            return self.envelope is not None and self.envelope.mail_from is not None
+
+        def close_with(self, reply: str) -> None:
+            if self.transport is not None:
+                self.transport.write(reply.encode("ascii") + b"\r\n")
+                self.transport.close()
+
+    return IntakeProtocol
+
+
+IntakeSMTP = _protocol_class(SMTP)
+IntakeLMTP = _protocol_class(LMTP)
+
+
+# ---------------------------------------------------------------------------------------
+# The service component
+
+
+@dataclass
+class Listener:
+    """What a running listener exposes (tests, the benchmark, ``intake status``)."""
+
+    host: str
+    port: int
+    handler: SmtpHandler
+    committer: GroupCommit
+    limits: _Limits
+
+
+def smtp_component(cfg: Config, *, on_listening: Callable[[Listener], None] | None = None) -> Callable[["Service"], Any]:
+    """The ``Service.add`` component that runs the listener configured in ``[smtp]``."""
+
+    async def component(service: "Service") -> None:
+        await run_listener(service, cfg, on_listening=on_listening)
+
+    return component
+
+
+async def run_listener(service: "Service", cfg: Config, *,
+                       on_listening: Callable[[Listener], None] | None = None) -> None:
+    """Serve SMTP/LMTP until ``service.stopping``; then stop accepting, let the transactions
+    in flight finish (bounded), close idle sessions with ``421`` and commit what is queued."""
+    sc = cfg.smtp
+    host, port = parse_listen(sc.listen)
+    max_size = parse_size(sc.max_message_size)
+    hostname = sc.hostname or socket.getfqdn()
+    tls = None
+    if sc.tls_cert and sc.tls_key:
+        try:
+            tls = tls_context(str(cfg.path(sc.tls_cert)), str(cfg.path(sc.tls_key)))
+        except (OSError, ssl.SSLError) as exc:
+            service.fail(f"SMTP listener: cannot load smtp.tls_cert/tls_key ({cfg.path(sc.tls_cert)}): {exc}")
+            return
+    # aiosmtpd logs every command line at INFO; we log one line per message instead.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    committer = GroupCommit(service.app.store, service.notify_received, turns=service.turns)
+    handler = SmtpHandler(cfg=cfg, committer=committer, hostname=hostname, protocol=sc.protocol,
+                          max_recipients=sc.max_recipients)
+    limits = _Limits(sc.max_connections)
+    proto_cls = IntakeLMTP if sc.protocol == "lmtp" else IntakeSMTP
+    ident = "LMTP intake" if sc.protocol == "lmtp" else "ESMTP intake"
+
+    def factory() -> SMTP:
+        return proto_cls(handler, limits, line_length_limit=max_size, data_size_limit=max_size,
+                         enable_SMTPUTF8=True, hostname=hostname, ident=ident, tls_context=tls)
+
+    loop = asyncio.get_running_loop()
+    commit_task = asyncio.create_task(committer.run())
+    try:
+        server = await loop.create_server(factory, host, port)
+    except OSError as exc:
+        await committer.close()
+        await commit_task
+        service.fail(f"SMTP listener cannot listen on {sc.listen}: {exc.strerror or exc}")
+        return
+    bound = server.sockets[0].getsockname()
+    listener = Listener(host=bound[0], port=bound[1], handler=handler, committer=committer, limits=limits)
+    log.info("%s listening on %s:%d as %s%s", sc.protocol.upper(), bound[0], bound[1], hostname,
+             " (STARTTLS)" if tls else "")
+    if on_listening is not None:
+        on_listening(listener)
+    await service.stopping.wait()
+
+    # Stop accepting; idle sessions go now, sessions in a transaction after it.
+    server.close()
+    handler.draining = True
+    deadline = loop.time() + DRAIN_SECONDS
+    while True:
+        busy = 0
+        for proto in list(limits.sessions):
+            if proto.in_transaction and loop.time() < deadline:
+                busy += 1
+            else:
+                proto.close_with(R_SHUTDOWN.format(hostname))
+                limits.sessions.discard(proto)
+        if not busy:
+            break
+        await asyncio.sleep(0.05)
+    await committer.close()
+    await commit_task
+    await server.wait_closed()
+    log.info("%s listener stopped (%d message(s) in %d commit(s), %.1fs committing)", sc.protocol.upper(),
+             committer.messages, committer.batches, committer.seconds)
