@@ -66,6 +66,11 @@ class WriteTurns:
                 self._held = False
                 self._cond.notify_all()
 
+    def edge_busy(self) -> bool:
+        """An edge has messages waiting for a commit, or committed a moment ago."""
+        with self._cond:
+            return self._edge_queued > 0 or time.monotonic() - self._edge_last < self.quiet
+
     @contextmanager
     def processor(self) -> Iterator[None]:
         """Hold the writer slot for processing one message, after the edges' commits."""
@@ -117,17 +122,16 @@ class Service:
     def _process_some(self, limit: int) -> int:
         """Process up to ``limit`` received records (oldest first), taking turns with the edges.
 
-        Each turn processes a small batch in one transaction (one durable commit), so that
-        processing keeps up with a burst of SMTP deliveries without holding the writer slot
-        for long.
+        While no edge is busy a turn processes a batch in one transaction (one durable
+        commit for many messages); while one is, a turn is one message, so that an SMTP
+        commit never waits behind a whole batch.
         """
         proc = self.app.processor
         ids = self.app.store.pending_inbound(limit=limit)
         done = 0
-        for start in range(0, len(ids), PROCESS_BATCH):
-            if self.stopping.is_set():
-                break
-            chunk = ids[start : start + PROCESS_BATCH]
+        while done < len(ids) and not self.stopping.is_set():
+            size = 1 if self.turns.edge_busy() else PROCESS_BATCH
+            chunk = ids[done : done + size]
             with self.turns.processor():
                 proc.process_batch(chunk)
             done += len(chunk)
