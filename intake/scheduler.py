@@ -35,8 +35,16 @@ def _process_received(app: "App", now: datetime) -> str:
     return f"{app.processor.process_pending()} received message(s) processed"
 
 
+def _poll_imap(app: "App", now: datetime) -> str:
+    """Drain every [[imap]] account once (under `serve`: only those without a running poller)."""
+    from intake.imap_edge import poll_accounts
+
+    return poll_accounts(app, now)
+
+
 # The job table, in the order `intake tick` runs them. Each capability adds its row here.
 JOBS: list[Job] = [
+    Job("imap-poll", _poll_imap, 60.0),
     Job("process-received", _process_received, 30.0),
 ]
 

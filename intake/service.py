@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable
 
 from intake.app import App
@@ -38,17 +39,39 @@ class Service:
     async def _processor(self) -> None:
         proc = self.app.processor
         loop = asyncio.get_running_loop()
+        reported = (-1.0, -1)  # (when, backlog) of the last status report
         while not self.stopping.is_set():
             self.wake.clear()
             try:
                 await loop.run_in_executor(None, proc.process_pending)
-            except Exception:  # noqa: BLE001 - the store may be down; keep serving, retry
+                reported = await loop.run_in_executor(None, self._report_processor, reported)
+            except Exception as exc:  # noqa: BLE001 - the store may be down; keep serving, retry
                 log.exception("processor pass failed; retrying")
+                await loop.run_in_executor(None, self._report, "processor", "error", f"{type(exc).__name__}: {exc}")
             wake = asyncio.ensure_future(self.wake.wait())
             stop = asyncio.ensure_future(self.stopping.wait())
             await asyncio.wait({wake, stop}, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
             wake.cancel()
             stop.cancel()
+
+    def _report_processor(self, last: tuple[float, int]) -> tuple[float, int]:
+        """The processor's `received` backlog for `intake status`: on change, else every 30 s."""
+        from intake.store import RECEIVED
+
+        backlog = self.app.store.count_inbound(RECEIVED)
+        now = time.monotonic()
+        if backlog == last[1] and now - last[0] < 30:
+            return last
+        self.app.store.report_status("processor", "running", backlog=backlog, success=True)
+        return (now, backlog)
+
+    def _report(self, name: str, state: str, error: str | None = None) -> None:
+        from intake.store import StoreUnavailable
+
+        try:
+            self.app.store.report_status(name, state, error=error)
+        except StoreUnavailable:
+            log.debug("status of %s not recorded (database busy)", name)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -76,10 +99,16 @@ class Service:
         await self.stopping.wait()
         # Every component watches `stopping` and returns once its work in flight is done.
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await loop.run_in_executor(None, self._report, "processor", "stopped")
         log.info("stopped")
         return 0
 
 
 def serve(app: App) -> int:
     """Run the service in a new event loop; returns the exit code."""
-    return asyncio.run(Service(app).run())
+    from intake.imap_edge import imap_component
+
+    service = Service(app)
+    for acct in app.cfg.imap:  # one poller per [[imap]] account
+        service.add(imap_component(acct))
+    return asyncio.run(service.run())
