@@ -284,13 +284,16 @@ class ImapPoller:
                 "source": {"imap": self.name, "folder": self.acct.folder, "uid": uid, "uidvalidity": uidvalidity}}
 
     def _plan(self, uids: Sequence[int]) -> Iterator[list[int]]:
-        """Batches of at most ``batch_size`` messages and ``BATCH_BYTES`` (one large one alone)."""
+        """Batches of at most ``batch_size`` messages and ``BATCH_BYTES``.
+
+        A large message, or one whose size the server cannot tell, goes alone.
+        """
         for chunk in _chunks(uids, PLAN_CHUNK):
-            sizes = self._sizes(chunk)
+            data, _ = self._isolating(chunk, lambda c, u: c.fetch(u, ["RFC822.SIZE"]))
             batch: list[int] = []
             total = 0
             for uid in chunk:
-                size = sizes.get(uid, 0)
+                size = int(data[uid].get(b"RFC822.SIZE", 0)) if uid in data else BATCH_BYTES
                 if batch and (len(batch) >= self.acct.batch_size or total + size > BATCH_BYTES):
                     yield batch
                     batch, total = [], 0
@@ -299,38 +302,36 @@ class ImapPoller:
             if batch:
                 yield batch
 
-    def _sizes(self, uids: list[int]) -> dict[int, int]:
-        client = self._client or self.open()
-        return {uid: int(d.get(b"RFC822.SIZE", 0)) for uid, d in client.fetch(uids, ["RFC822.SIZE"]).items()}
-
     def _fetch(self, uids: list[int]) -> tuple[list[tuple[int, bytes]], list[tuple[int, str]]]:
-        """Fetch raw messages; a message the server cannot deliver is isolated, not fatal.
+        """Fetch raw messages (unread: ``BODY.PEEK[]``); ones that fail are returned apart."""
+        data, failed = self._isolating(uids, lambda c, u: c.fetch(u, ["BODY.PEEK[]"]))
+        fetched = []
+        for uid in uids:
+            raw = data.get(uid, {}).get(b"BODY[]")
+            if raw is not None:
+                fetched.append((uid, bytes(raw)))
+            # No data and no error: expunged meanwhile by someone else; nothing to store.
+        return fetched, failed
 
-        Some servers (Dovecot among them) drop the connection when one message cannot be
-        read, so after an error the batch is halved over a new connection until the bad
-        message stands alone.
-        """
+    def _isolating(self, uids: list[int], op: Callable[[IMAPClient, list[int]], dict[int, Any]]
+                   ) -> tuple[dict[int, Any], list[tuple[int, str]]]:
+        """Run a FETCH; when it fails, halve the set over a new connection until the bad
+        message stands alone. Some servers (Dovecot among them) drop the connection when
+        one message cannot be read; the rest of the folder must not wait for it."""
         client = self._client or self.open()
         try:
-            data = client.fetch(uids, ["BODY.PEEK[]"])
+            return op(client, uids), []
         except NETWORK_ERRORS as exc:
             round_uidvalidity = self._uidvalidity
             self._reconnect()  # a server that is really gone raises here and ends the round
             if self._uidvalidity != round_uidvalidity:
                 raise ConnectionLost("UIDVALIDITY changed during the round") from exc
             if len(uids) == 1:
-                return [], [(uids[0], _error_text(exc).removeprefix("connection lost: "))]
+                return {}, [(uids[0], _error_text(exc).removeprefix("connection lost: "))]
             half = len(uids) // 2
-            a_ok, a_bad = self._fetch(uids[:half])
-            b_ok, b_bad = self._fetch(uids[half:])
-            return a_ok + b_ok, a_bad + b_bad
-        fetched = []
-        for uid in uids:
-            raw = data.get(uid, {}).get(b"BODY[]")
-            if raw is not None:
-                fetched.append((uid, bytes(raw)))
-            # No data: expunged meanwhile by someone else; nothing to store.
-        return fetched, []
+            a, a_failed = self._isolating(uids[:half], op)
+            b, b_failed = self._isolating(uids[half:], op)
+            return {**a, **b}, a_failed + b_failed
 
     def _finish(self, uids: list[int]) -> None:
         """After the commit: move to ``processed_folder`` or set the keyword."""
