@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -94,8 +95,10 @@ class Dovecot:
         check = subprocess.run(["dovecot", "-n", "-c", str(self.dir / "dovecot.conf")], capture_output=True)
         if check.returncode != 0:
             raise RuntimeError(f"dovecot config invalid: {check.stderr.decode()}")
+        # Its own process group: stop() ends the master and every child it started, as a
+        # real restart would (Dovecot's imap processes otherwise outlive their master).
         self.proc = subprocess.Popen(["dovecot", "-F", "-c", str(self.dir / "dovecot.conf")],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -115,6 +118,11 @@ class Dovecot:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # the children of this instance only
+            except ProcessLookupError:
+                pass
         if self.proc is not None and self.proc.stderr:
             self.proc.stderr.close()
         self.proc = None
