@@ -175,6 +175,8 @@ class ImapPoller:
         self._uidvalidity = 0
         self._failed: dict[tuple[int, int], str] = {}  # (uidvalidity, uid) → reason, reported once
         self._said: tuple[str, str | None] | None = None  # last state logged
+        self._reported_at = 0.0
+        self._uidnext = 0  # UIDNEXT when the last round began (for the check before IDLE)
 
     # -- connection -----------------------------------------------------------------------
 
@@ -224,6 +226,7 @@ class ImapPoller:
         result = PollResult()
         info = client.select_folder(self.acct.folder)
         uidvalidity = int(info[b"UIDVALIDITY"])
+        self._uidnext = int(info.get(b"UIDNEXT", 0))
         mark = self.store.imap_state(self.name, self.acct.folder)
         if mark is None or mark.uidvalidity != uidvalidity:
             if mark is not None:
@@ -233,7 +236,6 @@ class ImapPoller:
                             mark.uidvalidity, uidvalidity)
             mark = ImapMark(self.name, self.acct.folder, uidvalidity, 0)
             self.store.set_imap_state(mark)
-        self._uidvalidity = uidvalidity
 
         criteria: list[Any] = ["UNKEYWORD", self.acct.keyword] if not self.acct.processed_folder else ["ALL"]
         uids = sorted(client.search(criteria))
@@ -244,6 +246,7 @@ class ImapPoller:
             result.finished += len(chunk)
         todo = [u for u in uids if u > mark.last_uid
                 and (retry_failed or (uidvalidity, u) not in self._failed)]
+        self._uidvalidity = uidvalidity
         result.backlog = len(todo)
         self._report("draining" if todo else "connected", backlog=len(todo))
 
@@ -275,7 +278,9 @@ class ImapPoller:
                 log.info("imap %s: stored %d message(s) from %s (uid %d-%d)", self.name, len(fetched),
                          self.acct.folder, fetched[0][0], fetched[-1][0])
             result.backlog -= len(batch)
-            self._report("draining" if result.backlog else "connected", backlog=result.backlog + len(result.failed))
+            if time.monotonic() - self._reported_at >= 1.0:  # a status write per second is enough
+                self._report("draining" if result.backlog else "connected",
+                             backlog=result.backlog + len(result.failed))
         result.backlog += len(result.failed)
         return result
 
@@ -358,37 +363,44 @@ class ImapPoller:
     # -- waiting for mail -------------------------------------------------------------------
 
     def _arrived(self) -> bool:
-        """True when the server reports new messages since the last command (NOOP)."""
+        """True when mail arrived since the last round began (a fresh SELECT's UIDNEXT).
+
+        Asked right before IDLE: IDLE reports only what happens after it starts, and the
+        EXISTS that servers send along with MOVE, STORE or SEARCH never reach us.
+        """
         client = self._client or self.open()
-        _, responses = client.noop()
-        return any(len(r) > 1 and r[1] in (b"EXISTS", b"RECENT") for r in responses)
+        info = client.select_folder(self.acct.folder)
+        uidnext = info.get(b"UIDNEXT")
+        log.debug("imap %s: before IDLE, UIDNEXT %s (round began at %s)", self.name, uidnext, self._uidnext)
+        return uidnext is not None and (int(uidnext), int(info[b"UIDVALIDITY"])) != (self._uidnext, self._uidvalidity)
 
     def _wait_idle(self, stop: threading.Event, until: float) -> bool:
         """IDLE until new mail (True), ``until`` or stop (False)."""
         client = self._client or self.open()
         client.idle()
-        self._report("idle", success=True, backlog=len(self._failed))
-        new_mail = False
         try:
-            while not stop.is_set() and not new_mail:
+            # Mail that arrived just before IDLE is announced together with "+ idling";
+            # imaplib has then already read it into its buffer, where idle_check(), which
+            # waits on the socket, never looks.
+            if _buffered(client):
+                return True
+            self._report("idle", success=True, backlog=len(self._failed))
+            while not stop.is_set():
                 left = until - time.monotonic()
                 if left <= 0:
-                    break
+                    return False
                 wait = min(1.0, left)
                 started = time.monotonic()
                 responses = client.idle_check(timeout=wait)
-                for resp in responses:
-                    if len(resp) > 1 and resp[1] in (b"EXISTS", b"RECENT"):
-                        new_mail = True
-                    elif resp and resp[0] == b"BYE":
-                        raise ConnectionLost(f"server said BYE: {resp[1] if len(resp) > 1 else ''!r}")
+                if _new_mail(responses):
+                    return True
                 if not responses and time.monotonic() - started < wait / 2:
                     # imapclient returns early and empty when the server closed the socket.
                     raise ConnectionLost("server closed the connection")
+            return False
         finally:
             if self._client is not None:
                 client.idle_done()
-        return new_mail
 
     def run(self, stop: threading.Event) -> None:
         """Poll (IDLE where offered) until ``stop`` is set; reconnect with backoff on failure."""
@@ -455,10 +467,37 @@ class ImapPoller:
 
     def _report(self, state: str, *, backlog: int | None = None, error: str | None = None,
                 success: bool = False) -> None:
+        self._reported_at = time.monotonic()
         try:
             self.store.report_status(self.status_name, state, backlog=backlog, error=error, success=success)
         except StoreUnavailable:
             log.debug("imap %s: status not recorded (database busy)", self.name)
+
+
+def _buffered(client: IMAPClient) -> bool:
+    """True when server data already sits in imaplib's read buffer (see ``_wait_idle``)."""
+    peek = getattr(getattr(getattr(client, "_imap", None), "file", None), "peek", None)
+    if peek is None:
+        return False
+    sock = client.socket()
+    timeout = sock.gettimeout()
+    sock.setblocking(False)  # peek must not wait for the network
+    try:
+        return bool(peek(1))
+    except OSError:  # nothing buffered and nothing on the socket (SSL says so by raising)
+        return False
+    finally:
+        sock.settimeout(timeout)
+
+
+def _new_mail(responses: list[Any]) -> bool:
+    """New messages announced (EXISTS/RECENT); BYE means the server is going away."""
+    for resp in responses:
+        if len(resp) > 1 and resp[1] in (b"EXISTS", b"RECENT"):
+            return True
+        if resp and resp[0] == b"BYE":
+            raise ConnectionLost(f"server said BYE: {resp[1] if len(resp) > 1 else ''!r}")
+    return False
 
 
 def _chunks(items: Sequence[int], size: int) -> Iterator[list[int]]:

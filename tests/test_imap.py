@@ -318,3 +318,28 @@ def test_connect_verifies_certificates_by_default(dovecot):
                       password_env="X")
     with pytest.raises(ssl.SSLError):
         connect(acct, "secret")
+
+
+def test_mail_arriving_as_a_round_ends_is_not_left_for_the_next_full_check(imap_app, dovecot):
+    """Each message is appended the moment the previous one is stored, i.e. while the poller
+    moves it and re-enters IDLE. poll_interval is an hour: only IDLE can bring them in."""
+    import threading
+
+    app = imap_app(poll_interval=3600)
+    poller = _poller(app)
+    stop = threading.Event()
+    thread = threading.Thread(target=poller.run, args=(stop,))
+    thread.start()
+    client = dovecot.client()
+    try:
+        for i in range(30):
+            client.append("INBOX", make_mail(subject=f"Quick {i}"))
+            deadline = time.monotonic() + 15
+            while app.store.count_inbound() <= i and time.monotonic() < deadline:
+                time.sleep(0.002)
+            assert app.store.count_inbound() == i + 1, f"message {i} was not picked up by IDLE"
+    finally:
+        stop.set()
+        thread.join(30)
+        client.logout()
+    assert dovecot.count("Processed") == 30
