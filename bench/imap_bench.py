@@ -3,6 +3,7 @@
 1. Drain: 10,000 messages waiting in INBOX, `intake serve` started: time until every one
    is stored and moved (edge) and until every one is a case (end to end), messages per
    second, peak RSS of the serve process.
+   Then the IMAP side alone (one drain in process, no processing meanwhile).
 2. IDLE latency: serve running and idle; 50 messages appended one at a time; time from
    the APPEND's completion to the case existing, p50 and p99.
 
@@ -81,6 +82,25 @@ def bench_drain(server: Dovecot, n: int) -> None:
     print(f"  peak RSS of intake serve: {peak_mb:7.0f} MB (largest child process so far)")
 
 
+def bench_edge_only(server: Dovecot, n: int) -> None:
+    """The IMAP side alone: one drain in this process, nothing processed meanwhile."""
+    from intake.app import open_app
+    from intake.imap_edge import ImapPoller
+
+    folder = Path(tempfile.mkdtemp(prefix="intake-bench-edge-"))
+    os.environ.update(password_env(server))
+    app = open_app(write_config(folder, imap_toml(server, batch_size=100)))
+    server.maildir_deliver([make_mail(subject=f"Edge {i}") for i in range(n)])
+    poller = ImapPoller(app.store, app.cfg.imap[0])
+    t0 = time.monotonic()
+    result = poller.poll_once()
+    elapsed = time.monotonic() - t0
+    poller.close()
+    app.close()
+    print(f"edge only, {n} messages stored and moved, no processing meanwhile:")
+    print(f"  {elapsed:7.1f} s  {result.stored / elapsed:7.0f} msgs/s")
+
+
 def bench_idle(server: Dovecot, n: int) -> None:
     folder = Path(tempfile.mkdtemp(prefix="intake-bench-idle-"))
     cfg = write_config(folder, imap_toml(server, user="billing", mailbox="billing@example.com"))
@@ -120,6 +140,7 @@ def main() -> None:
     try:
         print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} (shared with other work)")
         bench_drain(server, args.messages)
+        bench_edge_only(server, args.messages)
         bench_idle(server, args.idle)
     finally:
         server.cleanup()

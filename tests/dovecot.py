@@ -29,7 +29,7 @@ info_log_path = {dir}/dovecot.log
 instance_name = intake-test-{port}
 protocols = imap
 listen = 127.0.0.1
-ssl = no
+{ssl}
 disable_plaintext_auth = no
 auth_mechanisms = plain login
 mail_location = maildir:~/Maildir
@@ -53,7 +53,8 @@ service imap-login {{
     port = {port}
   }}
   inet_listener imaps {{
-    port = 0
+    address = 127.0.0.1
+    port = {tls_port}
   }}
 }}
 protocol imap {{
@@ -71,7 +72,7 @@ def free_port() -> int:
 class Dovecot:
     """One private Dovecot instance: users, start/stop/restart and client helpers."""
 
-    def __init__(self, users: dict[str, str]) -> None:
+    def __init__(self, users: dict[str, str], *, tls: bool = False) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="intake-dovecot-", dir="/tmp"))
         os.chmod(self.dir, 0o755)
         self.port = free_port()
@@ -83,7 +84,23 @@ class Dovecot:
         self._uid, self._gid = pw.pw_uid, pw.pw_gid
         os.chown(self.dir / "home", self._uid, self._gid)
         self._write_users()
-        (self.dir / "dovecot.conf").write_text(CONF.format(dir=self.dir, port=self.port))
+        ssl_conf = "ssl = no"
+        self.tls_port = 0
+        self.ca_file = ""
+        if tls:
+            # A private CA (trustme) and a certificate for 127.0.0.1: implicit TLS on
+            # tls_port, STARTTLS on port.
+            import trustme
+
+            ca = trustme.CA()
+            cert = ca.issue_cert("127.0.0.1", "localhost")
+            cert.private_key_and_cert_chain_pem.write_to_path(str(self.dir / "server.pem"))
+            ca.cert_pem.write_to_path(str(self.dir / "ca.pem"))
+            self.ca_file = str(self.dir / "ca.pem")
+            self.tls_port = free_port()
+            ssl_conf = f"ssl = yes\nssl_cert = <{self.dir}/server.pem\nssl_key = <{self.dir}/server.pem"
+        (self.dir / "dovecot.conf").write_text(CONF.format(dir=self.dir, port=self.port, ssl=ssl_conf,
+                                                           tls_port=self.tls_port))
 
     def _write_users(self) -> None:
         lines = [f"{u}:{{PLAIN}}{p}::::::" for u, p in self.users.items()]

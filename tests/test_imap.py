@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import time
 from email.message import EmailMessage
 from email.policy import SMTP
@@ -310,14 +311,51 @@ def test_config_refuses_unusable_imap_accounts(tmp_path, dovecot):
         load_config(write_config(tmp_path, imap_toml(dovecot, mailbox="nobody@example.com")))
 
 
-def test_connect_verifies_certificates_by_default(dovecot):
-    """Implicit TLS to a server without TLS fails clearly instead of falling back to plain."""
-    import ssl
+@pytest.fixture
+def tls_dovecot():
+    server = Dovecot({"test": "secret"}, tls=True)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
 
-    acct = ImapConfig(host="127.0.0.1", port=dovecot.port, mailbox="support@example.com", username="test",
-                      password_env="X")
-    with pytest.raises(ssl.SSLError):
-        connect(acct, "secret")
+
+def _tls_acct(server: Dovecot, **keys: object) -> ImapConfig:
+    values: dict = dict(host="127.0.0.1", port=server.tls_port, tls=True, mailbox="support@example.com",
+                        username="test", password_env="INTAKE_TEST_IMAP_PASSWORD")
+    values.update(keys)
+    return ImapConfig(**values)
+
+
+def test_implicit_tls_and_starttls_verify_the_server_certificate(tls_dovecot, tmp_path, monkeypatch):
+    from intake.imap_edge import _error_text
+
+    monkeypatch.setenv("INTAKE_TEST_IMAP_PASSWORD", "secret")
+    tls_dovecot.append(make_mail(subject="Over TLS"))
+    app = open_app(write_config(tmp_path))
+    try:
+        # Certificate verification is on by default: a private CA is not trusted…
+        untrusted = ImapPoller(app.store, _tls_acct(tls_dovecot))
+        with pytest.raises(ssl.SSLCertVerificationError) as err:
+            untrusted.poll_once()
+        assert "TLS failed" in _error_text(err.value) and "certificate verify failed" in _error_text(err.value)
+        # …unless named with ca_file (implicit TLS) …
+        poller = ImapPoller(app.store, _tls_acct(tls_dovecot, ca_file=tls_dovecot.ca_file))
+        assert poller.poll_once().stored == 1
+        poller.close()
+        # … and the same over STARTTLS on the plain port.
+        tls_dovecot.append(make_mail(subject="Over STARTTLS"))
+        starttls = _tls_acct(tls_dovecot, port=tls_dovecot.port, tls=False, starttls=True, ca_file=tls_dovecot.ca_file)
+        poller = ImapPoller(app.store, starttls)
+        assert poller.poll_once().stored == 1
+        assert poller._client is not None and isinstance(poller._client.socket(), ssl.SSLSocket)
+        poller.close()
+        # verify_tls = false accepts any certificate (for a test box, never the default).
+        client = connect(_tls_acct(tls_dovecot, verify_tls=False), "secret")
+        client.logout()
+    finally:
+        app.close()
 
 
 def test_mail_arriving_as_a_round_ends_is_not_left_for_the_next_full_check(imap_app, dovecot):
