@@ -239,6 +239,8 @@ class ImapPoller:
 
         criteria: list[Any] = ["UNKEYWORD", self.acct.keyword] if not self.acct.processed_folder else ["ALL"]
         uids = sorted(client.search(criteria))
+        present = set(uids)  # failures of messages gone meanwhile are no longer waiting
+        self._failed = {k: v for k, v in self._failed.items() if k[0] == uidvalidity and k[1] in present}
         # Stored before a crash (or before a failed move): finish them, never store again.
         stored_before = [u for u in uids if u <= mark.last_uid]
         for chunk in _chunks(stored_before, 500):
