@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import shutil
 import signal
 import statistics
 import subprocess
@@ -31,6 +32,8 @@ from mailfactory import make_mail  # noqa: E402
 
 from conftest import intake_env, write_config  # noqa: E402
 from intake.store import RECEIVED, Store  # noqa: E402
+
+BASE = tempfile.mkdtemp(prefix="intake-bench-")  # every installation of this run; removed at the end
 
 
 def _serve(cfg: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -59,7 +62,7 @@ def _pct(values: list[float], p: float) -> float:
 
 
 def bench_drain(server: Dovecot, n: int) -> None:
-    folder = Path(tempfile.mkdtemp(prefix="intake-bench-"))
+    folder = Path(tempfile.mkdtemp(dir=BASE))
     cfg = write_config(folder, imap_toml(server, batch_size=100))
     mails = [make_mail(subject=f"Bench {i}", body=f"Hello,\nmessage number {i} of the backlog.\n" * 5)
              for i in range(n)]
@@ -87,7 +90,7 @@ def bench_edge_only(server: Dovecot, n: int) -> None:
     from intake.app import open_app
     from intake.imap_edge import ImapPoller
 
-    folder = Path(tempfile.mkdtemp(prefix="intake-bench-edge-"))
+    folder = Path(tempfile.mkdtemp(dir=BASE))
     os.environ.update(password_env(server))
     app = open_app(write_config(folder, imap_toml(server, batch_size=100)))
     server.maildir_deliver([make_mail(subject=f"Edge {i}") for i in range(n)])
@@ -102,7 +105,7 @@ def bench_edge_only(server: Dovecot, n: int) -> None:
 
 
 def bench_idle(server: Dovecot, n: int) -> None:
-    folder = Path(tempfile.mkdtemp(prefix="intake-bench-idle-"))
+    folder = Path(tempfile.mkdtemp(dir=BASE))
     cfg = write_config(folder, imap_toml(server, user="billing", mailbox="billing@example.com"))
     store = Store(f"sqlite:///{folder / 'intake.db'}")
     proc = _serve(cfg, password_env(server))
@@ -144,6 +147,7 @@ def main() -> None:
         bench_idle(server, args.idle)
     finally:
         server.cleanup()
+        shutil.rmtree(BASE, ignore_errors=True)
 
 
 if __name__ == "__main__":
