@@ -52,3 +52,4 @@ def setup_logging(level: str = "INFO") -> None:
         stream=sys.stderr,
     )
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("imapclient").setLevel(logging.WARNING)  # it logs every connect/close at INFO

@@ -684,6 +684,52 @@ def tick(ctx: click.Context, at: str | None) -> None:
     ctx.exit(1 if failed else 0)
 
 
+# -- status -------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Each listener, poller and process: state, last success, backlog, last error."""
+    from intake.store import RECEIVED
+
+    app = _open(ctx, load_rule_files=False)
+    rows = {v.name: v for v in app.store.statuses()}
+    names = list(rows)
+    # Configured pollers that never reported (serve not started yet) still get a line.
+    names += [f"imap:{a.account}" for a in app.cfg.imap if f"imap:{a.account}" not in rows]
+    received = app.store.count_inbound(RECEIVED)
+    out = []
+    for name in sorted(names, key=lambda n: (n == "processor", n)):
+        v = rows.get(name)
+        out.append({
+            "name": name,
+            "state": v.state if v else "not started",
+            "updated_at": v.updated_at.isoformat() if v else None,
+            "last_success_at": v.last_success_at.isoformat() if v and v.last_success_at else None,
+            # The processor's backlog is counted now: records still waiting to be processed.
+            "backlog": received if name == "processor" else (v.backlog if v else None),
+            "last_error": v.last_error if v else None,
+            "last_error_at": v.last_error_at.isoformat() if v and v.last_error_at else None,
+        })
+    if as_json:
+        click.echo(json.dumps(out, ensure_ascii=False, indent=2))
+        return
+    from datetime import datetime
+
+    tz = app.cfg.tz
+
+    def when(iso: str | None) -> str:
+        return datetime.fromisoformat(iso).astimezone(tz).strftime("%Y-%m-%d %H:%M:%S") if iso else "-"
+
+    lines = [(o["name"], o["state"], when(o["last_success_at"]), "-" if o["backlog"] is None else o["backlog"],
+              when(o["updated_at"]),
+              f"{when(o['last_error_at'])} {o['last_error']}" if o["last_error"] else "-") for o in out]
+    click.echo(table(["component", "state", "last success", "backlog", "updated", "last error"], lines,
+                     max_width=90))
+
+
 # -- database -----------------------------------------------------------------------------------
 
 

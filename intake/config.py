@@ -60,6 +60,7 @@ class ImapConfig:
     tls: bool = True
     starttls: bool = False
     verify_tls: bool = True
+    ca_file: str = ""
     password_env: str = ""
     folder: str = "INBOX"
     processed_folder: str = "Processed"
@@ -68,6 +69,16 @@ class ImapConfig:
     idle: bool = True
     batch_size: int = 100
     name: str = ""
+
+    @property
+    def login(self) -> str:
+        """The user name to log in with (default: the mailbox address)."""
+        return self.username or self.mailbox
+
+    @property
+    def account(self) -> str:
+        """The account's name in logs, ``intake status`` and the stored folder positions."""
+        return self.name or self.login
 
 
 @dataclass(frozen=True)
@@ -330,9 +341,24 @@ def _validate(cfg: Config, where: str) -> None:
         if mb.address.lower() in seen:
             raise ConfigError(f"{where}: mailbox {mb.address} is listed twice")
         seen.add(mb.address.lower())
+    accounts: set[str] = set()
     for acct in cfg.imap:
+        name = f"{where}: [[imap]] {acct.account}"
         if cfg.mailbox_for(acct.mailbox) is None:
-            raise ConfigError(f"{where}: [[imap]] {acct.host}: mailbox {acct.mailbox!r} is not a [[mailbox]]")
+            raise ConfigError(f"{name}: mailbox {acct.mailbox!r} is not a [[mailbox]]")
+        if acct.account in accounts:
+            raise ConfigError(f"{name}: listed twice (give each [[imap]] its own name)")
+        accounts.add(acct.account)
+        if not acct.password_env:
+            raise ConfigError(f"{name}: password_env is required (the environment variable holding the password)")
+        if acct.tls and acct.starttls:
+            raise ConfigError(f"{name}: tls (implicit TLS) and starttls exclude each other")
+        if acct.poll_interval < 1 or acct.batch_size < 1:
+            raise ConfigError(f"{name}: poll_interval and batch_size must be at least 1")
+        if acct.processed_folder == acct.folder:
+            raise ConfigError(f"{name}: processed_folder must differ from folder")
+        if not acct.processed_folder and not re.fullmatch(r"[^\\\s(){}%*\"\]]+", acct.keyword):
+            raise ConfigError(f"{name}: keyword {acct.keyword!r} is not an IMAP keyword (e.g. $Intake)")
     try:
         parse_size(cfg.smtp.max_message_size)
         parse_duration(cfg.outbound.give_up_after)

@@ -43,6 +43,7 @@ def _retention(app: "App", now: datetime) -> str:
     purged = app.store.purge_raw(now - timedelta(days=days))
     return f"{purged} raw message(s) older than {days} days removed"
 
+
 def _deliver_outbox(app: "App", now: datetime) -> str:
     """Outbox delivery (``serve`` also delivers continuously; this is the fallback and ``tick``)."""
     from intake.outbox import deliver_job
@@ -50,8 +51,16 @@ def _deliver_outbox(app: "App", now: datetime) -> str:
     return deliver_job(app, now)
 
 
+def _poll_imap(app: "App", now: datetime) -> str:
+    """Drain every [[imap]] account once (under `serve`: only those without a running poller)."""
+    from intake.imap_edge import poll_accounts
+
+    return poll_accounts(app, now)
+
+
 # The job table, in the order `intake tick` runs them. Each capability adds its row here.
 JOBS: list[Job] = [
+    Job("imap-poll", _poll_imap, 60.0),
     Job("process-received", _process_received, 30.0),
     Job("retention", _retention, 3600.0),
     Job("outbox-delivery", _deliver_outbox, 60.0),

@@ -139,6 +139,7 @@ class Service:
 
     async def _processor(self) -> None:
         loop = asyncio.get_running_loop()
+        reported = (-1.0, -1)  # (when, backlog) of the last status report
         while not self.stopping.is_set():
             self.wake.clear()
             try:
@@ -148,8 +149,10 @@ class Service:
                     self.outbox_wake.set()
                 if done >= 100:
                     self.wake.set()
-            except Exception:  # noqa: BLE001 - the store may be down; keep serving, retry
+                reported = await loop.run_in_executor(None, self._report_processor, reported)
+            except Exception as exc:  # noqa: BLE001 - the store may be down; keep serving, retry
                 log.exception("processor pass failed; retrying")
+                await loop.run_in_executor(None, self._report, "processor", "error", f"{type(exc).__name__}: {exc}")
             if self.wake.is_set():
                 continue
             wake = asyncio.ensure_future(self.wake.wait())
@@ -157,6 +160,25 @@ class Service:
             await asyncio.wait({wake, stop}, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
             wake.cancel()
             stop.cancel()
+
+    def _report_processor(self, last: tuple[float, int]) -> tuple[float, int]:
+        """The processor's `received` backlog for `intake status`: on change, else every 30 s."""
+        from intake.store import RECEIVED
+
+        backlog = self.app.store.count_inbound(RECEIVED)
+        now = time.monotonic()
+        if backlog == last[1] and now - last[0] < 30:
+            return last
+        self.app.store.report_status("processor", "running", backlog=backlog, success=True)
+        return (now, backlog)
+
+    def _report(self, name: str, state: str, error: str | None = None) -> None:
+        from intake.store import StoreUnavailable
+
+        try:
+            self.app.store.report_status(name, state, error=error)
+        except StoreUnavailable:
+            log.debug("status of %s not recorded (database busy)", name)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -188,6 +210,7 @@ class Service:
         await self.stopping.wait()
         # Every component watches `stopping` and returns once its work in flight is done.
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await loop.run_in_executor(None, self._report, "processor", "stopped")
         log.info("stopped")
         return self.exit_code
 
@@ -284,10 +307,14 @@ def utcnow_iso() -> str:
 
 def serve(app: App) -> int:
     """Run the service in a new event loop; returns the exit code."""
+    from intake.imap_edge import imap_component
+
     service = Service(app)
     service.add(RulesWatcher(app))
     if app.cfg.smtp.listen:
         from intake.smtp_edge import smtp_component
 
         service.add(smtp_component(app.cfg))
+    for acct in app.cfg.imap:  # one poller per [[imap]] account
+        service.add(imap_component(acct))
     return asyncio.run(service.run())

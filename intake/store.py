@@ -336,6 +336,30 @@ class QueueRotation(Base):
     updated_at: Mapped[datetime | None]
 
 
+class ComponentStatus(Base):
+    """What each running part (listener, poller, processor) last reported: ``intake status``."""
+
+    __tablename__ = "component_status"
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    state: Mapped[str] = mapped_column(String(40))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_success_at: Mapped[datetime | None]
+    backlog: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_error_at: Mapped[datetime | None]
+
+
+class ImapFolderState(Base):
+    """Where an IMAP poller stands in one folder: every UID up to ``last_uid`` is stored."""
+
+    __tablename__ = "imap_state"
+    account: Mapped[str] = mapped_column(String(200), primary_key=True)
+    folder: Mapped[str] = mapped_column(String(500), primary_key=True)
+    uidvalidity: Mapped[int] = mapped_column(BigInteger)
+    last_uid: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 # ---------------------------------------------------------------------------------------
 # Engine and migrations
 
@@ -435,6 +459,29 @@ class CaseView:
         return d
 
 
+@dataclass(frozen=True)
+class StatusView:
+    """One line of ``intake status``."""
+
+    name: str
+    state: str
+    updated_at: datetime
+    last_success_at: datetime | None
+    backlog: int | None
+    last_error: str | None
+    last_error_at: datetime | None
+
+
+@dataclass(frozen=True)
+class ImapMark:
+    """An IMAP folder position committed together with the messages that reach it."""
+
+    account: str
+    folder: str
+    uidvalidity: int
+    last_uid: int
+
+
 def case_view(case: Case) -> CaseView:
     return CaseView(
         id=case.id,
@@ -517,8 +564,12 @@ class Store:
                                             envelope_to=list(envelope_to), source=source or {}))])
         return ids[0]
 
-    def receive_many(self, items: Sequence[tuple[bytes, dict[str, Any]]]) -> list[int]:
-        """Commit several received messages in one transaction (group commit)."""
+    def receive_many(self, items: Sequence[tuple[bytes, dict[str, Any]]], *, imap_mark: ImapMark | None = None) -> list[int]:
+        """Commit several received messages in one transaction (group commit).
+
+        ``imap_mark`` moves an IMAP poller's folder position in the same transaction, so
+        that after a crash the poller knows exactly which messages are already stored.
+        """
         t = InboundRecord.__table__
         now = utcnow()
         rows = [
@@ -534,6 +585,10 @@ class Store:
         ]
         try:
             with self.session() as s:
+                if imap_mark is not None:
+                    _set_imap_state(s, imap_mark)
+                if not rows:
+                    return []
                 # One INSERT for the batch (Core, ids in the order given): the edge's commit
                 # is on the path of every 250.
                 res = s.connection().execute(insert(t).returning(t.c.id, sort_by_parameter_order=True), rows)
@@ -664,6 +719,58 @@ class Store:
             )
             return bool(res.rowcount)
 
+    # -- component status and IMAP positions --------------------------------------------
+
+    def report_status(self, name: str, state: str, *, backlog: int | None = None, error: str | None = None,
+                      success: bool = False) -> None:
+        """Record what a running component is doing (``intake status``).
+
+        ``backlog`` and ``error`` are kept until reported again (None leaves them as they
+        are); ``success`` stamps the time of the last successful round.
+        """
+        now = utcnow()
+        try:
+            with self.session() as s:
+                row = s.get(ComponentStatus, name)
+                if row is None:
+                    row = ComponentStatus(name=name, state=state)
+                    s.add(row)
+                row.state = state
+                row.updated_at = now
+                if backlog is not None:
+                    row.backlog = backlog
+                if error is not None:
+                    row.last_error = error[:2000]
+                    row.last_error_at = now
+                if success:
+                    row.last_success_at = now
+        except IntegrityError:
+            # Another process inserted the same name at once: ours is the newer report.
+            self.report_status(name, state, backlog=backlog, error=error, success=success)
+        except OperationalError as exc:
+            raise StoreUnavailable(str(exc.orig) if exc.orig else str(exc)) from exc
+
+    def statuses(self) -> list[StatusView]:
+        """Every component's last report, by name."""
+        with self._sessions() as s:
+            return [StatusView(r.name, r.state, r.updated_at, r.last_success_at, r.backlog, r.last_error,
+                               r.last_error_at)
+                    for r in s.scalars(select(ComponentStatus).order_by(ComponentStatus.name))]
+
+    def imap_state(self, account: str, folder: str) -> ImapMark | None:
+        """The stored position of a poller in a folder, if it has one."""
+        with self._sessions() as s:
+            row = s.get(ImapFolderState, (account, folder))
+            return ImapMark(account, folder, row.uidvalidity, row.last_uid) if row else None
+
+    def set_imap_state(self, mark: ImapMark) -> None:
+        """Store a poller's folder position (e.g. a new UIDVALIDITY with ``last_uid = 0``)."""
+        try:
+            with self.session() as s:
+                _set_imap_state(s, mark)
+        except OperationalError as exc:
+            raise StoreUnavailable(str(exc.orig) if exc.orig else str(exc)) from exc
+
     # -- settings ---------------------------------------------------------------------
 
     def secret(self) -> str:
@@ -783,6 +890,17 @@ class Store:
 
 
 RULES_STATE_KEY = "rules.state"
+
+
+def _set_imap_state(s: Session, mark: ImapMark) -> None:
+    row = s.get(ImapFolderState, (mark.account, mark.folder))
+    if row is None:
+        s.add(ImapFolderState(account=mark.account, folder=mark.folder, uidvalidity=mark.uidvalidity,
+                              last_uid=mark.last_uid, updated_at=utcnow()))
+    else:
+        row.uidvalidity = mark.uidvalidity
+        row.last_uid = mark.last_uid
+        row.updated_at = utcnow()
 
 
 def parse_case_label(label: str) -> int | None:

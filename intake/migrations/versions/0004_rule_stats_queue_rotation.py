@@ -1,7 +1,7 @@
 """rule stats and queue rotation (routing rules)
 
 Revision ID: 0004
-Revises: 0001
+Revises: 0003
 """
 
 from alembic import op
@@ -10,7 +10,7 @@ import intake.store
 
 
 revision = "0004"
-down_revision = "0001"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 

@@ -1,7 +1,7 @@
 """outbox and suppressions
 
 Revision ID: 0005
-Revises: 0001
+Revises: 0004
 Create Date: 2026-11-22 14:08:52.856313
 """
 
@@ -11,7 +11,7 @@ import intake.store
 
 
 revision = '0005'
-down_revision = '0001'
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 
