@@ -139,7 +139,7 @@ class Contact(Base):
     organization_id: Mapped[int | None] = mapped_column(ForeignKey("organizations.id"))
     language: Mapped[str | None] = mapped_column(String(10))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    organization: Mapped[Organization | None] = relationship(lazy="joined")
+    organization: Mapped[Organization | None] = relationship()
 
 
 class Case(Base):
