@@ -23,7 +23,7 @@ from intake import store as st
 from intake.classify import AGENT, MESSAGE
 from intake.config import Config, MailboxConfig, parse_duration, parse_size
 from intake.matching import reply_address
-from intake.parse import detect_language
+from intake.parse import detect_language, is_synthesised_id
 from intake.quotes import strip_reply
 from intake.rules import RuleSet
 from intake.templates import TemplateError, TemplateSet
@@ -565,7 +565,12 @@ class Notifier:
         return out
 
     def _thread(self, s: Any, case: st.Case, template: str, trigger: Trigger) -> tuple[str | None, list[str]]:
-        """In-Reply-To and References: continue the customer's thread."""
+        """In-Reply-To and References: continue the customer's thread (never our made-up ids)."""
+        in_reply_to, refs = self._thread_ids(s, case, template, trigger)
+        refs = [r for r in refs if not is_synthesised_id(r)]
+        return (None if in_reply_to and is_synthesised_id(in_reply_to) else in_reply_to), refs
+
+    def _thread_ids(self, s: Any, case: st.Case, template: str, trigger: Trigger) -> tuple[str | None, list[str]]:
         if template == "agent_reply" or not trigger.message_id:
             # The customer never saw the agent's own mail nor our notices to agents: continue
             # from the case's public messages, answering the customer's latest one.

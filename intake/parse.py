@@ -123,6 +123,15 @@ _MSGID = re.compile(r"<([^<>\s]+)>")
 _OBS_FIELD_NAME = re.compile(rb"^([!-9;-~]+)[ \t]+:", re.M)
 
 
+# Message-IDs we make up for mail that has none; never to be shown to other mail systems.
+SYNTHESISED_DOMAIN = "synthesised.intake.invalid"
+
+
+def is_synthesised_id(message_id: str) -> bool:
+    """True for a Message-ID that intake synthesised (not one any mail client knows)."""
+    return message_id.endswith("@" + SYNTHESISED_DOMAIN)
+
+
 def parse(raw: bytes) -> ParsedMail:
     """Parse raw message bytes. Never raises for malformed mail."""
     data = _header_syntax_repaired(raw)
@@ -299,7 +308,7 @@ def _synthesise_message_id(raw: bytes, hdr: dict[str, str]) -> str:
     for key in ("from", "to", "date", "subject"):
         h.update(str(hdr.get(key, "")).encode("utf-8", "surrogateescape") + b"\0")
     h.update(body.replace(b"\r\n", b"\n"))
-    return f"{h.hexdigest()[:40]}@synthesised.intake.invalid"
+    return f"{h.hexdigest()[:40]}@{SYNTHESISED_DOMAIN}"
 
 
 def _date(value: str | None, defects: list[str]) -> datetime | None:

@@ -387,3 +387,11 @@ def test_a_broken_template_does_not_block_intake(tmp_path):
         assert "ack.txt.j2:2:" in skipped[0]["reason"]
     finally:
         app.close()
+
+
+def test_a_mail_without_message_id_gets_no_reference_to_the_synthesised_one(app):
+    ingest(app, make_mail(message_id=None, subject="no id"))
+    ack = [i for i in outbox(app) if i.template == "ack"][0]
+    m = parsed(ack)
+    assert m["In-Reply-To"] is None and m["References"] is None
+    assert "synthesised" not in build_mime(ack).decode("ascii", "replace")
