@@ -21,6 +21,7 @@ from typing import Any
 
 from intake import store as st
 from intake.classify import AGENT, MESSAGE
+from intake.flowstore import CaseRec, FlowTx
 from intake.config import Config, MailboxConfig, parse_duration, parse_size
 from intake.matching import reply_address
 from intake.parse import detect_language, is_synthesised_id
@@ -329,34 +330,34 @@ class Notifier:
 
     # -- the changes ----------------------------------------------------------------------
 
-    def new_case(self, s: Any, case: st.Case, trigger: Trigger, ack: str | bool | None = None) -> Notified:
+    def new_case(self, tx: FlowTx, case: CaseRec, trigger: Trigger, ack: str | bool | None = None) -> Notified:
         """A new case: the acknowledgement to the customer and the notice to its agents."""
         done = Notified()
         if ack is not False and self.cfg.notify.ack and case.requester is not None:
             template = ack if isinstance(ack, str) else "ack"
-            self._send(s, done, case, template, trigger, to=(case.requester.address, case.requester.name), fresh=True)
+            self._send(tx, done, case, template, trigger, to=(case.requester.address, case.requester.name), fresh=True)
         elif case.requester is not None:
             why = "rule says ack: false" if ack is False else "[notify] ack = false"
-            self._skip(s, done, case, "ack", case.requester.address, "config", why, trigger.at)
+            self._skip(tx, done, case, "ack", case.requester.address, "config", why, trigger.at)
         if self.cfg.notify.notify_agents:
             for addr, name in self._agents(case):
-                self._send(s, done, case, "new_case_agent", trigger, to=(addr, name), fresh=True)
+                self._send(tx, done, case, "new_case_agent", trigger, to=(addr, name), fresh=True)
         return done
 
-    def customer_comment(self, s: Any, case: st.Case, trigger: Trigger,
+    def customer_comment(self, tx: FlowTx, case: CaseRec, trigger: Trigger,
                          status: tuple[str, str] | None = None) -> Notified:
         """A customer wrote on a case: its agents hear of it; a reopen is confirmed to the customer."""
         done = Notified()
         status_data = {"old": status[0], "new": status[1], "reason": "customer replied"} if status else None
         if self.cfg.notify.notify_agents:
             for addr, name in self._agents(case):
-                self._send(s, done, case, "customer_reply_agent", trigger, to=(addr, name), status=status_data)
+                self._send(tx, done, case, "customer_reply_agent", trigger, to=(addr, name), status=status_data)
         if status and case.requester is not None:
-            self._send(s, done, case, "status_changed", trigger, to=(case.requester.address, case.requester.name),
+            self._send(tx, done, case, "status_changed", trigger, to=(case.requester.address, case.requester.name),
                        status=status_data)
         return done
 
-    def agent_reply(self, s: Any, case: st.Case, trigger: Trigger) -> Notified:
+    def agent_reply(self, tx: FlowTx, case: CaseRec, trigger: Trigger) -> Notified:
         """An agent replied by mail: the reply, without its quoted history, to the customer (and CCs)."""
         done = Notified()
         if case.requester is None:
@@ -364,36 +365,36 @@ class Notifier:
         agent = self.rules().agents.get((trigger.sender or "").lower())
         reply = {"text": strip_reply(trigger.text), "agent_name": (agent.name if agent else "") or trigger.sender_name,
                  "agent_address": trigger.sender}
-        cc = [(a, n) for a, n, role in st.participant_rows(s, case.id) if role == "cc" and a != (trigger.sender or "")]
-        self._send(s, done, case, "agent_reply", trigger, to=(case.requester.address, case.requester.name),
+        cc = [(a, n) for a, n, role in tx.participant_rows(case.id) if role == "cc" and a != (trigger.sender or "")]
+        self._send(tx, done, case, "agent_reply", trigger, to=(case.requester.address, case.requester.name),
                    cc=cc, reply=reply)
         return done
 
-    def status_changed(self, s: Any, case: st.Case, old: str, new: str, trigger: Trigger, reason: str = "") -> Notified:
+    def status_changed(self, tx: FlowTx, case: CaseRec, old: str, new: str, trigger: Trigger, reason: str = "") -> Notified:
         """Tell the customer about a status change (resolution notes when resolved)."""
         done = Notified()
         if case.requester is not None:
-            self._send(s, done, case, "status_changed", trigger, to=(case.requester.address, case.requester.name),
+            self._send(tx, done, case, "status_changed", trigger, to=(case.requester.address, case.requester.name),
                        status={"old": old, "new": new, "reason": reason})
         return done
 
-    def send(self, s: Any, case: st.Case, template: str, trigger: Trigger, **extra: Any) -> Notified:
+    def send(self, tx: FlowTx, case: CaseRec, template: str, trigger: Trigger, **extra: Any) -> Notified:
         """Queue ``template`` to its natural audience (escalated → agents; auto_close_* → customer)."""
         done = Notified()
         if template in AGENT_TEMPLATES:
             for addr, name in self._agents(case):
-                self._send(s, done, case, template, trigger, to=(addr, name), **extra)
+                self._send(tx, done, case, template, trigger, to=(addr, name), **extra)
         elif case.requester is not None:
-            self._send(s, done, case, template, trigger, to=(case.requester.address, case.requester.name), **extra)
+            self._send(tx, done, case, template, trigger, to=(case.requester.address, case.requester.name), **extra)
         return done
 
-    def bounce(self, s: Any, case: st.Case, trigger: Trigger, message_ids: Sequence[str],
+    def bounce(self, tx: FlowTx, case: CaseRec, trigger: Trigger, message_ids: Sequence[str],
                failed: Sequence[str], permanent: bool) -> list[int]:
         """A bounce of our mail: its outbox rows are marked bounced; the addresses suppressed."""
-        rows = st.outbox_by_message_ids(s, list(message_ids))
+        rows = tx.outbox_by_message_ids(list(message_ids))
         if not rows and failed:
             wanted = {a.lower() for a in failed}
-            rows = [r for r in st.outbox_for_case(s, case.id, states=(st.OUT_SENT, st.OUT_SENDING, st.OUT_QUEUED))
+            rows = [r for r in tx.outbox_for_case(case.id, states=(st.OUT_SENT, st.OUT_SENDING, st.OUT_QUEUED))
                     if r.recipient in wanted][:1]
         if not permanent:
             return []
@@ -401,31 +402,29 @@ class Notifier:
         marked = []
         for row in rows:
             if row.state in (st.OUT_SENT, st.OUT_QUEUED, st.OUT_SENDING):
-                row.state = st.OUT_BOUNCED
-                row.finished_at = row.updated_at = trigger.at
-                row.permanent = True
-                row.last_error = f"bounced (inbound #{trigger.inbound_id})"
+                tx.update_outbox(row.id, state=st.OUT_BOUNCED, finished_at=trigger.at, updated_at=trigger.at,
+                                 permanent=True, last_error=f"bounced (inbound #{trigger.inbound_id})")
                 marked.append(row.id)
             for addr in failed or [row.recipient]:
-                st.suppress(s, addr, until, f"bounce of <{row.message_id}>")
+                tx.suppress(addr, until, f"bounce of <{row.message_id}>")
         if not rows:
             for addr in failed:
-                st.suppress(s, addr, until, "bounce")
+                tx.suppress(addr, until, "bounce")
         return marked
 
     # -- one mail -------------------------------------------------------------------------
 
-    def _send(self, s: Any, done: Notified, case: st.Case, template: str, trigger: Trigger, *,
+    def _send(self, tx: FlowTx, done: Notified, case: CaseRec, template: str, trigger: Trigger, *,
               to: tuple[str, str], cc: Sequence[tuple[str, str]] = (), fresh: bool = False,
               **extra: Any) -> int | None:
         """Queue one mail unless loop protection says no; ``fresh``: the case was opened by this trigger."""
         address, name = to[0].lower(), to[1] or ""
         audience = AGENT_AUDIENCE if template in AGENT_TEMPLATES else CUSTOMER
-        verdict = loop_protection(self._facts(s, case, template, address, trigger, fresh), self.limits)
+        verdict = loop_protection(self._facts(tx, case, template, address, trigger, fresh), self.limits)
         if not verdict.send:
             if verdict.flag_loop:
-                self._flag_loop(s, case, verdict.reason, trigger.at)
-            self._skip(s, done, case, template, address, verdict.check, verdict.reason, trigger.at)
+                self._flag_loop(tx, case, verdict.reason, trigger.at)
+            self._skip(tx, done, case, template, address, verdict.check, verdict.reason, trigger.at)
             return None
         ruleset = self.rules()
         if audience == AGENT_AUDIENCE:
@@ -435,25 +434,25 @@ class Notifier:
             language = case.language or self.cfg.templates.default_language
         mailbox = self._mailbox(case)
         brand_name = self._brand_name(mailbox)
-        context = self._context(s, case, language, brand_name, mailbox, (address, name), trigger, **extra)
+        context = self._context(tx, case, language, brand_name, mailbox, (address, name), trigger, **extra)
         try:
             rendered = self.templates.render(template, context, language=language, brand=case.brand)
         except (TemplateError, TypeError) as exc:
             # A broken template must not block intake: the case is stored, the error is shown.
             log.error("template failed case=%s template=%s: %s", case.label, template, exc)
-            self._skip(s, done, case, template, address, "template-error", str(exc), trigger.at)
+            self._skip(tx, done, case, template, address, "template-error", str(exc), trigger.at)
             return None
-        return self._enqueue(s, done, case, template, audience, language, mailbox, brand_name, (address, name), cc,
+        return self._enqueue(tx, done, case, template, audience, language, mailbox, brand_name, (address, name), cc,
                              rendered, trigger)
 
-    def _enqueue(self, s: Any, done: Notified, case: st.Case, template: str, audience: str, language: str,
+    def _enqueue(self, tx: FlowTx, done: Notified, case: CaseRec, template: str, audience: str, language: str,
                  mailbox: MailboxConfig, brand_name: str, to: tuple[str, str], cc: Sequence[tuple[str, str]],
                  rendered: Any, trigger: Trigger) -> int:
         secret = self.secret()
         domain = mailbox.address.rpartition("@")[2]
         message_id = make_msgid(idstring=case.label.lower(), domain=domain)[1:-1]
         signed = reply_address(mailbox.address, case.number, secret, "c")
-        in_reply_to, references = self._thread(s, case, template, trigger)
+        in_reply_to, references = self._thread(tx, case, template, trigger)
         subject = subject_with_token(rendered.subject, case.label)
         auto = CUSTOMER_TEMPLATES.get(template) or AGENT_TEMPLATES.get(template) or AUTO_GENERATED
         headers: list[list[str]] = [
@@ -479,22 +478,22 @@ class Notifier:
             ["X-Intake-Case", case.label],
         ]
         headers = [[k, clean_header(v)] for k, v in headers]
-        msg_id = st.add_message(
-            s, case, direction="out", visibility="public" if audience == CUSTOMER else "internal",
+        msg_id = tx.add_message(
+            case.id, direction="out", visibility="public" if audience == CUSTOMER else "internal",
             message_id=message_id, from_address=mailbox.address, from_name=brand_name, to=[to[0]],
             cc=[a for a, _ in cc], subject=subject, text=rendered.text, html=rendered.html, sent_at=None,
         )
-        st.add_event(s, case, "message", {"template": template, "audience": audience}, message_row=msg_id,
+        tx.add_event(case.id, "message", {"template": template, "audience": audience}, message_row=msg_id,
                      at=trigger.at)
-        row_id = st.add_outbox(
-            s, case_id=case.id, message_row_id=msg_id, inbound_id=trigger.inbound_id, created_at=trigger.at,
+        row_id = tx.add_outbox(
+            case_id=case.id, message_row_id=msg_id, inbound_id=trigger.inbound_id, created_at=trigger.at,
             updated_at=trigger.at, template=template, audience=audience, auto_submitted=auto, language=language,
             mail_from=signed, recipient=to[0], recipients=[to[0], *(a for a, _ in cc)], message_id=message_id,
             headers=headers, subject=subject, text=rendered.text, html=rendered.html, state=st.OUT_QUEUED,
             attempts=0, next_attempt_at=trigger.at, give_up_at=trigger.at + self.give_up_after,
         )
         if template == "agent_reply" and case.first_response_at is None:
-            case.first_response_at = trigger.at
+            tx.update_case(case, first_response_at=trigger.at)
         done.queued.append({"outbox": row_id, "template": template, "to": to[0], "message_id": message_id})
         log.info("outbox queued #%d case=%s template=%s to=%s message_id=<%s>", row_id, case.label, template, to[0],
                  message_id)
@@ -502,11 +501,11 @@ class Notifier:
 
     # -- helpers --------------------------------------------------------------------------
 
-    def _facts(self, s: Any, case: st.Case, template: str, address: str, trigger: Trigger,
+    def _facts(self, tx: FlowTx, case: CaseRec, template: str, address: str, trigger: Trigger,
                fresh: bool = False) -> LoopFacts:
         hour_ago = trigger.at - timedelta(hours=1)
         window_start = trigger.at - self.loop_window
-        sup = st.suppression(s, address, trigger.at)
+        sup = tx.suppression(address, trigger.at)
         base = _base_address(address)
         is_ack = template == "ack"
         return LoopFacts(
@@ -518,37 +517,37 @@ class Notifier:
             noreply=is_noreply(address),
             suppressed=sup.reason if sup else None,
             case_flagged=LOOP_TAG in (case.tags or []),
-            acks_to_recipient_last_hour=st.count_outbox(s, since=hour_ago, template="ack", recipient=address)
+            acks_to_recipient_last_hour=tx.count_outbox(since=hour_ago, template="ack", recipient=address)
             if is_ack else 0,
             # A case opened by this very message has no history yet: no need to count it.
-            acks_on_case_last_hour=st.count_outbox(s, since=hour_ago, template="ack", case_id=case.id)
+            acks_on_case_last_hour=tx.count_outbox(since=hour_ago, template="ack", case_id=case.id)
             if is_ack and not fresh else 0,
             case_traffic_in_window=1 if fresh else
-            st.count_outbox(s, since=window_start, case_id=case.id, audience=CUSTOMER)
-            + st.count_inbound_messages(s, case.id, window_start),
+            tx.count_outbox(since=window_start, case_id=case.id, audience=CUSTOMER)
+            + tx.count_inbound_messages(case.id, window_start),
         )
 
-    def _flag_loop(self, s: Any, case: st.Case, reason: str, at: datetime) -> None:
+    def _flag_loop(self, tx: FlowTx, case: CaseRec, reason: str, at: datetime) -> None:
         if LOOP_TAG in (case.tags or []):
             return
-        case.tags = [*(case.tags or []), LOOP_TAG]
-        st.add_event(s, case, "loop", {"text": f"automated mail stopped: {reason}; remove the tag "
+        tx.update_case(case, tags=[*(case.tags or []), LOOP_TAG])
+        tx.add_event(case.id, "loop", {"text": f"automated mail stopped: {reason}; remove the tag "
                                                f"'{LOOP_TAG}' to send automated mail again"}, at=at)
         log.warning("mail loop case=%s: %s", case.label, reason)
 
-    def _skip(self, s: Any, done: Notified, case: st.Case, template: str, to: str, check: str, reason: str,
+    def _skip(self, tx: FlowTx, done: Notified, case: CaseRec, template: str, to: str, check: str, reason: str,
               at: datetime) -> None:
         done.skipped.append({"template": template, "to": to, "check": check, "reason": reason})
-        st.add_event(s, case, "mail_skipped", {"template": template, "to": to, "check": check, "reason": reason}, at=at)
+        tx.add_event(case.id, "mail_skipped", {"template": template, "to": to, "check": check, "reason": reason}, at=at)
         log.info("outbox skipped case=%s template=%s to=%s check=%s: %s", case.label, template, to, check, reason)
 
-    def _mailbox(self, case: st.Case) -> MailboxConfig:
+    def _mailbox(self, case: CaseRec) -> MailboxConfig:
         return (self.cfg.mailbox_for(case.mailbox or "") if case.mailbox else None) or self.cfg.mailbox[0]
 
     def _brand_name(self, mailbox: MailboxConfig) -> str:
         return mailbox.name or mailbox.brand or mailbox.address.rpartition("@")[2]
 
-    def _agents(self, case: st.Case) -> list[tuple[str, str]]:
+    def _agents(self, case: CaseRec) -> list[tuple[str, str]]:
         """Who hears of a case: its assignee, else the agents of its queue (not those away)."""
         ruleset = self.rules()
         if case.assignee:
@@ -564,18 +563,18 @@ class Notifier:
             out.append((a, agent.name if agent else ""))
         return out
 
-    def _thread(self, s: Any, case: st.Case, template: str, trigger: Trigger) -> tuple[str | None, list[str]]:
+    def _thread(self, tx: FlowTx, case: CaseRec, template: str, trigger: Trigger) -> tuple[str | None, list[str]]:
         """In-Reply-To and References: continue the customer's thread (never our made-up ids)."""
-        in_reply_to, refs = self._thread_ids(s, case, template, trigger)
+        in_reply_to, refs = self._thread_ids(tx, case, template, trigger)
         refs = [r for r in refs if not is_synthesised_id(r)]
         return (None if in_reply_to and is_synthesised_id(in_reply_to) else in_reply_to), refs
 
-    def _thread_ids(self, s: Any, case: st.Case, template: str, trigger: Trigger) -> tuple[str | None, list[str]]:
+    def _thread_ids(self, tx: FlowTx, case: CaseRec, template: str, trigger: Trigger) -> tuple[str | None, list[str]]:
         if template == "agent_reply" or not trigger.message_id:
             # The customer never saw the agent's own mail nor our notices to agents: continue
             # from the case's public messages, answering the customer's latest one.
             agents = self.rules().agent_addresses
-            msgs = [(m, d, f) for m, d, f in st.case_public_messages(s, case.id)
+            msgs = [(m, d, f) for m, d, f in tx.case_public_messages(case.id)
                     if m != trigger.message_id and not (d == "in" and f in agents)]
             ids = list(dict.fromkeys(m for m, _, _ in msgs))
             refs = ids[:1] + ids[-9:] if len(ids) > 10 else ids
@@ -584,7 +583,7 @@ class Notifier:
         refs = list(dict.fromkeys([*trigger.references[-9:], trigger.message_id]))
         return trigger.message_id, refs
 
-    def _context(self, s: Any, case: st.Case, language: str, brand_name: str, mailbox: MailboxConfig,
+    def _context(self, tx: FlowTx, case: CaseRec, language: str, brand_name: str, mailbox: MailboxConfig,
                  to: tuple[str, str], trigger: Trigger, **extra: Any) -> dict[str, Any]:
         ruleset = self.rules()
         queue = ruleset.queues.get(case.queue or "")
@@ -596,7 +595,7 @@ class Notifier:
             "category": case.category, "assignee": case.assignee, "assignee_name": assignee.name if assignee else None,
             "requester": case.requester.address if case.requester else None,
             "requester_name": case.requester.name if case.requester else None,
-            "organization": case.organization.domain if case.organization else None,
+            "organization": case.organization,
             "created_at": format_time(case.created_at, language, self.cfg), "language": case.language,
             "resolution": case.resolution, "tags": list(case.tags or []), "escalation_level": case.escalation_level,
             "first_response_time": _duration_text((queue.sla or {}).get("first_response") if queue else None, language),

@@ -1,10 +1,17 @@
-"""The one place that runs the flow of DESIGN.md 3 over a stored inbound record.
+"""The one place that runs the flow of DESIGN.md 3 over stored inbound records.
 
-parse → classify → thread → route → store → notify, in one transaction per message.
-The steps themselves are pure (``parse``, ``classify``, ``matching``, ``rules``); this
-module gathers their evidence from the store and writes their outcome. A message whose
-processing raises is quarantined with the error; outcomes that are not errors
-(duplicate, dropped, automated) are return values.
+parse → classify → thread → route → store → notify. The steps themselves are pure
+(``parse``, ``classify``, ``matching``, ``rules``); this module gathers their evidence from
+the store and writes their outcome. A batch of records is processed in two phases:
+
+1. **prepare**, outside any write transaction: read the raw bytes, parse and classify
+   (the costly pure work, which so never holds SQLite's one writer slot);
+2. **apply**, in one transaction for the batch (one durable commit), a savepoint per
+   message: duplicate check, threading, routing, the case or comment, the mails it causes.
+
+A message whose processing raises is rolled back to its savepoint and quarantined with
+the error; the rest of the batch goes on. Outcomes that are not errors (duplicate,
+dropped, automated) are return values.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from typing import Any
 from intake import store as st
 from intake.classify import AGENT, AUTOMATED, BOUNCE, CUSTOMER, MESSAGE, OWN, Classification, classify
 from intake.config import Config, MailboxConfig, base_address
+from intake.flowstore import CaseRec, ContactRef, FlowTx, InboundWork
 from intake.matching import Evidence, Match, case_tokens, clean_subject, decide, parse_reply_address
 from intake.notify import Notified, Notifier, Trigger, choose_language, dsn_report
 from intake.parse import ParsedMail, parse
@@ -44,15 +52,17 @@ class Outcome:
 
 @dataclass
 class _Run:
-    """Working state of one message through the flow; its ``log`` becomes the processing log."""
+    """One message through the flow; its ``log`` becomes the processing log."""
 
-    rec: st.InboundWork
-    mail: ParsedMail
-    cls: Classification
+    rec: InboundWork
     mailbox: MailboxConfig
     now: datetime
     # One rule set for the whole message, even if a hot reload swaps it meanwhile.
-    ruleset: RuleSet = field(default_factory=RuleSet)
+    ruleset: RuleSet
+    mail: ParsedMail | None = None
+    cls: Classification | None = None
+    error: Exception | None = None  # raised by a pure step: quarantines the message
+    error_traceback: str = ""
     log: list[dict[str, Any]] = field(default_factory=list)
 
     def step(self, step: str, **data: Any) -> None:
@@ -104,47 +114,73 @@ class Processor:
         return self.process_batch([inbound_id])[0]
 
     def process_batch(self, inbound_ids: list[int]) -> list[Outcome]:
-        """Run the flow for several records in one transaction (one durable commit).
+        """Run the flow for several records: prepared first, then applied in one transaction.
 
-        When any message raises, the whole batch is rolled back and each message runs
-        again in a transaction of its own, so that only the failing one is quarantined.
+        Raises ``StoreUnavailable`` (nothing written) when the database cannot be used.
         """
         _ = self.secret  # read (or made) outside the processing transaction
-        try:
-            with self.store.session() as s:
-                records = st.load_inbound(s, inbound_ids)
-                outcomes = [self._process_one(s, records.get(i)) for i in inbound_ids]
-                st.save_inbound(s, [r for r in records.values() if r.processed_at is not None])
-        except st.StoreUnavailable:
-            raise
-        except Exception as exc:  # noqa: BLE001 - anything else quarantines, never loses
-            if len(inbound_ids) > 1:
-                return [self.process_batch([i])[0] for i in inbound_ids]
-            error = f"{type(exc).__name__}: {exc}"
-            self.store.quarantine(inbound_ids[0], error, traceback.format_exc())
-            log.warning("inbound quarantined id=%s error=%s", inbound_ids[0], error)
-            return [Outcome(st.QUARANTINED, reason=error)]
-        for outcome in outcomes:
-            log.info("inbound %s case=%s message_id=<%s> %s", outcome.state, outcome.case_number or "-",
-                     outcome.message_id, outcome.reason)
-        return outcomes
-
-    def _process_one(self, s: Any, rec: st.InboundWork | None) -> Outcome:
-        if rec is None or rec.state != st.RECEIVED:
-            return Outcome(rec.state if rec else "missing", reason="not waiting for processing")
-        return self._process(s, rec)
-
-    # -- the flow -----------------------------------------------------------------------
-
-    def _process(self, s: Any, rec: st.InboundWork) -> Outcome:
-        now = self.clock()
-        if rec.raw is None:
-            raise ValueError("raw bytes are no longer stored (retention) and cannot be processed")
-        mail = parse(rec.raw)
+        records = self.store.load_inbound(inbound_ids)
         ruleset = self.rules()
-        cls = classify(mail, own_addresses=self.cfg.own_addresses, agents=ruleset.agent_addresses)
+        runs = {i: self._prepare(rec, ruleset) for i, rec in records.items() if rec.state == st.RECEIVED}
+        outcomes: dict[int, Outcome] = {}
+        with self.store.flow() as tx:
+            # Locked (PostgreSQL) and read again: another process may have taken a record since.
+            current = tx.inbound_states(list(runs))
+            done: list[InboundWork] = []
+            for i in inbound_ids:
+                run, now = runs.get(i), current.get(i)
+                if run is None or now is None or now[0] != st.RECEIVED:
+                    state = now[0] if now else records[i].state if i in records else "missing"
+                    outcomes[i] = Outcome(state, reason="not waiting for processing")
+                    continue
+                run.rec.log, run.rec.attempts = now[1], now[2]
+                outcomes[i] = self._apply(tx, run)
+                if run.rec.processed_at is not None:
+                    done.append(run.rec)
+            tx.save_inbound(done)
+        for i in inbound_ids:
+            o = outcomes[i]
+            if o.state == st.QUARANTINED:
+                log.warning("inbound quarantined id=%s error=%s", i, o.reason)
+            else:
+                log.info("inbound %s case=%s message_id=<%s> %s", o.state, o.case_number or "-", o.message_id,
+                         o.reason)
+        return [outcomes[i] for i in inbound_ids]
+
+    # -- prepare (pure, outside the write transaction) --------------------------------------
+
+    def _prepare(self, rec: InboundWork, ruleset: RuleSet) -> _Run:
         mailbox = self.cfg.mailbox_for(rec.mailbox) or self.cfg.mailbox[0]
-        run = _Run(rec=rec, mail=mail, cls=cls, mailbox=mailbox, now=now, ruleset=ruleset)
+        run = _Run(rec=rec, mailbox=mailbox, now=self.clock(), ruleset=ruleset)
+        try:
+            if rec.raw is None:
+                raise ValueError("raw bytes are no longer stored (retention) and cannot be processed")
+            run.mail = parse(rec.raw)
+            run.cls = classify(run.mail, own_addresses=self.cfg.own_addresses, agents=ruleset.agent_addresses)
+        except Exception as exc:  # noqa: BLE001 - quarantined in the apply phase, with its traceback
+            run.error, run.error_traceback = exc, traceback.format_exc()
+        return run
+
+    # -- apply (in the batch's transaction) --------------------------------------------------
+
+    def _apply(self, tx: FlowTx, run: _Run) -> Outcome:
+        """One message in a savepoint of its own: its outcome, or quarantine when it raises."""
+        try:
+            with tx.savepoint():
+                if run.error is not None:
+                    raise run.error
+                return self._process(tx, run)
+        except Exception as exc:  # noqa: BLE001 - anything else quarantines, never loses
+            if self.store.is_unavailable(exc):
+                raise
+            error = f"{type(exc).__name__}: {exc}"
+            tb = run.error_traceback if exc is run.error else traceback.format_exc()
+            tx.quarantine(run.rec.id, error, tb, run.now)
+            return Outcome(st.QUARANTINED, reason=error)
+
+    def _process(self, tx: FlowTx, run: _Run) -> Outcome:
+        mail, cls, rec = run.mail, run.cls, run.rec
+        assert mail is not None and cls is not None
         rec.message_id = mail.message_id
         rec.from_address = mail.from_.address if mail.from_ else None
         rec.subject = mail.subject
@@ -154,79 +190,82 @@ class Processor:
                  charsets=mail.charsets, defects=mail.defects, attachments=len(mail.attachments))
         run.step("classified", sender=cls.sender, kind=cls.kind, reasons=list(cls.reasons))
 
-        outcome = self._duplicate(s, run) or self._flow(s, run)
+        outcome = self._duplicate(tx, run) or self._flow(tx, run)
         rec.state = outcome.state
-        rec.processed_at = now
+        rec.processed_at = run.now
         rec.error = None
-        rec.log = [*rec.log, *run.log, {"at": now.isoformat(), "step": "done", "state": outcome.state,
-                                                "case": outcome.case_number, "reason": outcome.reason}]
+        rec.log = [*rec.log, *run.log, {"at": run.now.isoformat(), "step": "done", "state": outcome.state,
+                                        "case": outcome.case_number, "reason": outcome.reason}]
         return outcome
 
-    def _duplicate(self, s: Any, run: _Run) -> Outcome | None:
+    def _duplicate(self, tx: FlowTx, run: _Run) -> Outcome | None:
         """The same message again (another mailbox, an SMTP retry, an IMAP re-poll)."""
+        assert run.mail is not None
         key = run.mail.message_id
-        if st.claim_message_key(s, key, run.rec.id):
+        if tx.claim_message_key(key, run.rec.id):
             return None
-        owner = st.message_key_owner(s, key)
+        owner = tx.message_key_owner(key)
         assert owner is not None
         first_inbound, first_case = owner
         run.rec.duplicate_of = first_inbound
-        case = st.case_by_id(s, first_case) if first_case else None
+        case = tx.case_by_id(first_case) if first_case else None
         run.rec.case_id = case.id if case else None
         label = case.label if case else None
         if case is not None:
-            st.add_event(s, case, "duplicate", {"message_id": key, "mailbox": run.rec.mailbox,
-                                                 "channel": run.rec.channel, "inbound_id": run.rec.id},
+            tx.add_event(case.id, "duplicate", {"message_id": key, "mailbox": run.rec.mailbox,
+                                                "channel": run.rec.channel, "inbound_id": run.rec.id},
                          inbound_id=run.rec.id, at=run.now)
         reason = f"same Message-ID as inbound #{first_inbound}"
         run.step("duplicate", of=first_inbound, case=label)
         return Outcome(st.DUPLICATE, label, reason, key)
 
-    def _flow(self, s: Any, run: _Run) -> Outcome:
+    def _flow(self, tx: FlowTx, run: _Run) -> Outcome:
         mail, cls = run.mail, run.cls
+        assert mail is not None and cls is not None
         if cls.kind == BOUNCE:
-            return self._bounce(s, run)
+            return self._bounce(tx, run)
 
-        match = self._thread(s, run)
+        match = self._thread(tx, run)
         run.step("threaded", method=match.method, reason=match.reason,
                  case=f"{self.cfg.cases.prefix}-{match.case_number}" if match.case_number else None)
 
         if match.case_number is not None:
-            case = st.case_by_number(s, match.case_number)
+            case = tx.case_by_number(match.case_number)
             assert case is not None
-            return self._comment(s, run, case, match)
+            return self._comment(tx, run, case, match)
 
         if not cls.opens_case:
             reason = "automated mail does not open a case: " + "; ".join(cls.reasons)
             run.step("dropped", reason=reason)
             return Outcome(st.DROPPED, None, reason, mail.message_id)
 
-        decision = self._route(s, run)
+        decision = self._route(tx, run)
         if decision.drop:
             reason = "dropped by rule " + ", ".join(t.get("rule", "?") for t in decision.trace if t.get("matched"))
             run.step("dropped", reason=reason)
             return Outcome(st.DROPPED, None, reason, mail.message_id)
-        case = self._new_case(s, run, decision, match)
+        case = self._new_case(tx, run, decision, match)
         return Outcome(st.PROCESSED, case.label, "new case", mail.message_id)
 
     # -- thread -------------------------------------------------------------------------
 
-    def _thread(self, s: Any, run: _Run) -> Match:
-        mail = run.mail
+    def _thread(self, tx: FlowTx, run: _Run) -> Match:
+        mail, cls = run.mail, run.cls
+        assert mail is not None and cls is not None
         prefixes = {self.cfg.cases.prefix}
         ev: dict[str, Any] = {}
         for rcpt in [*run.rec.envelope_to, *(a.address for a in mail.to), *(a.address for a in mail.cc)]:
             signed = parse_reply_address(rcpt, self.secret)
             if signed:
                 ev["signed"] = signed
-                ev["signed_case_exists"] = st.case_by_number(s, signed[1]) is not None
+                ev["signed_case_exists"] = tx.case_by_number(signed[1]) is not None
                 break
-        found = st.case_by_message_ids(s, [*mail.in_reply_to, *reversed(mail.references)])
+        found = tx.case_by_message_ids([*mail.in_reply_to, *reversed(mail.references)])
         if found:
             ev["by_message_id"], ev["by_message_id_ref"] = found[0].number, found[1]
         thread_index = _thread_index_prefix(mail)
         if thread_index and "by_message_id" not in ev:
-            case = st.case_by_thread_index(s, thread_index)
+            case = tx.case_by_thread_index(thread_index)
             if case:
                 ev["by_thread_index"] = case.number
         tokens = tuple(n for _, n in case_tokens(mail.subject, prefixes))
@@ -234,27 +273,29 @@ class Processor:
             sender = mail.from_.key if mail.from_ else ""
             token_cases: dict[int, bool] = {}
             for n in tokens:
-                case = st.case_by_number(s, n)
+                case = tx.case_by_number(n)
                 if case is None:
                     continue
-                members = st.participant_addresses(s, case.id)
-                same_org = bool(case.organization and mail.from_ and mail.from_.domain == case.organization.domain)
-                token_cases[n] = sender in members or same_org or run.cls.sender == AGENT
+                members = tx.participant_addresses(case.id)
+                same_org = bool(case.organization and mail.from_ and mail.from_.domain == case.organization)
+                token_cases[n] = sender in members or same_org or cls.sender == AGENT
             ev["tokens"], ev["token_cases"] = tokens, token_cases
         return decide(Evidence(**ev))
 
     # -- route --------------------------------------------------------------------------
 
-    def _route(self, s: Any, run: _Run) -> Decision:
+    def _route(self, tx: FlowTx, run: _Run) -> Decision:
         """Evaluate the rules for a new case and count each matched rule's hit."""
+        mail, cls = run.mail, run.cls
+        assert mail is not None and cls is not None
         ctx = RuleContext(
-            mail=run.mail, classification=run.cls, mailbox=run.mailbox.address,
+            mail=mail, classification=cls, mailbox=run.mailbox.address,
             recipients=tuple(run.rec.envelope_to or ()), channel=run.rec.channel, now=run.now,
-            organization=self._organization_domain(run.mail.from_.address if run.mail.from_ else ""),
+            organization=organization_domain(self.cfg, mail.from_.address if mail.from_ else ""),
             calendar=self.cfg.calendar,
         )
         decision = evaluate(run.ruleset, ctx)
-        st.record_rule_hits(s, decision.matched, run.now)
+        tx.record_rule_hits(decision.matched, run.now)
         actions = {k: v for k, v in (("priority", decision.priority), ("category", decision.category),
                                      ("assign", decision.assign), ("language", decision.language),
                                      ("ack", decision.ack)) if v is not None}
@@ -266,7 +307,7 @@ class Processor:
                  default_queue=decision.queue is None, actions=actions)
         return decision
 
-    def _assign(self, s: Any, run: _Run, case: st.Case, decision: Decision) -> None:
+    def _assign(self, tx: FlowTx, run: _Run, case: CaseRec, decision: Decision) -> None:
         """Apply ``assign`` (a rule's, else the queue's method) and record who and why."""
         ruleset = run.ruleset
         queue = ruleset.queues.get(case.queue or "")
@@ -280,49 +321,45 @@ class Processor:
             order = list(queue.agents) if queue else []
             available = [a for a in order if not (ruleset.agents.get(a) and ruleset.agents[a].away)]
             if method == "round_robin":
-                agent = pick_round_robin(order, available, st.rotation_last(s, case.queue or "") if available else None)
+                agent = pick_round_robin(order, available, tx.rotation_last(case.queue or "") if available else None)
                 if agent:
-                    st.set_rotation_last(s, case.queue or "", agent, run.now)
+                    tx.set_rotation_last(case.queue or "", agent, run.now)
             else:
-                agent = pick_least_open(order, available, st.open_case_counts(s, available))
+                agent = pick_least_open(order, available, tx.open_case_counts(available))
             if agent is None:
                 reason = (f"queue {case.queue} is not defined in the rules" if queue is None else
                           f"no agent of queue {case.queue} is available (all away or none listed)")
-                st.add_event(s, case, "note", {"text": f"not assigned: {reason}", "rule": rule}, at=run.now)
+                tx.add_event(case.id, "note", {"text": f"not assigned: {reason}", "rule": rule}, at=run.now)
                 run.step("assigned", assignee=None, method=method, rule=rule, reason=reason)
                 return
         else:
             agent = method
             method = "rule"
-        case.assignee = agent
+        tx.update_case(case, assignee=agent)
         data: dict[str, Any] = {"from": None, "to": agent, "method": method, "rule": rule, "queue": case.queue,
                                 "reason": why}
         if ruleset.agents.get(agent) and ruleset.agents[agent].away:
             data["away"] = True
-        st.add_event(s, case, "assignee", data, inbound_id=run.rec.id, at=run.now)
+        tx.add_event(case.id, "assignee", data, inbound_id=run.rec.id, at=run.now)
         run.step("assigned", assignee=agent, method=method, rule=rule, reason=why)
 
     # -- store --------------------------------------------------------------------------
 
-    def _organization_domain(self, address: str) -> str | None:
-        return organization_domain(self.cfg, address)
+    def _contact(self, tx: FlowTx, address: str, name: str) -> ContactRef:
+        return tx.contact(address, name, organization_domain(self.cfg, address))
 
-    def _contact(self, s: Any, address: str, name: str) -> st.ContactRef:
-        return st.get_or_create_contact(s, address, name, self._organization_domain(address))
-
-    def _new_case(self, s: Any, run: _Run, decision: Decision, match: Match) -> st.Case:
+    def _new_case(self, tx: FlowTx, run: _Run, decision: Decision, match: Match) -> CaseRec:
         mail, rec = run.mail, run.rec
-        requester = self._contact(s, mail.from_.address, mail.from_.name) if mail.from_ else None
+        assert mail is not None
+        requester = self._contact(tx, mail.from_.address, mail.from_.name) if mail.from_ else None
         language, language_from = choose_language(
             rule=decision.language, contact=requester.language if requester else None,
             message_text=f"{mail.subject}\n{mail.text}", mailbox=run.mailbox.language or None,
             default=self.cfg.templates.default_language)
-        case = st.create_case(
-            s,
+        case = tx.create_case(
             prefix=self.cfg.cases.prefix,
             subject=clean_subject(mail.subject),
-            requester_id=requester.id if requester else None,
-            organization_id=requester.organization_id if requester else None,
+            requester=requester,
             status="new",
             priority=decision.priority or "medium",
             queue=decision.queue or run.mailbox.queue,
@@ -333,35 +370,36 @@ class Processor:
             language=language,
             tags=list(decision.tags),
             created_at=run.now,
-            updated_at=run.now,
         )
-        self._attach_to_case(s, run, case)
-        st.add_event(s, case, "created", {"queue": case.queue, "priority": case.priority, "mailbox": case.mailbox,
+        self._attach_to_case(tx, run, case)
+        tx.add_event(case.id, "created", {"queue": case.queue, "priority": case.priority, "mailbox": case.mailbox,
                                           "channel": case.channel}, inbound_id=rec.id, at=run.now)
         if requester:
-            st.add_participant(s, case, requester, "requester")
-        self._add_cc_participants(s, run, case)
-        row = self._store_message(s, run, case, visibility="public")
-        st.add_event(s, case, "message", message_row=row, inbound_id=rec.id, at=run.now)
+            tx.add_participant(case.id, requester, "requester")
+        self._add_cc_participants(tx, run, case)
+        row = self._store_message(tx, run, case, visibility="public")
+        tx.add_event(case.id, "message", message_row=row, inbound_id=rec.id, at=run.now)
         for t in decision.trace:
             if t.get("matched"):
-                st.add_event(s, case, "rule", dict(t), inbound_id=rec.id, at=run.now)
-        self._assign(s, run, case, decision)
+                tx.add_event(case.id, "rule", dict(t), inbound_id=rec.id, at=run.now)
+        self._assign(tx, run, case, decision)
         for number in match.mentions:
-            st.add_event(s, case, "note", {"text": f"subject names {self.cfg.cases.prefix}-{number}, "
+            tx.add_event(case.id, "note", {"text": f"subject names {self.cfg.cases.prefix}-{number}, "
                                                    "but the sender is not its participant"}, at=run.now)
         run.step("stored", case=case.label, created=True, language=language, language_from=language_from)
         # notify: same transaction as the new case (DESIGN 3)
-        self._notified(run, self.notifier.new_case(s, case, self._trigger(run), decision.ack))
+        self._notified(run, self.notifier.new_case(tx, case, self._trigger(run), decision.ack))
         return case
 
-    def _attach_to_case(self, s: Any, run: _Run, case: st.Case) -> None:
+    def _attach_to_case(self, tx: FlowTx, run: _Run, case: CaseRec) -> None:
         """The inbound record and its Message-ID now belong to ``case``."""
+        assert run.mail is not None
         run.rec.case_id = case.id
-        st.set_message_key_case(s, run.mail.message_id, case.id)
+        tx.set_message_key_case(run.mail.message_id, case.id)
 
     def _trigger(self, run: _Run) -> Trigger:
         mail, cls = run.mail, run.cls
+        assert mail is not None and cls is not None
         refs = [*mail.references, *(i for i in mail.in_reply_to if i not in mail.references)]
         return Trigger(at=run.now, inbound_id=run.rec.id, message_id=mail.message_id, references=tuple(refs),
                        sender=mail.from_.key if mail.from_ else None, sender_name=mail.from_.name if mail.from_ else "",
@@ -371,101 +409,109 @@ class Processor:
         if done.queued or done.skipped:
             run.step("notify", **done.as_log())
 
-    def _add_cc_participants(self, s: Any, run: _Run, case: st.Case) -> None:
+    def _add_cc_participants(self, tx: FlowTx, run: _Run, case: CaseRec) -> None:
+        assert run.mail is not None
         own = self.cfg.own_addresses
         sender = run.mail.from_.key if run.mail.from_ else ""
         for a in [*run.mail.to, *run.mail.cc]:
             if base_address(a.key) in own or a.key == sender or self.cfg.mailbox_for(a.key) is not None:
                 continue
-            st.add_participant(s, case, self._contact(s, a.address, a.name), "cc")
+            tx.add_participant(case.id, self._contact(tx, a.address, a.name), "cc")
 
-    def _store_message(self, s: Any, run: _Run, case: st.Case, visibility: str) -> int:
+    def _store_message(self, tx: FlowTx, run: _Run, case: CaseRec, visibility: str) -> int:
         mail = run.mail
-        return st.add_message(
-            s, case, direction="in", visibility=visibility, message_id=mail.message_id,
+        assert mail is not None
+        return tx.add_message(
+            case.id, direction="in", visibility=visibility, message_id=mail.message_id,
             from_address=mail.from_.address if mail.from_ else None, from_name=mail.from_.name if mail.from_ else None,
             to=[a.address for a in mail.to], cc=[a.address for a in mail.cc], subject=mail.subject, text=mail.text,
             html=mail.html, sent_at=mail.date, inbound_id=run.rec.id, thread_index=_thread_index_prefix(mail),
             attachments=mail.attachments,
         )
 
-    def _comment(self, s: Any, run: _Run, case: st.Case, match: Match) -> Outcome:
+    def _comment(self, tx: FlowTx, run: _Run, case: CaseRec, match: Match) -> Outcome:
         """Add the message to an existing case, reopening it as DESIGN 5 says."""
         mail, cls = run.mail, run.cls
+        assert mail is not None and cls is not None
         if case.status == "closed" and cls.kind != AUTOMATED and cls.sender not in (AGENT, OWN):
             closed_at = case.closed_at or case.updated_at
             if run.now - closed_at > timedelta(days=self.cfg.cases.reopen_days):
-                follow = self._follow_up(s, run, case)
+                follow = self._follow_up(tx, run, case)
                 return Outcome(st.PROCESSED, follow.label, f"follow-up of closed {case.label}", mail.message_id)
         visibility = "internal" if match.internal else "public"
-        row = self._store_message(s, run, case, visibility=visibility)
-        st.add_event(s, case, "message", {"threading": match.method}, message_row=row, inbound_id=run.rec.id, at=run.now)
+        row = self._store_message(tx, run, case, visibility=visibility)
+        tx.add_event(case.id, "message", {"threading": match.method}, message_row=row, inbound_id=run.rec.id,
+                     at=run.now)
         status_change: tuple[str, str] | None = None
+        changes: dict[str, Any] = {"updated_at": run.now}
         if cls.sender == AGENT:
             if case.first_response_at is None and visibility == "public":
-                case.first_response_at = run.now
+                changes["first_response_at"] = run.now
         elif cls.kind != AUTOMATED and cls.sender != OWN:
             if mail.from_:
-                st.add_participant(s, case, self._contact(s, mail.from_.address, mail.from_.name), "cc")
-            self._add_cc_participants(s, run, case)
+                tx.add_participant(case.id, self._contact(tx, mail.from_.address, mail.from_.name), "cc")
+            self._add_cc_participants(tx, run, case)
             if case.status in ("resolved", "closed", "pending"):
                 status_change = (case.status, "open")
-                self._set_status(s, case, "open", run, "customer replied")
-        case.updated_at = run.now
-        self._attach_to_case(s, run, case)
+                self._set_status(tx, case, "open", run, "customer replied")
+        tx.update_case(case, **changes)
+        self._attach_to_case(tx, run, case)
         run.step("stored", case=case.label, created=False, visibility=visibility)
         # notify: same transaction as the comment. An internal note (the `n` address) reaches
         # no customer; automated mail causes no mail at all.
         if cls.kind == MESSAGE:
             if cls.sender == AGENT and visibility == "public":
-                self._notified(run, self.notifier.agent_reply(s, case, self._trigger(run)))
+                self._notified(run, self.notifier.agent_reply(tx, case, self._trigger(run)))
             elif cls.sender == CUSTOMER:
-                self._notified(run, self.notifier.customer_comment(s, case, self._trigger(run), status_change))
+                self._notified(run, self.notifier.customer_comment(tx, case, self._trigger(run), status_change))
         return Outcome(st.PROCESSED, case.label, f"comment ({match.method})", mail.message_id)
 
-    def _follow_up(self, s: Any, run: _Run, old: st.Case) -> st.Case:
-        decision = self._route(s, run)
-        case = self._new_case(s, run, decision, Match(None, "follow-up", ""))
-        case.linked_case_id = old.id
-        st.add_event(s, case, "note", {"text": f"follow-up of {old.label}, closed more than "
-                                               f"{self.cfg.cases.reopen_days} days ago", "linked": old.label}, at=run.now)
-        st.add_event(s, old, "note", {"text": f"customer wrote again: follow-up {case.label}", "linked": case.label},
+    def _follow_up(self, tx: FlowTx, run: _Run, old: CaseRec) -> CaseRec:
+        decision = self._route(tx, run)
+        case = self._new_case(tx, run, decision, Match(None, "follow-up", ""))
+        tx.update_case(case, linked_case_id=old.id)
+        tx.add_event(case.id, "note", {"text": f"follow-up of {old.label}, closed more than "
+                                               f"{self.cfg.cases.reopen_days} days ago", "linked": old.label},
+                     at=run.now)
+        tx.add_event(old.id, "note", {"text": f"customer wrote again: follow-up {case.label}", "linked": case.label},
                      at=run.now)
         return case
 
-    def _set_status(self, s: Any, case: st.Case, status: str, run: _Run, why: str) -> None:
+    def _set_status(self, tx: FlowTx, case: CaseRec, status: str, run: _Run, why: str) -> None:
         old = case.status
-        case.status = status
-        st.add_event(s, case, "status", {"from": old, "to": status, "reason": why}, at=run.now)
+        tx.update_case(case, status=status)
+        tx.add_event(case.id, "status", {"from": old, "to": status, "reason": why}, at=run.now)
         run.step("status", case=case.label, **{"from": old, "to": status})
 
     # -- bounces ------------------------------------------------------------------------
 
-    def _bounce(self, s: Any, run: _Run) -> Outcome:
-        found = st.case_by_message_ids(s, list(run.cls.bounced_message_ids))
+    def _bounce(self, tx: FlowTx, run: _Run) -> Outcome:
+        mail, cls = run.mail, run.cls
+        assert mail is not None and cls is not None
+        found = tx.case_by_message_ids(list(cls.bounced_message_ids))
         if found is None:
             # No Message-ID we know: the signed envelope sender (Return-Path) of our mail names the case.
-            for rcpt in [*run.rec.envelope_to, *(a.address for a in run.mail.to)]:
+            for rcpt in [*run.rec.envelope_to, *(a.address for a in mail.to)]:
                 signed = parse_reply_address(rcpt, self.secret)
-                case_ = st.case_by_number(s, signed[1]) if signed else None
+                case_ = tx.case_by_number(signed[1]) if signed else None
                 if case_ is not None:
                     found = (case_, "")
                     break
         if found is None:
             reason = "bounce that names none of our messages"
             run.step("dropped", reason=reason)
-            return Outcome(st.DROPPED, None, reason, run.mail.message_id)
+            return Outcome(st.DROPPED, None, reason, mail.message_id)
         case, ref = found
-        row = self._store_message(s, run, case, visibility="internal")
+        row = self._store_message(tx, run, case, visibility="internal")
         permanent, failed = dsn_report(run.rec.raw or b"")
-        failed = list(dict.fromkeys([*(a.lower() for a in run.cls.failed_recipients), *failed]))
-        marked = self.notifier.bounce(s, case, self._trigger(run), [ref] if ref else [], failed, permanent)
-        st.add_event(s, case, "bounce", {"bounced_message_id": ref or None, "recipients": failed,
+        failed = list(dict.fromkeys([*(a.lower() for a in cls.failed_recipients), *failed]))
+        marked = self.notifier.bounce(tx, case, self._trigger(run), [ref] if ref else [], failed, permanent)
+        tx.add_event(case.id, "bounce", {"bounced_message_id": ref or None, "recipients": failed,
                                          "permanent": permanent, "outbox": marked},
                      message_row=row, inbound_id=run.rec.id, at=run.now)
-        self._attach_to_case(s, run, case)
+        self._attach_to_case(tx, run, case)
         run.step("bounce", case=case.label, bounced=ref or None, permanent=permanent, outbox=marked)
-        return Outcome(st.PROCESSED, case.label, f"bounce of <{ref or 'signed return path'}>", run.mail.message_id)
+        return Outcome(st.PROCESSED, case.label, f"bounce of <{ref or 'signed return path'}>", mail.message_id)
 
 
 def organization_domain(cfg: Config, address: str) -> str | None:

@@ -99,11 +99,11 @@ def _threading(cfg: Config, ruleset: RuleSet, raw: bytes, mail: Any, cls: Any, m
         proc = Processor(cfg, store, lambda: ruleset)
         # A secret only ever exists once intake has issued reply addresses; never make one here.
         proc._secret = os.environ.get("INTAKE_SECRET") or store.setting("secret") or os.urandom(16).hex()
-        rec = st.InboundRecord(channel=channel, mailbox=mb.address, envelope_to=[mb.address], raw=raw)
+        rec = st.InboundWork(id=0, raw=raw, state=st.RECEIVED, channel=channel, mailbox=mb.address,
+                             envelope_to=[mb.address], source={}, log=[], attempts=0)
         run = _Run(rec=rec, mail=mail, cls=cls, mailbox=mb, now=now, ruleset=ruleset)
-        with store._sessions() as s:
-            match = proc._thread(s, run)
-            s.rollback()
+        with store.flow(write=False) as tx:
+            match = proc._thread(tx, run)
         case = f"{cfg.cases.prefix}-{match.case_number}" if match.case_number else None
         return {"method": match.method, "reason": match.reason, "case": case}
     except Exception as exc:  # noqa: BLE001 - a dry run reports what it could not check

@@ -43,21 +43,23 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.types import TypeDecorator
 
-# Inbound record states (DESIGN 4): received → processed | duplicate | dropped | quarantined
-RECEIVED = "received"
-PROCESSED = "processed"
-DUPLICATE = "duplicate"
-DROPPED = "dropped"
-QUARANTINED = "quarantined"
-INBOUND_STATES = (RECEIVED, PROCESSED, DUPLICATE, DROPPED, QUARANTINED)
-
-
-class StoreUnavailable(Exception):
-    """The database cannot commit right now (locked, full, unreachable): retry later."""
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+from intake.flowstore import (  # noqa: F401 - the store's public names
+    DROPPED,
+    DUPLICATE,
+    INBOUND_STATES,
+    PROCESSED,
+    QUARANTINED,
+    RECEIVED,
+    CaseRec,
+    ContactRef,
+    Dialect,
+    FlowTx,
+    InboundWork,
+    StoreBusy,
+    StoreUnavailable,
+    insert_inbound,
+    utcnow,
+)
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -364,6 +366,17 @@ class ImapFolderState(Base):
 # Engine and migrations
 
 
+def sqlite_pragmas(dbapi_conn: Any, busy_timeout_ms: int = 30000) -> None:
+    """The settings every SQLite connection of intake runs with."""
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    # FULL: a commit is on disk when it returns; `250` depends on that.
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+    cur.close()
+
+
 def make_engine(url: str) -> Engine:
     """An engine with the connection settings intake relies on."""
     if url.startswith("sqlite"):
@@ -371,13 +384,7 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            # FULL: a commit is on disk when it returns; `250` depends on that.
-            cur.execute("PRAGMA synchronous=FULL")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=30000")
-            cur.close()
+            sqlite_pragmas(dbapi_conn)
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn: Any) -> None:
@@ -515,12 +522,21 @@ class Store:
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = make_engine(url)
+        self.dialect = Dialect(self.engine.dialect.name)
+        dbapi = self.engine.dialect.dbapi
+        # Errors of the driver's own cursor (the hot paths) that mean "not now", not "bad data".
+        self._unavailable: tuple[type[BaseException], ...] = (OperationalError,) + (
+            (dbapi.OperationalError,) if dbapi is not None else ())
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._writers = sessionmaker(self.engine.execution_options(writer=True), expire_on_commit=False)
 
     @property
     def is_sqlite(self) -> bool:
         return self.engine.dialect.name == "sqlite"
+
+    def is_unavailable(self, exc: BaseException) -> bool:
+        """True for an error that means "the database cannot be used now", not "bad data"."""
+        return isinstance(exc, (StoreUnavailable, *self._unavailable))
 
     def upgrade(self) -> None:
         try:
@@ -537,11 +553,37 @@ class Store:
         with self._writers() as s:
             try:
                 yield s
-                flush_events(s)
                 s.commit()
             except BaseException:
                 s.rollback()
                 raise
+
+    @contextmanager
+    def flow(self, *, write: bool = True) -> Iterator[FlowTx]:
+        """A transaction of the processing flow on the driver's cursor (``intake.flowstore``).
+
+        Committed on success and rolled back on any exception; ``write=False`` reads only
+        and is always rolled back. A database that cannot be used right now raises
+        ``StoreUnavailable``.
+        """
+        try:
+            with self.engine.connect() as conn:
+                if write:
+                    conn.execution_options(writer=True)  # BEGIN IMMEDIATE on SQLite
+                conn.begin()
+                cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+                try:
+                    tx = FlowTx(cur, self.dialect)
+                    yield tx
+                    tx.flush_events()
+                    if write:
+                        conn.commit()
+                    else:
+                        conn.rollback()
+                finally:
+                    cur.close()
+        except self._unavailable as exc:
+            raise StoreUnavailable(_error_text(exc)) from exc
 
     # -- durable intake -------------------------------------------------------------
 
@@ -570,31 +612,36 @@ class Store:
         ``imap_mark`` moves an IMAP poller's folder position in the same transaction, so
         that after a crash the poller knows exactly which messages are already stored.
         """
+        with self.flow() as tx:
+            if imap_mark is not None:
+                tx.set_imap_state(imap_mark.account, imap_mark.folder, imap_mark.uidvalidity, imap_mark.last_uid)
+            return insert_inbound(tx.cur, self.dialect, items, utcnow())
+
+    def edge_writer(self) -> "EdgeWriter | None":
+        """A writer that never waits for SQLite's lock (for an edge committing in its event loop).
+
+        None on PostgreSQL, where a commit is a network round trip: edges commit in a
+        thread there.
+        """
+        return EdgeWriter(self.url.split(":///", 1)[1], self.dialect) if self.is_sqlite else None
+
+    def load_inbound(self, inbound_ids: Sequence[int]) -> dict[int, InboundWork]:
+        """Records to process, with their raw bytes, read without locking (outside the write
+        transaction, so that parsing never holds SQLite's one writer slot)."""
         t = InboundRecord.__table__
-        now = utcnow()
-        rows = [
-            {
-                "raw": raw, "raw_sha256": hashlib.sha256(raw).hexdigest(), "size": len(raw), "state": RECEIVED,
-                "received_at": now, "channel": meta["channel"], "mailbox": meta["mailbox"],
-                "envelope_from": meta.get("envelope_from"), "envelope_to": list(meta.get("envelope_to") or []),
-                "source": dict(meta.get("source") or {}), "attempts": 0,
-                "log": [{"at": now.isoformat(), "step": "received", "channel": meta["channel"],
-                         "mailbox": meta["mailbox"], **({"source": meta["source"]} if meta.get("source") else {})}],
-            }
-            for raw, meta in items
-        ]
+        cols = ("id", "raw", "state", "channel", "mailbox", "envelope_to", "source", "log", "attempts", "received_at")
+        out: dict[int, InboundWork] = {}
         try:
-            with self.session() as s:
-                if imap_mark is not None:
-                    _set_imap_state(s, imap_mark)
-                if not rows:
-                    return []
-                # One INSERT for the batch (Core, ids in the order given): the edge's commit
-                # is on the path of every 250.
-                res = s.connection().execute(insert(t).returning(t.c.id, sort_by_parameter_order=True), rows)
-                return [r[0] for r in res]
+            with self.engine.connect() as conn:
+                for row in conn.execute(select(*(t.c[c] for c in cols)).where(t.c.id.in_(list(inbound_ids)))):
+                    m = row._mapping
+                    out[m["id"]] = InboundWork(
+                        id=m["id"], raw=m["raw"], state=m["state"], channel=m["channel"], mailbox=m["mailbox"],
+                        envelope_to=list(m["envelope_to"] or []), source=dict(m["source"] or {}),
+                        log=list(m["log"] or []), attempts=m["attempts"] or 0, received_at=m["received_at"])
         except OperationalError as exc:
-            raise StoreUnavailable(str(exc.orig) if exc.orig else str(exc)) from exc
+            raise StoreUnavailable(_error_text(exc)) from exc
+        return out
 
     def pending_inbound(self, limit: int = 1000, after_id: int = 0) -> list[int]:
         """Ids of records still ``received`` (not yet processed), oldest first."""
@@ -677,7 +724,7 @@ class Store:
                 "state": rec.state, "message_id": rec.message_id, "from": rec.from_address, "subject": rec.subject,
                 "case": case.label if case else None, "duplicate_of": rec.duplicate_of, "attempts": rec.attempts,
                 "processed_at": rec.processed_at.isoformat() if rec.processed_at else None,
-                "error": rec.error, "traceback": rec.traceback, "log": list(rec.log or []),
+                "error": rec.error, "traceback": rec.traceback, "log": [received_entry(rec), *(rec.log or [])],
             }
 
     def purge_raw(self, before: datetime) -> int:
@@ -702,8 +749,8 @@ class Store:
 
     def quarantine(self, inbound_id: int, error: str, tb: str) -> None:
         """Mark a record quarantined with its error, in a transaction of its own."""
-        with self.session() as s:
-            mark_quarantined(s, inbound_id, error, tb)
+        with self.flow() as tx:
+            tx.quarantine(inbound_id, error, tb, utcnow())
 
     def quarantined(self) -> list[InboundRecord]:
         with self._sessions() as s:
@@ -765,11 +812,8 @@ class Store:
 
     def set_imap_state(self, mark: ImapMark) -> None:
         """Store a poller's folder position (e.g. a new UIDVALIDITY with ``last_uid = 0``)."""
-        try:
-            with self.session() as s:
-                _set_imap_state(s, mark)
-        except OperationalError as exc:
-            raise StoreUnavailable(str(exc.orig) if exc.orig else str(exc)) from exc
+        with self.flow() as tx:
+            tx.set_imap_state(mark.account, mark.folder, mark.uidvalidity, mark.last_uid)
 
     # -- settings ---------------------------------------------------------------------
 
@@ -892,290 +936,78 @@ class Store:
 RULES_STATE_KEY = "rules.state"
 
 
-def _set_imap_state(s: Session, mark: ImapMark) -> None:
-    row = s.get(ImapFolderState, (mark.account, mark.folder))
-    if row is None:
-        s.add(ImapFolderState(account=mark.account, folder=mark.folder, uidvalidity=mark.uidvalidity,
-                              last_uid=mark.last_uid, updated_at=utcnow()))
-    else:
-        row.uidvalidity = mark.uidvalidity
-        row.last_uid = mark.last_uid
-        row.updated_at = utcnow()
+class EdgeWriter:
+    """Commits received messages on a SQLite connection of its own that never waits for the lock.
+
+    An edge committing inside its event loop must not block the loop while another
+    writer (the processor) holds SQLite's one write lock: ``try_receive`` raises
+    ``StoreBusy`` at once and the edge tries again a moment later, serving its other
+    clients meanwhile.
+    """
+
+    def __init__(self, path: str, dialect: Dialect) -> None:
+        self._path = path
+        self._dialect = dialect
+        self._conn: Any = None
+
+    def _connection(self) -> Any:
+        if self._conn is None:
+            import sqlite3
+
+            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False, timeout=0)
+            sqlite_pragmas(conn, busy_timeout_ms=0)
+            # A checkpoint here would stall the loop; the other connections' commits do them.
+            conn.execute("PRAGMA wal_autocheckpoint=0")
+            self._conn = conn
+        return self._conn
+
+    def try_receive(self, items: Sequence[tuple[bytes, dict[str, Any]]]) -> list[int]:
+        """Commit received messages now, or raise ``StoreBusy`` (lock held) / ``StoreUnavailable``."""
+        import sqlite3
+
+        try:
+            cur = self._connection().cursor()
+            cur.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if getattr(exc, "sqlite_errorname", "") in ("SQLITE_BUSY", "SQLITE_LOCKED"):
+                raise StoreBusy(str(exc)) from exc
+            self.close()
+            raise StoreUnavailable(str(exc)) from exc
+        try:
+            ids = insert_inbound(cur, self._dialect, items, utcnow())
+            cur.execute("COMMIT")
+            return ids
+        except sqlite3.Error as exc:
+            try:
+                cur.execute("ROLLBACK")
+            except sqlite3.Error:
+                self.close()
+            raise StoreUnavailable(str(exc)) from exc
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def received_entry(rec: InboundRecord) -> dict[str, Any]:
+    """The first entry of a processing log, read from the record's own columns."""
+    entry: dict[str, Any] = {"at": rec.received_at.isoformat(), "step": "received", "channel": rec.channel,
+                             "mailbox": rec.mailbox}
+    if rec.source:
+        entry["source"] = dict(rec.source)
+    return entry
+
+
+def _error_text(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None)
+    return str(orig if orig is not None else exc)
 
 
 def parse_case_label(label: str) -> int | None:
     """``CASE-1042`` (any prefix) or ``1042`` → 1042."""
     tail = label.strip().rsplit("-", 1)[-1]
     return int(tail) if tail.isdigit() else None
-
-
-def next_number(s: Session, name: str = "case_number") -> int:
-    """Next value of a named counter: a PostgreSQL sequence, or a row-locked counter on SQLite."""
-    t = Counter.__table__
-    conn = s.connection()
-    if name == "case_number" and conn.dialect.name == "postgresql":
-        # Not rolled back with the transaction, so other processes never wait on it.
-        return int(conn.execute(text("SELECT nextval('case_number_seq')")).scalar_one())
-    value = conn.execute(update(t).where(t.c.name == name).values(value=t.c.value + 1).returning(t.c.value)).scalar()
-    if value is None:
-        conn.execute(insert(t), [{"name": name, "value": 1}])
-        return 1
-    return int(value)
-
-
-# ---------------------------------------------------------------------------------------
-# Operations of the flow, inside the caller's transaction (``with store.session() as s``)
-
-
-@dataclass
-class InboundWork:
-    """An inbound record being processed, as plain data; saved back by ``save_inbound``."""
-
-    id: int
-    raw: bytes | None
-    state: str
-    channel: str
-    mailbox: str
-    envelope_to: list[str]
-    source: dict[str, Any]
-    log: list[Any]
-    attempts: int
-    message_id: str | None = None
-    from_address: str | None = None
-    subject: str | None = None
-    case_id: int | None = None
-    duplicate_of: int | None = None
-    processed_at: datetime | None = None
-    error: str | None = None
-
-
-_WORK_COLUMNS = ("id", "raw", "state", "channel", "mailbox", "envelope_to", "source", "log", "attempts")
-_SAVED_COLUMNS = ("state", "log", "attempts", "message_id", "from_address", "subject", "case_id", "duplicate_of",
-                  "processed_at", "error")
-
-
-def load_inbound(s: Session, inbound_ids: Sequence[int]) -> dict[int, InboundWork]:
-    """The records to process, with their raw bytes, in one query.
-
-    On PostgreSQL the rows are locked and rows another process holds are skipped, so that
-    several processes share the work without taking the same message.
-    """
-    t = InboundRecord.__table__
-    q = select(*(t.c[c] for c in _WORK_COLUMNS)).where(t.c.id.in_(list(inbound_ids)))
-    if s.get_bind().dialect.name == "postgresql":
-        q = q.with_for_update(skip_locked=True)
-    out = {}
-    for row in s.connection().execute(q):
-        m = row._mapping
-        out[m["id"]] = InboundWork(**{c: m[c] for c in _WORK_COLUMNS})
-        out[m["id"]].envelope_to = list(m["envelope_to"] or [])
-        out[m["id"]].log = list(m["log"] or [])
-        out[m["id"]].attempts = m["attempts"] or 0
-    return out
-
-
-def save_inbound(s: Session, works: Sequence[InboundWork]) -> None:
-    """Write the outcome of processed records back, in one statement."""
-    if not works:
-        return
-    t = InboundRecord.__table__
-    stmt = update(t).where(t.c.id == bindparam("b_id")).values({c: bindparam(f"b_{c}") for c in _SAVED_COLUMNS})
-    s.connection().execute(stmt, [{"b_id": w.id, **{f"b_{c}": getattr(w, c) for c in _SAVED_COLUMNS}} for w in works])
-
-
-def mark_quarantined(s: Session, inbound_id: int, error: str, tb: str) -> None:
-    """Quarantine a record with its error; its raw bytes stay for `quarantine retry`."""
-    rec = s.get(InboundRecord, inbound_id)
-    if rec is None:
-        return
-    s.refresh(rec)  # the failed savepoint may have left it half-changed
-    rec.state = QUARANTINED
-    rec.error = error
-    rec.traceback = tb
-    rec.attempts = (rec.attempts or 0) + 1
-    rec.processed_at = utcnow()
-    rec.log = [*(rec.log or []), {"at": utcnow().isoformat(), "step": "quarantined", "error": error}]
-
-
-def message_key_owner(s: Session, key: str) -> tuple[int, int | None] | None:
-    """(first inbound id, its case id) of a Message-ID already registered, or None."""
-    t = MessageKey.__table__
-    row = s.connection().execute(select(t.c.inbound_id, t.c.case_id).where(t.c.key == key)).first()
-    return (row[0], row[1]) if row else None
-
-
-def claim_message_key(s: Session, key: str, inbound_id: int) -> bool:
-    """Register the first arrival of a Message-ID; False when another record has it.
-
-    Two processes racing on PostgreSQL: the loser's insert fails with an IntegrityError,
-    its batch is retried, and then it finds the key here.
-    """
-    conn = s.connection()
-    stmt = (sqlite_insert if conn.dialect.name == "sqlite" else pg_insert)(MessageKey.__table__)
-    t = MessageKey.__table__
-    res = conn.execute(stmt.on_conflict_do_nothing().returning(t.c.key), {"key": key, "inbound_id": inbound_id})
-    return res.first() is not None
-
-
-def set_message_key_case(s: Session, key: str, case_id: int) -> None:
-    t = MessageKey.__table__
-    s.connection().execute(update(t).where(t.c.key == key).values(case_id=case_id))
-
-
-def case_by_number(s: Session, number: int) -> Case | None:
-    return s.scalars(select(Case).where(Case.number == number)).unique().first()
-
-
-def case_by_id(s: Session, case_id: int) -> Case | None:
-    return s.get(Case, case_id)
-
-
-def case_by_message_ids(s: Session, ids: Sequence[str]) -> tuple[Case, str] | None:
-    """The case of the newest stored or sent message among ``ids``."""
-    if not ids:
-        return None
-    row = s.execute(
-        select(MessageRow.case_id, MessageRow.message_id)
-        .where(MessageRow.message_id.in_(list(ids)))
-        .order_by(MessageRow.id.desc())
-        .limit(1)
-    ).first()
-    if row is None:
-        return None
-    case = s.get(Case, row[0])
-    return (case, row[1]) if case else None
-
-
-def case_by_thread_index(s: Session, prefix: str) -> Case | None:
-    row = s.execute(
-        select(MessageRow.case_id).where(MessageRow.thread_index == prefix).order_by(MessageRow.id.desc()).limit(1)
-    ).first()
-    return s.get(Case, row[0]) if row else None
-
-
-def participant_addresses(s: Session, case_id: int) -> set[str]:
-    rows = s.execute(
-        select(Contact.address).join(Participant, Participant.contact_id == Contact.id).where(Participant.case_id == case_id)
-    )
-    return {r[0] for r in rows}
-
-
-def participant_rows(s: Session, case_id: int) -> list[tuple[str, str, str]]:
-    """(address, name, role) of a case's participants."""
-    rows = s.execute(select(Contact.address, Contact.name, Participant.role)
-                     .join(Participant, Participant.contact_id == Contact.id).where(Participant.case_id == case_id))
-    return [(a, n or "", r) for a, n, r in rows]
-
-
-@dataclass(frozen=True)
-class ContactRef:
-    id: int
-    address: str
-    name: str
-    organization_id: int | None
-    language: str | None
-
-
-def _organization_id(conn: Any, domain: str) -> int:
-    t = Organization.__table__
-    org_id = conn.execute(select(t.c.id).where(t.c.domain == domain)).scalar()
-    if org_id is None:
-        org_id = conn.execute(insert(t).returning(t.c.id),
-                              [{"domain": domain, "name": domain, "created_at": utcnow()}]).scalar_one()
-    return int(org_id)
-
-
-def get_or_create_contact(s: Session, address: str, name: str, organization_domain: str | None) -> ContactRef:
-    """The contact of an address (lower-cased); its name is filled in when first known."""
-    address = address.lower()
-    conn = s.connection()
-    t = Contact.__table__
-    row = conn.execute(select(t.c.id, t.c.name, t.c.organization_id, t.c.language).where(t.c.address == address)).first()
-    if row is None:
-        org_id = _organization_id(conn, organization_domain) if organization_domain else None
-        cid = conn.execute(insert(t).returning(t.c.id), [{"address": address, "name": name or "",
-                                                          "organization_id": org_id, "created_at": utcnow()}]).scalar_one()
-        return ContactRef(int(cid), address, name or "", org_id, None)
-    if name and not row.name:
-        conn.execute(update(t).where(t.c.id == row.id).values(name=name))
-    return ContactRef(int(row.id), address, row.name or name or "", row.organization_id, row.language)
-
-
-def add_participant(s: Session, case: Case, contact: ContactRef, role: str) -> None:
-    """Add a contact to a case's participants (once; the first role stays)."""
-    conn = s.connection()
-    stmt = (sqlite_insert if conn.dialect.name == "sqlite" else pg_insert)(Participant.__table__)
-    conn.execute(stmt.on_conflict_do_nothing(), [{"case_id": case.id, "contact_id": contact.id, "role": role}])
-
-
-def create_case(s: Session, *, prefix: str, **fields: Any) -> Case:
-    """A new case numbered from the installation's one sequence."""
-    case = Case(number=next_number(s), prefix=prefix, **fields)
-    s.add(case)
-    s.flush()
-    return case
-
-
-def add_message(
-    s: Session,
-    case: Case,
-    *,
-    direction: str,
-    visibility: str,
-    message_id: str,
-    from_address: str | None,
-    from_name: str | None,
-    to: list[str],
-    cc: list[str],
-    subject: str,
-    text: str,
-    html: str | None,
-    sent_at: datetime | None,
-    inbound_id: int | None = None,
-    thread_index: str | None = None,
-    attachments: Sequence[Any] = (),
-) -> int:
-    """Store a message on a case; attachment content is stored once per SHA-256. Returns its id."""
-    # Append-only rows go in as plain INSERTs: the unit of work costs more than the mail.
-    conn = s.connection()
-    row_id = conn.execute(
-        insert(MessageRow.__table__).returning(MessageRow.__table__.c.id),
-        [dict(case_id=case.id, inbound_id=inbound_id, direction=direction, visibility=visibility,
-              message_id=message_id, from_address=from_address, from_name=from_name, to=to, cc=cc,
-              subject=subject, text=text, html=html, sent_at=sent_at, thread_index=thread_index,
-              created_at=utcnow())],
-    ).scalar_one()
-    for a in attachments:
-        if conn.execute(select(Blob.__table__.c.sha256).where(Blob.__table__.c.sha256 == a.sha256)).first() is None:
-            conn.execute(insert(Blob.__table__), [{"sha256": a.sha256, "size": a.size, "data": a.payload}])
-        conn.execute(insert(AttachmentRow.__table__), [dict(message_row_id=row_id, sha256=a.sha256, filename=a.display_name,
-                                               content_type=a.content_type, size=a.size, inline=a.inline,
-                                               content_id=a.content_id)])
-    return int(row_id)
-
-
-def add_event(
-    s: Session,
-    case: Case,
-    type_: str,
-    data: dict[str, Any] | None = None,
-    *,
-    message_row: int | None = None,
-    inbound_id: int | None = None,
-    at: datetime | None = None,
-) -> None:
-    """Append an entry to a case's timeline (written at the next ``flush_events``)."""
-    s.info.setdefault("events", []).append(
-        dict(case_id=case.id, type=type_, data=data or {}, message_row_id=message_row, inbound_id=inbound_id,
-             at=at or utcnow())
-    )
-
-
-def flush_events(s: Session) -> None:
-    """Write the buffered timeline entries in one statement."""
-    rows = s.info.pop("events", None)
-    if rows:
-        s.connection().execute(insert(Event.__table__), rows)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1278,42 +1110,38 @@ def finish_outbox(store: Store, outcomes: Sequence[OutboxOutcome]) -> None:
     """Record delivery results in one transaction; failures go on the case timeline."""
     if not outcomes:
         return
-    with store.session() as s:
-        rows = {r.id: r for r in s.scalars(select(OutboxRow).where(OutboxRow.id.in_([o.id for o in outcomes])))}
+    with store.flow() as tx:
+        rows = tx.outbox_rows([o.id for o in outcomes])
         for o in outcomes:
             row = rows.get(o.id)
             if row is None or row.state != OUT_SENDING:
                 continue
-            row.attempts += 1
-            row.updated_at = o.at
-            row.last_error = o.error
-            row.state = o.state
-            case = s.get(Case, row.case_id) if row.case_id else None
+            changes: dict[str, Any] = {"attempts": row.attempts + 1, "updated_at": o.at, "last_error": o.error,
+                                       "state": o.state}
             if o.state == OUT_SENT:
-                row.sent_at = row.finished_at = o.at
+                changes["sent_at"] = changes["finished_at"] = o.at
                 if row.message_row_id:
-                    msg = s.get(MessageRow, row.message_row_id)
-                    if msg is not None:
-                        msg.sent_at = o.at
+                    tx.set_message_sent(row.message_row_id, o.at)
             elif o.state == OUT_QUEUED:
-                row.next_attempt_at = o.next_attempt_at or o.at
+                changes["next_attempt_at"] = o.next_attempt_at or o.at
             else:
-                row.finished_at = o.at
-                row.permanent = o.permanent
-                if case is not None:
-                    add_event(s, case, "mail_failed", {"message_id": row.message_id, "to": row.recipient,
-                                                       "template": row.template, "reply": o.error,
-                                                       "permanent": o.permanent}, at=o.at)
+                changes["finished_at"] = o.at
+                changes["permanent"] = o.permanent
+                if row.case_id is not None:
+                    tx.add_event(row.case_id, "mail_failed", {"message_id": row.message_id, "to": row.recipient,
+                                                              "template": row.template, "reply": o.error,
+                                                              "permanent": o.permanent}, at=o.at)
                 if o.permanent and o.suppress_until:
                     for addr in row.recipients or [row.recipient]:
-                        suppress(s, addr, o.suppress_until, f"outbox #{row.id}: {o.error}")
+                        tx.suppress(addr, o.suppress_until, f"outbox #{row.id}: {o.error}")
+            tx.update_outbox(row.id, **changes)
             for addr, reply in (o.refused or {}).items():
-                if case is not None:
-                    add_event(s, case, "mail_failed", {"message_id": row.message_id, "to": addr,
-                                                       "template": row.template, "reply": reply,
-                                                       "permanent": True}, at=o.at)
+                if row.case_id is not None:
+                    tx.add_event(row.case_id, "mail_failed", {"message_id": row.message_id, "to": addr,
+                                                              "template": row.template, "reply": reply,
+                                                              "permanent": True}, at=o.at)
                 if o.suppress_until:
-                    suppress(s, addr, o.suppress_until, f"outbox #{row.id}: {reply}")
+                    tx.suppress(addr, o.suppress_until, f"outbox #{row.id}: {reply}")
 
 
 def fail_interrupted_outbox(store: Store, claimed_before: datetime) -> list[int]:
@@ -1322,20 +1150,17 @@ def fail_interrupted_outbox(store: Store, claimed_before: datetime) -> list[int]
     Whether the relay took such a mail is unknown; sending it again could deliver it
     twice, so an operator decides (``intake outbox retry ID``).
     """
-    with store.session() as s:
-        rows = list(s.scalars(select(OutboxRow).where(OutboxRow.state == OUT_SENDING,
-                                                      OutboxRow.claimed_at < claimed_before)))
+    with store.flow() as tx:
+        rows = tx.interrupted_outbox(claimed_before)
         now = utcnow()
         for row in rows:
-            row.state = OUT_FAILED
-            row.finished_at = row.updated_at = now
-            row.last_error = ("delivery was interrupted (the sending process stopped); not resent automatically "
-                              "so that nobody gets it twice: `intake outbox retry %d` sends it" % row.id)
-            case = s.get(Case, row.case_id) if row.case_id else None
-            if case is not None:
-                add_event(s, case, "mail_failed", {"message_id": row.message_id, "to": row.recipient,
-                                                   "template": row.template, "reply": row.last_error,
-                                                   "permanent": False}, at=now)
+            error = ("delivery was interrupted (the sending process stopped); not resent automatically "
+                     "so that nobody gets it twice: `intake outbox retry %d` sends it" % row.id)
+            tx.update_outbox(row.id, state=OUT_FAILED, finished_at=now, updated_at=now, last_error=error)
+            if row.case_id is not None:
+                tx.add_event(row.case_id, "mail_failed", {"message_id": row.message_id, "to": row.recipient,
+                                                          "template": row.template, "reply": error,
+                                                          "permanent": False}, at=now)
         return [r.id for r in rows]
 
 
@@ -1366,152 +1191,18 @@ def outbox_item(store: Store, outbox_id: int) -> OutboxItem | None:
 
 def retry_outbox(store: Store, outbox_id: int, now: datetime, give_up_after: float) -> str | None:
     """Queue a failed (or still queued) row for delivery now; returns why not, or None."""
-    with store.session() as s:
-        row = s.get(OutboxRow, outbox_id)
+    with store.flow() as tx:
+        row = tx.outbox_rows([outbox_id]).get(outbox_id)
         if row is None:
             return "no such outbox row"
         if row.state in (OUT_SENT, OUT_BOUNCED):
             return f"already {row.state} at {row.sent_at.isoformat() if row.sent_at else '?'}; a mail is never sent twice"
         if row.state == OUT_SENDING:
             return "being sent right now"
-        row.state = OUT_QUEUED
-        row.next_attempt_at = now
-        row.give_up_at = now + timedelta(seconds=give_up_after)
-        row.permanent = False
-        row.finished_at = None
-        row.updated_at = now
-        case = s.get(Case, row.case_id) if row.case_id else None
-        if case is not None:
-            add_event(s, case, "note", {"text": f"outbox #{row.id} queued again by an operator",
-                                        "message_id": row.message_id}, at=now)
+        tx.update_outbox(row.id, state=OUT_QUEUED, next_attempt_at=now,
+                         give_up_at=now + timedelta(seconds=give_up_after), permanent=False, finished_at=None,
+                         updated_at=now)
+        if row.case_id is not None:
+            tx.add_event(row.case_id, "note", {"text": f"outbox #{row.id} queued again by an operator",
+                                               "message_id": row.message_id}, at=now)
         return None
-
-
-# -- outbox operations inside the caller's transaction ------------------------------------
-
-
-def add_outbox(s: Session, **fields: Any) -> int:
-    """Queue one rendered mail; returns the outbox row's id."""
-    t = OutboxRow.__table__
-    return int(s.connection().execute(insert(t).returning(t.c.id), [fields]).scalar_one())
-
-
-def count_outbox(s: Session, *, since: datetime, template: str | None = None, recipient: str | None = None,
-                 case_id: int | None = None, audience: str | None = None) -> int:
-    """How many mails were queued since ``since`` (any state), by template/recipient/case."""
-    t = OutboxRow.__table__
-    q = select(func.count(t.c.id)).where(t.c.created_at >= since)
-    if template:
-        q = q.where(t.c.template == template)
-    if recipient:
-        q = q.where(t.c.recipient == recipient.lower())
-    if case_id is not None:
-        q = q.where(t.c.case_id == case_id)
-    if audience:
-        q = q.where(t.c.audience == audience)
-    # Core on the session's connection: these run for every mail and need no autoflush.
-    return int(s.connection().execute(q).scalar() or 0)
-
-
-def count_inbound_messages(s: Session, case_id: int, since: datetime) -> int:
-    """Messages that came in on a case since ``since``."""
-    t = MessageRow.__table__
-    return int(s.connection().execute(select(func.count(t.c.id)).where(
-        t.c.case_id == case_id, t.c.direction == "in", t.c.created_at >= since)).scalar() or 0)
-
-
-@dataclass(frozen=True)
-class SuppressionView:
-    address: str
-    until: datetime
-    reason: str
-
-
-def suppression(s: Session, address: str, now: datetime) -> SuppressionView | None:
-    """The active suppression of an address, if any."""
-    t = Suppression.__table__
-    row = s.connection().execute(select(t.c.address, t.c.until, t.c.reason).where(t.c.address == address.lower())).first()
-    if row is None:
-        return None
-    until = row.until if row.until.tzinfo else row.until.replace(tzinfo=timezone.utc)
-    return SuppressionView(row.address, until, row.reason) if until > now else None
-
-
-def suppress(s: Session, address: str, until: datetime, reason: str) -> None:
-    address = address.lower()
-    row = s.get(Suppression, address)
-    if row is None:
-        s.add(Suppression(address=address, until=until, reason=reason))
-        s.flush()
-    elif row.until < until:
-        row.until, row.reason = until, reason
-
-
-def outbox_by_message_ids(s: Session, ids: Sequence[str]) -> list[OutboxRow]:
-    if not ids:
-        return []
-    return list(s.scalars(select(OutboxRow).where(OutboxRow.message_id.in_(list(ids)))))
-
-
-def outbox_for_case(s: Session, case_id: int, *, states: Sequence[str] = (OUT_SENT,)) -> list[OutboxRow]:
-    return list(s.scalars(select(OutboxRow).where(OutboxRow.case_id == case_id, OutboxRow.state.in_(list(states)))
-                          .order_by(OutboxRow.id.desc())))
-
-
-def case_public_messages(s: Session, case_id: int, limit: int = 50) -> list[tuple[str, str, str | None]]:
-    """(Message-ID, direction, from address) of a case's public messages, oldest first (for References)."""
-    rows = s.execute(select(MessageRow.message_id, MessageRow.direction, MessageRow.from_address)
-                     .where(MessageRow.case_id == case_id, MessageRow.visibility == "public")
-                     .order_by(MessageRow.id.desc()).limit(limit))
-    return [(m, d, f.lower() if f else None) for m, d, f in reversed(rows.all())]
-
-
-def record_rule_hits(s: Session, names: Sequence[str], at: datetime) -> None:
-    """Count one hit for each rule name, inside the processing transaction."""
-    if not names:
-        return
-    t = RuleStat.__table__
-    conn = s.connection()
-    upsert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
-    for name in dict.fromkeys(names):
-        stmt = upsert(t).values(name=name, hits=1, first_hit_at=at, last_hit_at=at)
-        conn.execute(stmt.on_conflict_do_update(index_elements=[t.c.name],
-                                                set_={"hits": t.c.hits + 1, "last_hit_at": stmt.excluded.last_hit_at}))
-
-
-def rotation_last(s: Session, queue: str) -> str | None:
-    """The agent a queue's round robin assigned last; locks the row on PostgreSQL."""
-    row = s.get(QueueRotation, queue, with_for_update=s.get_bind().dialect.name == "postgresql")
-    if row is None:
-        try:
-            with s.begin_nested():
-                s.add(QueueRotation(queue=queue, last_agent=None))
-        except IntegrityError:
-            row = s.get(QueueRotation, queue, with_for_update=True, populate_existing=True)
-            return row.last_agent if row else None
-        return None
-    return row.last_agent
-
-
-def set_rotation_last(s: Session, queue: str, agent: str, at: datetime) -> None:
-    row = s.get(QueueRotation, queue)
-    if row is None:
-        row = QueueRotation(queue=queue)
-        s.add(row)
-    row.last_agent = agent
-    row.updated_at = at
-
-
-OPEN_STATUSES = ("new", "open", "pending")
-
-
-def open_case_counts(s: Session, agents: Sequence[str]) -> dict[str, int]:
-    """Open (not resolved or closed) cases per assignee, across all queues."""
-    if not agents:
-        return {}
-    rows = s.execute(
-        select(Case.assignee, func.count(Case.id))
-        .where(Case.assignee.in_(list(agents)), Case.status.in_(OPEN_STATUSES))
-        .group_by(Case.assignee)
-    )
-    return {a: int(n) for a, n in rows}

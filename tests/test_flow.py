@@ -8,7 +8,7 @@ from datetime import timedelta
 from sqlalchemy import select, update
 
 from intake import pipeline
-from intake.store import Case, QUARANTINED, add_message, case_by_number, utcnow
+from intake.store import Case, CaseRec, QUARANTINED, utcnow
 from mailfactory import make_mail
 from test_classify import _dsn
 
@@ -18,9 +18,9 @@ def _receive(app, raw: bytes, mailbox: str = "support@example.com"):
     return app.processor.process(inbound_id)
 
 
-def _case(app, number: int) -> Case:
-    with app.store.session() as s:
-        return case_by_number(s, number)
+def _case(app, number: int) -> CaseRec:
+    with app.store.flow(write=False) as tx:
+        return tx.case_by_number(number)
 
 
 def test_reply_by_references_is_a_comment_not_a_new_case(app):
@@ -35,9 +35,8 @@ def test_reply_by_references_is_a_comment_not_a_new_case(app):
 
 def test_reply_to_our_own_sent_message_threads(app):
     _receive(app, make_mail(message_id="<q1@customer.example.org>"))
-    with app.store.session() as s:
-        case = case_by_number(s, 1)
-        add_message(s, case, direction="out", visibility="public", message_id="ack-1@example.com",
+    with app.store.flow() as tx:
+        tx.add_message(tx.case_by_number(1).id, direction="out", visibility="public", message_id="ack-1@example.com",
                     from_address="support@example.com", from_name="", to=["alice@customer.example.org"], cc=[],
                     subject="[CASE-1] Printer", text="We got it", html=None, sent_at=utcnow())
     # The customer's client dropped its own id from References and kept only ours.
@@ -94,8 +93,8 @@ def test_automated_reply_never_reopens(app):
 
 def test_bounce_of_our_mail_goes_on_the_case_timeline(app):
     _receive(app, make_mail())
-    with app.store.session() as s:
-        add_message(s, case_by_number(s, 1), direction="out", visibility="public", message_id="out-1@example.com",
+    with app.store.flow() as tx:
+        tx.add_message(tx.case_by_number(1).id, direction="out", visibility="public", message_id="out-1@example.com",
                     from_address="support@example.com", from_name="", to=["gone@customer.example.org"], cc=[],
                     subject="[CASE-1] x", text="x", html=None, sent_at=utcnow())
     out = _receive(app, _dsn("out-1@example.com"))
