@@ -60,6 +60,7 @@ def strip_case_token(subject: str, prefixes: Collection[str]) -> str:
 _SIGNED = re.compile(r"^(?P<base>[^+@]+)\+(?P<kind>[cn])(?P<number>\d+)-(?P<sig>[a-z0-9]+)@(?P<domain>.+)$", re.I)
 
 
+@functools.lru_cache(maxsize=4096)  # a case's addresses are made for every mail it sends
 def _signature(secret: str, kind: str, number: int) -> str:
     digest = hmac.new(secret.encode(), f"{kind}{number}".encode(), hashlib.sha256).digest()
     # base32, lower case, 10 characters: 50 bits, short enough for a mail client's field.

@@ -183,22 +183,27 @@ def is_noreply(address: str) -> bool:
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+_DOUBLE_SPACES = re.compile(r" {2,}")
 
 
 def clean_header(value: str) -> str:
     """A header value without control characters (a newline would inject headers)."""
-    return re.sub(r" {2,}", " ", _CONTROL.sub(" ", value)).strip()
+    return _DOUBLE_SPACES.sub(" ", _CONTROL.sub(" ", value)).strip()
 
 
 _REPLY_PREFIX = re.compile(r"^(?:\s*(?:re|fwd?|aw|sv|vs|wg|返信|転送)\s*[:：]\s*)+", re.I)
+# Any bracketed word: compared with the case label in code (one compiled pattern for all cases).
+_BRACKETED = re.compile(r"\s*\[\s*([^\[\]\s]+)\s*\]\s*")
+_SPACES = re.compile(r"\s+")
 
 
 def subject_with_token(subject: str, label: str) -> str:
     """The subject with the case token ``[CASE-1042]`` exactly once (after any ``Re:``)."""
     subject = clean_header(subject)
     token = f"[{label}]"
-    bare = re.sub(r"\s*\[\s*" + re.escape(label) + r"\s*\]\s*", " ", subject, flags=re.I)
-    bare = re.sub(r"\s+", " ", bare).strip()
+    wanted = label.casefold()
+    bare = _BRACKETED.sub(lambda m: " " if m.group(1).casefold() == wanted else m.group(0), subject)
+    bare = _SPACES.sub(" ", bare).strip()
     m = _REPLY_PREFIX.match(bare)
     prefix = m.group(0) if m else ""
     rest = bare[len(prefix):].strip()

@@ -14,6 +14,7 @@ attribute 'numbr'``.
 from __future__ import annotations
 
 import operator
+import time
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -43,6 +44,10 @@ TEMPLATE_NAMES = (
     "auto_close_warning",
     "auto_closed",
 )
+
+#: Seconds a template file lookup is reused: a new or removed file is noticed after this
+#: (a changed file at once: Jinja checks its modification time at every render).
+LOOKUP_TTL = 2.0
 
 #: Shipped templates, used for any template the configured folder does not have.
 SHIPPED = Path(__file__).resolve().parent.parent / "templates"
@@ -110,7 +115,8 @@ class TemplateSet:
     Lookup order for ``NAME`` in language ``LANG`` and brand ``BRAND``:
     ``BRAND/LANG``, ``LANG``, ``BRAND/DEFAULT``, ``DEFAULT`` — the customer's language
     matters more than the brand's look. The configured folder comes first, then the
-    shipped templates. Changed files are picked up without a restart.
+    shipped templates. Changed files are picked up without a restart (new or removed
+    files within ``LOOKUP_TTL`` seconds).
     """
 
     def __init__(self, path: str | Path, default_language: str = "ja", max_output: int = 256 * 1024,
@@ -129,6 +135,7 @@ class TemplateSet:
             auto_reload=True,
         )
         self.env.filters["nl2br"] = _nl2br
+        self._located: dict[str, tuple[float, str | None]] = {}
 
     # -- lookup -------------------------------------------------------------------------
 
@@ -152,14 +159,21 @@ class TemplateSet:
         tried = ", ".join(c + ".txt.j2" for c in self.candidates(name, language, brand))
         raise TemplateError(str(self.path / name), None, f"no template {name!r} (tried {tried})")
 
+    def _locate(self, name: str) -> str | None:
+        """The file of a template name, first root first; looked up again after ``LOOKUP_TTL``."""
+        now = time.monotonic()
+        hit = self._located.get(name)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        found = next((str(r / name) for r in self.roots if (r / name).is_file()), None)
+        self._located[name] = (now + LOOKUP_TTL, found)
+        return found
+
     def _exists(self, name: str) -> bool:
-        return any((r / name).is_file() for r in self.roots)
+        return self._locate(name) is not None
 
     def file_of(self, name: str) -> str:
-        for r in self.roots:
-            if (r / name).is_file():
-                return str(r / name)
-        return str(self.path / name)
+        return self._locate(name) or str(self.path / name)
 
     # -- rendering ----------------------------------------------------------------------
 
