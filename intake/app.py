@@ -21,6 +21,9 @@ class App:
     cfg: Config
     store: Store
     ruleset: RuleSet = field(default_factory=RuleSet)
+    # True under `serve`, whose processor and outbox sender run continuously (the scheduler
+    # need not sweep for them).
+    processing_in_serve: bool = False
     _processor: Processor | None = field(default=None, repr=False)
 
     @property

@@ -119,6 +119,15 @@ class NotifyConfig:
 
 
 @dataclass(frozen=True)
+class ProcessingConfig:
+    """How ``serve`` runs the processor (parse → … → notify) beside the listeners."""
+
+    workers: int = 1  # child processes; 0 = a thread of the serve process
+    batch_size: int = 50  # records per processing transaction
+    nice: int = 10  # CPU priority of the workers below serve's (0-19; 0 = the same)
+
+
+@dataclass(frozen=True)
 class RulesConfig:
     path: str = "routing_rules"
 
@@ -177,6 +186,7 @@ class Config:
     imap: tuple[ImapConfig, ...] = ()
     outbound: OutboundConfig = field(default_factory=OutboundConfig)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
+    processing: ProcessingConfig = field(default_factory=ProcessingConfig)
     rules: RulesConfig = field(default_factory=RulesConfig)
     templates: TemplatesConfig = field(default_factory=TemplatesConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
@@ -381,6 +391,9 @@ def _validate(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: smtp.listen: expected host:port (e.g. 127.0.0.1:2525), got {cfg.smtp.listen!r}")
     if bool(cfg.smtp.tls_cert) != bool(cfg.smtp.tls_key):
         raise ConfigError(f"{where}: smtp.tls_cert and smtp.tls_key go together (STARTTLS needs both)")
+    if cfg.processing.workers < 0 or cfg.processing.batch_size < 1 or not 0 <= cfg.processing.nice <= 19:
+        raise ConfigError(f"{where}: processing.workers must be 0 or more, processing.batch_size at least 1 "
+                          "and processing.nice between 0 and 19")
     if cfg.smtp.max_connections < 1 or cfg.smtp.max_recipients < 1:
         raise ConfigError(f"{where}: smtp.max_connections and smtp.max_recipients must be at least 1")
     try:

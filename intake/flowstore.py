@@ -91,7 +91,8 @@ _INSERT_INBOUND = (
 
 
 def insert_inbound(cur: Any, d: Dialect, items: Sequence[tuple[bytes, dict[str, Any]]], now: datetime) -> list[int]:
-    """Insert received messages (raw bytes, channel/mailbox/envelope/source); their ids, in order.
+    """Insert received messages (raw bytes, channel/mailbox/envelope/source, and
+    ``received_at`` when it is not ``now``); their ids, in order.
 
     The processing log starts empty: its ``received`` entry is read from these columns.
     """
@@ -99,7 +100,8 @@ def insert_inbound(cur: Any, d: Dialect, items: Sequence[tuple[bytes, dict[str, 
     at = d.ts(now)
     ids = []
     for raw, meta in items:
-        cur.execute(sql, (at, meta["channel"], meta["mailbox"], meta.get("envelope_from"),
+        received = meta.get("received_at")
+        cur.execute(sql, (d.ts(received) if received else at, meta["channel"], meta["mailbox"], meta.get("envelope_from"),
                           _dumps(list(meta.get("envelope_to") or [])), _dumps(dict(meta.get("source") or {})),
                           raw, hashlib.sha256(raw).hexdigest(), len(raw), RECEIVED))
         ids.append(cur.fetchone()[0])
@@ -303,6 +305,15 @@ class FlowTx:
         log = [*(self.d.read_json(row[0]) or []), {"at": at.isoformat(), "step": "quarantined", "error": error}]
         self._exec("UPDATE inbound SET state = ?, error = ?, traceback = ?, attempts = ?, processed_at = ?, log = ? "
                    "WHERE id = ?", (QUARANTINED, error, tb, (row[1] or 0) + 1, self.d.ts(at), _dumps(log), inbound_id))
+
+    def setting(self, key: str) -> str | None:
+        row = self._one("SELECT value FROM settings WHERE key = ?", (key,))
+        return row[0] if row else None
+
+    def set_setting(self, key: str, value: str, *, replace: bool = True) -> None:
+        """Store a setting; with ``replace=False`` an existing value stays."""
+        self._exec("INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) DO "
+                   + ("UPDATE SET value = excluded.value" if replace else "NOTHING"), (key, value))
 
     # -- Message-ID registry (the duplicate rule) ------------------------------------------
 

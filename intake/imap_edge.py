@@ -24,6 +24,7 @@ import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import AbstractContextManager as ContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -163,8 +164,10 @@ class ImapPoller:
     """Drains one account's folder into the store; ``run`` keeps doing so until stopped."""
 
     def __init__(self, store: Store, acct: ImapConfig, *, connect: Connect = connect,
-                 notify: Callable[[], None] = lambda: None, backoff_cap: float = 300.0) -> None:
+                 notify: Callable[[], None] = lambda: None,
+                 waiting: Callable[[], ContextManager[None]] = nullcontext, backoff_cap: float = 300.0) -> None:
         self.store = store
+        self._waiting = waiting  # held around a commit (serve's processor steps aside)
         self.acct = acct
         self.name = acct.account
         self.status_name = f"imap:{acct.account}"
@@ -270,7 +273,9 @@ class ImapPoller:
                 if first_failed is not None:
                     top = min(top, first_failed - 1)  # the failed one must be fetched again
                 mark = ImapMark(self.name, self.acct.folder, uidvalidity, max(mark.last_uid, top))
-                self.store.receive_many([(raw, self._meta(uid, uidvalidity)) for uid, raw in fetched], imap_mark=mark)
+                with self._waiting():
+                    self.store.receive_many([(raw, self._meta(uid, uidvalidity)) for uid, raw in fetched],
+                                            imap_mark=mark)
                 for uid, _ in fetched:
                     self._failed.pop((uidvalidity, uid), None)
                 result.stored += len(fetched)
@@ -520,7 +525,8 @@ def imap_component(acct: ImapConfig, *, connect: Connect = connect) -> Callable[
     async def component(service: "Service") -> None:
         loop = asyncio.get_running_loop()
         poller = ImapPoller(service.app.store, acct, connect=connect,
-                            notify=lambda: loop.call_soon_threadsafe(service.notify_received))
+                            notify=lambda: loop.call_soon_threadsafe(service.notify_received),
+                            waiting=service.processing.edges.waiting)
         stop = threading.Event()
         with _serving_lock:
             _serving.add(acct.account)

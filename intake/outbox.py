@@ -368,26 +368,16 @@ def deliver_job(app: "App", now: datetime) -> str:
     return str(deliver_due(app.cfg, app.store, now))
 
 
-async def run_outbox(service: "object") -> None:
-    """``serve`` component: deliver continuously, woken when the processor queued mail."""
-    import asyncio
-
-    from intake.service import Service
-
-    assert isinstance(service, Service)
-    loop = asyncio.get_running_loop()
-    cfg = service.app.cfg
-    while not service.stopping.is_set():
-        service.outbox_wake.clear()
+def delivery_loop(app: "App", wake: threading.Event, stopping: Callable[[], bool]) -> None:
+    """The outbox sender of ``serve`` (a thread of a worker): a delivery pass whenever the
+    processor queued mail (``wake``), and every ``[outbound] interval`` seconds for retries."""
+    cfg = app.cfg
+    while not stopping():
+        wake.clear()
         try:
-            report = await loop.run_in_executor(None, lambda: deliver_due(
-                cfg, service.app.store, st.utcnow(), should_stop=service.stopping.is_set))
+            report = deliver_due(cfg, app.store, st.utcnow(), should_stop=stopping)
             if report.sent or report.retry or report.failed:
                 log.info("outbox pass: %s", report)
         except Exception:  # noqa: BLE001 - the store or the disk may be down; keep serving
             log.exception("outbox pass failed; retrying")
-        wake = asyncio.ensure_future(service.outbox_wake.wait())
-        stop = asyncio.ensure_future(service.stopping.wait())
-        await asyncio.wait({wake, stop}, timeout=cfg.outbound.interval, return_when=asyncio.FIRST_COMPLETED)
-        wake.cancel()
-        stop.cancel()
+        wake.wait(cfg.outbound.interval)

@@ -96,7 +96,12 @@ class Processor:
     # -- entry points -------------------------------------------------------------------
 
     def process_pending(self, limit: int | None = None, batch: int = 50) -> int:
-        """Process every ``received`` record (oldest first); returns how many were handled."""
+        """Process every ``received`` record (oldest first); returns how many were handled.
+
+        Messages waiting in the SMTP listener's spool are imported first.
+        """
+        while self.store.import_spool():
+            pass
         done = 0
         after = 0
         while limit is None or done < limit:

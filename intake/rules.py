@@ -147,6 +147,8 @@ class RuleSet:
     rules: tuple[Rule, ...] = ()
     files: tuple[str, ...] = ()
     fingerprint: str = ""
+    # The files it was compiled from, (name, bytes): another process compiles the same set.
+    sources: tuple[tuple[str, bytes], ...] = field(default=(), repr=False)
 
     @property
     def agent_addresses(self) -> frozenset[str]:
@@ -1161,7 +1163,8 @@ def compile_rules(contents: Sequence[tuple[str | Path, bytes]]) -> RuleSet:
         ordered = sorted(loader.errors, key=lambda e: (order.get(e[0], len(order)), e[1]))
         raise RulesError([f"{f}:{line}: {msg}" for f, line, msg in ordered])
     return RuleSet(agents=dict(loader.agents), queues=dict(loader.queues), rules=tuple(loader.rules),
-                   files=tuple(str(n) for n, _ in contents), fingerprint=digest.hexdigest()[:16])
+                   files=tuple(str(n) for n, _ in contents), fingerprint=digest.hexdigest()[:16],
+                   sources=tuple((str(n), bytes(d)) for n, d in contents))
 
 
 def evaluate(ruleset: RuleSet, ctx: RuleContext) -> Decision:

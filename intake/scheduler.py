@@ -32,6 +32,8 @@ class Job:
 
 def _process_received(app: "App", now: datetime) -> str:
     """Fallback sweep: records left ``received`` (a crash, a database outage) are processed."""
+    if app.processing_in_serve:
+        return "processed continuously by serve's processor"
     return f"{app.processor.process_pending()} received message(s) processed"
 
 
@@ -45,7 +47,9 @@ def _retention(app: "App", now: datetime) -> str:
 
 
 def _deliver_outbox(app: "App", now: datetime) -> str:
-    """Outbox delivery (``serve`` also delivers continuously; this is the fallback and ``tick``)."""
+    """Outbox delivery (``tick``; under ``serve`` a worker delivers continuously)."""
+    if app.processing_in_serve:
+        return "delivered continuously by serve's outbox sender"
     from intake.outbox import deliver_job
 
     return deliver_job(app, now)

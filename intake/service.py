@@ -1,8 +1,8 @@
 """``intake serve``: the one asyncio loop that runs the edges, the processor and the jobs.
 
-The processor runs in a worker thread (SQLite and parsing are blocking work) and is woken
-whenever an edge commits a message, and every second in any case, so that records left
-``received`` by a crash are picked up.
+The edges (SMTP listener, IMAP pollers) commit received messages and wake the processor,
+which runs in worker processes of its own (``intake.workers``) and also looks at the
+database every second, so that records left ``received`` by a crash are picked up.
 """
 
 from __future__ import annotations
@@ -11,85 +11,17 @@ import asyncio
 import logging
 import os
 import signal
-import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 
 from intake.app import App
-from intake.rules import RulesError, compile_rules, rule_files
+from intake.rules import RuleSet, RulesError, compile_rules, rule_files
+from intake.workers import Processing
 
 log = logging.getLogger("intake.service")
 
-
-# Records processed per transaction under `serve`: large enough to share the fsync,
-# small enough that an edge waiting for the writer slot is not kept long.
-PROCESS_BATCH = 20
-
-
-class WriteTurns:
-    """Turns at the database's one writer slot, inside this process: edges first.
-
-    SQLite has one writer at a time, and its busy handler (sleep and poll) lets a thread
-    that writes back to back (the processor) starve the others. Here a waiting writer is
-    woken at once, and the processor steps aside while an edge is busy (messages waiting
-    for a commit, or one committed less than ``quiet`` seconds ago: senders answered 250
-    send the next message at once), at most ``max_yield`` seconds per message so that
-    processing still advances under sustained load.
-    """
-
-    def __init__(self, max_yield: float = 0.1, quiet: float = 0.02) -> None:
-        self.max_yield = max_yield
-        self.quiet = quiet
-        self._cond = threading.Condition()
-        self._held = False
-        self._edge_queued = 0
-        self._edge_last = 0.0
-
-    def queue_edge(self, n: int) -> None:
-        """An edge has ``n`` more (or, negative, fewer) messages waiting for a commit."""
-        with self._cond:
-            self._edge_queued += n
-            self._edge_last = time.monotonic()
-            self._cond.notify_all()
-
-    @contextmanager
-    def edge(self) -> Iterator[None]:
-        """Hold the writer slot for an edge's commit."""
-        with self._cond:
-            self._cond.wait_for(lambda: not self._held)
-            self._held = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._held = False
-                self._cond.notify_all()
-
-    def edge_busy(self) -> bool:
-        """An edge has messages waiting for a commit, or committed a moment ago."""
-        with self._cond:
-            return self._edge_queued > 0 or time.monotonic() - self._edge_last < self.quiet
-
-    @contextmanager
-    def processor(self) -> Iterator[None]:
-        """Hold the writer slot for processing one message, after the edges' commits."""
-        deadline = time.monotonic() + self.max_yield
-        with self._cond:
-            while True:
-                now = time.monotonic()
-                edge_busy = self._edge_queued > 0 or now - self._edge_last < self.quiet
-                if not self._held and (not edge_busy or now >= deadline):
-                    break
-                wait = deadline - now if self._edge_queued > 0 or now >= deadline else self._edge_last + self.quiet - now
-                self._cond.wait(timeout=max(0.001, wait))
-            self._held = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._held = False
-                self._cond.notify_all()
+#: Seconds between deletions of imported messages from the SMTP listener's spool.
+SPOOL_PURGE_INTERVAL = 5.0
 
 
 class Service:
@@ -97,13 +29,11 @@ class Service:
 
     def __init__(self, app: App) -> None:
         self.app = app
-        self.wake = asyncio.Event()
         self.stopping = asyncio.Event()
-        self.outbox_wake = asyncio.Event()  # set after the processor ran: mail may be queued
+        self.processing = Processing(app)
         self._tasks: list[asyncio.Task[None]] = []
         self._extra: list[Callable[["Service"], Awaitable[None]]] = []
         self.exit_code = 0
-        self.turns = WriteTurns()
 
     def add(self, component: Callable[["Service"], Awaitable[None]]) -> None:
         """Register a coroutine function that runs beside the processor until stop."""
@@ -116,56 +46,36 @@ class Service:
         self.stopping.set()
 
     def notify_received(self) -> None:
-        """Called by an edge after it committed a message: process it now."""
-        self.wake.set()
+        """Called by an edge after it committed messages: process them now."""
+        self.processing.wake()
 
-    def _process_some(self, limit: int) -> int:
-        """Process up to ``limit`` received records (oldest first), taking turns with the edges.
+    def rules_changed(self, ruleset: RuleSet) -> None:
+        """Called when a new rule set was installed: the processor takes it too."""
+        self.processing.rules_changed(ruleset)
 
-        While no edge is busy a turn processes a batch in one transaction (one durable
-        commit for many messages); while one is, a turn is one message, so that an SMTP
-        commit never waits behind a whole batch.
-        """
-        proc = self.app.processor
-        ids = self.app.store.pending_inbound(limit=limit)
-        done = 0
-        while done < len(ids) and not self.stopping.is_set():
-            size = 1 if self.turns.edge_busy() else PROCESS_BATCH
-            chunk = ids[done : done + size]
-            with self.turns.processor():
-                proc.process_batch(chunk)
-            done += len(chunk)
-        return done
-
-    async def _processor(self) -> None:
+    async def _housekeeping(self) -> None:
+        """Every second: the processor's backlog for ``intake status`` (on change, else every
+        30 s); every few seconds: imported messages leave the SMTP listener's spool."""
         loop = asyncio.get_running_loop()
-        reported = (-1.0, -1)  # (when, backlog) of the last status report
+        last = (-1.0, -1)  # (when, backlog) of the last report
+        purged_at = 0.0
         while not self.stopping.is_set():
-            self.wake.clear()
             try:
-                # In chunks, so that a stop request is honoured between them.
-                done = await loop.run_in_executor(None, self._process_some, 100)
-                if done:
-                    self.outbox_wake.set()
-                if done >= 100:
-                    self.wake.set()
-                reported = await loop.run_in_executor(None, self._report_processor, reported)
-            except Exception as exc:  # noqa: BLE001 - the store may be down; keep serving, retry
-                log.exception("processor pass failed; retrying")
-                await loop.run_in_executor(None, self._report, "processor", "error", f"{type(exc).__name__}: {exc}")
-            if self.wake.is_set():
-                continue
-            wake = asyncio.ensure_future(self.wake.wait())
-            stop = asyncio.ensure_future(self.stopping.wait())
-            await asyncio.wait({wake, stop}, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
-            wake.cancel()
-            stop.cancel()
+                last = await loop.run_in_executor(None, self._report_backlog, last)
+                if time.monotonic() - purged_at >= SPOOL_PURGE_INTERVAL:
+                    purged_at = time.monotonic()
+                    await loop.run_in_executor(None, self.app.store.purge_spool)
+            except Exception as exc:  # noqa: BLE001 - the store may be down; keep serving
+                log.warning("housekeeping failed: %s: %s", type(exc).__name__, exc)
+            try:
+                await asyncio.wait_for(self.stopping.wait(), timeout=1.0)
+            except asyncio.TimeoutError:
+                pass
 
-    def _report_processor(self, last: tuple[float, int]) -> tuple[float, int]:
-        """The processor's `received` backlog for `intake status`: on change, else every 30 s."""
+    def _report_backlog(self, last: tuple[float, int]) -> tuple[float, int]:
         from intake.store import RECEIVED
 
-        backlog = self.app.store.count_inbound(RECEIVED)
+        backlog = self.app.store.count_inbound(RECEIVED) + self.app.store.spool_backlog()
         now = time.monotonic()
         if backlog == last[1] and now - last[0] < 30:
             return last
@@ -198,15 +108,17 @@ class Service:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, _on_signal)
-        from intake.outbox import run_outbox
         from intake.scheduler import run_scheduler
         from intake.store import utcnow
 
-        self._tasks = [asyncio.create_task(self._processor()),
-                       asyncio.create_task(run_scheduler(self.app, self.stopping, utcnow)),
-                       asyncio.create_task(run_outbox(self))]
+        self.app.processing_in_serve = True  # the scheduler's fallback sweeps are not needed here
+        self._tasks = [asyncio.create_task(self.processing.run(self.stopping)),
+                       asyncio.create_task(self._housekeeping()),
+                       asyncio.create_task(run_scheduler(self.app, self.stopping, utcnow))]
         self._tasks += [asyncio.create_task(c(self)) for c in self._extra]
-        log.info("serving: database %s, %d mailboxes", self.app.cfg.database_url, len(self.app.cfg.mailbox))
+        log.info("serving: database %s, %d mailboxes, processor in %s", self.app.cfg.database_url,
+                 len(self.app.cfg.mailbox), f"{self.processing.count} worker process(es)"
+                 if self.processing.count else "a thread")
         await self.stopping.wait()
         # Every component watches `stopping` and returns once its work in flight is done.
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -232,6 +144,7 @@ class RulesWatcher:
         self._stamp = self._stat()
         self._seen = app.ruleset.fingerprint
         self._loaded_at = utcnow_iso()
+        self.on_change: Callable[[RuleSet], None] | None = None  # told of every installed set
 
     def _stat(self) -> tuple[tuple[str, int, int], ...]:
         try:
@@ -275,6 +188,8 @@ class RulesWatcher:
                 self.record("ok")
             return False
         self.app.ruleset = ruleset  # one reference swap: a message sees the old or the new set
+        if self.on_change is not None:
+            self.on_change(ruleset)
         self._seen = ruleset.fingerprint
         self._loaded_at = utcnow_iso()
         self.record("ok")
@@ -283,6 +198,7 @@ class RulesWatcher:
 
     async def __call__(self, service: "Service") -> None:
         loop = asyncio.get_running_loop()
+        self.on_change = service.rules_changed
         await loop.run_in_executor(None, self.record, "ok")
         while not service.stopping.is_set():
             try:

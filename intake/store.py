@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -43,6 +43,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.types import TypeDecorator
 
+from intake import spool
 from intake.flowstore import (  # noqa: F401 - the store's public names
     DROPPED,
     DUPLICATE,
@@ -529,6 +530,8 @@ class Store:
             (dbapi.OperationalError,) if dbapi is not None else ())
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._writers = sessionmaker(self.engine.execution_options(writer=True), expire_on_commit=False)
+        # Called before every write transaction: serve's workers let waiting edges go first.
+        self.before_write: Callable[[], None] | None = None
 
     @property
     def is_sqlite(self) -> bool:
@@ -550,6 +553,8 @@ class Store:
     @contextmanager
     def session(self) -> Iterator[Session]:
         """A write transaction: committed on success, rolled back on any exception."""
+        if self.before_write is not None:
+            self.before_write()
         with self._writers() as s:
             try:
                 yield s
@@ -566,6 +571,8 @@ class Store:
         and is always rolled back. A database that cannot be used right now raises
         ``StoreUnavailable``.
         """
+        if write and self.before_write is not None:
+            self.before_write()
         try:
             with self.engine.connect() as conn:
                 if write:
@@ -617,13 +624,70 @@ class Store:
                 tx.set_imap_state(imap_mark.account, imap_mark.folder, imap_mark.uidvalidity, imap_mark.last_uid)
             return insert_inbound(tx.cur, self.dialect, items, utcnow())
 
-    def edge_writer(self) -> "EdgeWriter | None":
-        """A writer that never waits for SQLite's lock (for an edge committing in its event loop).
+    # -- the SMTP listener's spool (SQLite) ------------------------------------------
 
-        None on PostgreSQL, where a commit is a network round trip: edges commit in a
-        thread there.
+    @property
+    def spool_path(self) -> Path | None:
+        """The spool file beside a SQLite database file (``intake.spool``); None on PostgreSQL."""
+        path = self.engine.url.database if self.is_sqlite else None
+        return spool.spool_path(path) if path and path != ":memory:" else None
+
+    def spool_writer(self) -> "spool.SpoolWriter | None":
+        """The SMTP listener's writer to its spool; None where the listener commits directly."""
+        return spool.SpoolWriter(self.spool_path, self.database_id()) if self.spool_path is not None else None
+
+    def database_id(self) -> str:
+        """This database's identity (made at first use): a spool belongs to one database."""
+        value = self.setting(DATABASE_ID_KEY)
+        if value is None:
+            with self.flow() as tx:
+                tx.set_setting(DATABASE_ID_KEY, secrets.token_hex(16), replace=False)
+                value = tx.setting(DATABASE_ID_KEY)
+        assert value is not None
+        return value
+
+    def _spool_mark(self) -> tuple[str, int] | None:
+        """(settings key, last imported id) of the current spool file, None without one."""
+        path = self.spool_path
+        ident = spool.spool_identity(path, self.database_id()) if path is not None and path.exists() else None
+        if ident is None:
+            return None
+        key = f"spool.{ident}.imported"  # a new spool file starts from 0
+        return key, int(self.setting(key) or 0)
+
+    def import_spool(self, limit: int = 500) -> int:
+        """Move spooled messages into ``inbound`` (state ``received``); how many.
+
+        The last imported spool id is written in the same transaction as the records, so
+        that a crash neither loses nor repeats one.
         """
-        return EdgeWriter(self.url.split(":///", 1)[1], self.dialect) if self.is_sqlite else None
+        mark = self._spool_mark()
+        if mark is None:
+            return 0
+        key, after = mark
+        rows = spool.read_after(self.spool_path, after, limit=limit)  # type: ignore[arg-type]
+        if not rows:
+            return 0
+        with self.flow() as tx:
+            done = int(tx.setting(key) or 0)  # another worker may have been first
+            rows = [r for r in rows if r.id > done]
+            if rows:
+                items = [(r.raw, {"channel": r.channel, "mailbox": r.mailbox, "envelope_from": r.envelope_from,
+                                  "envelope_to": r.envelope_to, "source": r.source,
+                                  "received_at": Dialect.read_ts(r.received_at)}) for r in rows]
+                insert_inbound(tx.cur, self.dialect, items, utcnow())
+                tx.set_setting(key, str(rows[-1].id))
+        return len(rows)
+
+    def spool_backlog(self) -> int:
+        """Spooled messages not yet imported."""
+        mark = self._spool_mark()
+        return spool.count_after(self.spool_path, mark[1]) if mark else 0  # type: ignore[arg-type]
+
+    def purge_spool(self) -> int:
+        """Delete imported messages from the spool (they are in ``inbound`` now)."""
+        mark = self._spool_mark()
+        return spool.purge(self.spool_path, mark[1]) if mark else 0  # type: ignore[arg-type]
 
     def load_inbound(self, inbound_ids: Sequence[int]) -> dict[int, InboundWork]:
         """Records to process, with their raw bytes, read without locking (outside the write
@@ -934,60 +998,7 @@ class Store:
 
 
 RULES_STATE_KEY = "rules.state"
-
-
-class EdgeWriter:
-    """Commits received messages on a SQLite connection of its own that never waits for the lock.
-
-    An edge committing inside its event loop must not block the loop while another
-    writer (the processor) holds SQLite's one write lock: ``try_receive`` raises
-    ``StoreBusy`` at once and the edge tries again a moment later, serving its other
-    clients meanwhile.
-    """
-
-    def __init__(self, path: str, dialect: Dialect) -> None:
-        self._path = path
-        self._dialect = dialect
-        self._conn: Any = None
-
-    def _connection(self) -> Any:
-        if self._conn is None:
-            import sqlite3
-
-            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False, timeout=0)
-            sqlite_pragmas(conn, busy_timeout_ms=0)
-            # A checkpoint here would stall the loop; the other connections' commits do them.
-            conn.execute("PRAGMA wal_autocheckpoint=0")
-            self._conn = conn
-        return self._conn
-
-    def try_receive(self, items: Sequence[tuple[bytes, dict[str, Any]]]) -> list[int]:
-        """Commit received messages now, or raise ``StoreBusy`` (lock held) / ``StoreUnavailable``."""
-        import sqlite3
-
-        try:
-            cur = self._connection().cursor()
-            cur.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            if getattr(exc, "sqlite_errorname", "") in ("SQLITE_BUSY", "SQLITE_LOCKED"):
-                raise StoreBusy(str(exc)) from exc
-            self.close()
-            raise StoreUnavailable(str(exc)) from exc
-        try:
-            ids = insert_inbound(cur, self._dialect, items, utcnow())
-            cur.execute("COMMIT")
-            return ids
-        except sqlite3.Error as exc:
-            try:
-                cur.execute("ROLLBACK")
-            except sqlite3.Error:
-                self.close()
-            raise StoreUnavailable(str(exc)) from exc
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+DATABASE_ID_KEY = "database.id"
 
 
 def received_entry(rec: InboundRecord) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 from conftest import intake_env
 from mailfactory import make_mail
 
-COUNT = 400
+COUNT = 1000
 
 
 def _mails(folder: Path) -> list[str]:
@@ -29,21 +30,36 @@ def _mails(folder: Path) -> list[str]:
     return ids
 
 
+def _stored(db: Path) -> int:
+    """Inbound records committed so far (0 before the schema exists)."""
+    try:
+        with sqlite3.connect(db, timeout=30) as conn:
+            return conn.execute("SELECT count(*) FROM inbound").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
 def test_sigkill_during_ingest_then_restart_processes_every_message_exactly_once(run_intake, config_path, tmp_path):
     expected = _mails(tmp_path / "mails")
+    db = config_path.parent / "intake.db"
     rng = random.Random(7)
     kills = 0
     cmd = [sys.executable, "-m", "intake", "--config", str(config_path), "ingest", str(tmp_path / "mails")]
-    # Kill the ingest at random moments, three times; each restart is the MTA retrying
-    # everything it has not seen acknowledged (here: the whole folder again).
+    # Kill the ingest at random moments of its stream, three times: once it has stored
+    # more than before, after a random pause. Each restart is the MTA retrying everything
+    # it has not seen acknowledged (here: the whole folder again).
     for _ in range(3):
+        before = _stored(db)
         proc = subprocess.Popen(cmd, env=intake_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.8, 2.5))
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and _stored(db) <= before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.4))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
         proc.wait(timeout=30)
-    assert kills >= 1, "the ingest finished before it could be killed: make the stream longer"
+    assert kills >= 2, "the ingest finished before it could be killed: make the stream longer"
 
     # The scheduler's sweep processes what was stored but not yet processed...
     tick = run_intake("tick", check=True)

@@ -189,6 +189,8 @@ def test_status_lists_processor_and_unstarted_pollers(tmp_path, dovecot, run_int
     with serving(cfg, password_env(dovecot)) as serve:
         store = _store(cfg)
         wait_for("processor status", lambda: _status(store, "processor"), serve=serve)
+        wait_for("a first poll", lambda: getattr(_status(store, "imap:test"), "last_success_at", None),
+                 serve=serve)
         store.close()
     out = json.loads(run_intake("status", "--json", config=cfg, check=True).stdout)
     by_name = {s["name"]: s for s in out}

@@ -16,9 +16,12 @@ import pytest
 from mailfactory import make_mail
 from smtp_fixtures import IntakeServer, RawClient, smtp_config
 
+from intake.spool import spool_path
 
-def _db(cfg: Path) -> Path:
-    return cfg.parent / "intake.db"
+
+def _spool(cfg: Path) -> Path:
+    """Where the listener commits on SQLite (intake.spool): the processor imports from there."""
+    return spool_path(cfg.parent / "intake.db")
 
 
 def _start_transaction(port: int, subject: str) -> tuple[RawClient, bytes]:
@@ -38,8 +41,8 @@ def _start_transaction(port: int, subject: str) -> tuple[RawClient, bytes]:
 def test_database_locked_gives_451_and_the_retry_is_delivered(tmp_path):
     srv = IntakeServer(smtp_config(tmp_path)).start()
     try:
-        lock = sqlite3.connect(_db(srv.config), isolation_level=None)
-        lock.execute("BEGIN EXCLUSIVE")  # another process holds the database
+        lock = sqlite3.connect(_spool(srv.config), isolation_level=None)
+        lock.execute("BEGIN EXCLUSIVE")  # another process holds the listener's store
         raw = make_mail(subject="while the database was locked", message_id="<locked-1@customer.example.org>")
         with smtplib.SMTP("127.0.0.1", srv.port, timeout=120) as s:
             with pytest.raises(smtplib.SMTPDataError) as exc:
@@ -99,9 +102,10 @@ def test_second_signal_exits_at_once_without_damage(tmp_path):
     rc = srv.wait(timeout=30)
     assert rc != 0 and time.monotonic() - started < 10
     busy.close()
-    db = sqlite3.connect(_db(srv.config))
-    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    db.close()
+    for file in (srv.config.parent / "intake.db", _spool(srv.config)):
+        db = sqlite3.connect(file)
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok", file
+        db.close()
     srv.start()
     try:
         with smtplib.SMTP("127.0.0.1", srv.port, timeout=60) as s:

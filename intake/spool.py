@@ -1,0 +1,221 @@
+"""The SMTP listener's spool on SQLite: where a ``250`` is earned, before the processor runs.
+
+SQLite has one writer. Sharing the database's write lock with the processor made every
+SMTP delivery wait for a processing transaction, and the fsync of each commit stalled the
+event loop. So on SQLite the listener commits to a spool of its own, a second SQLite file
+beside the database (``intake.db`` → ``intake.spool.db``) that only the listener writes:
+
+- a commit never waits for the processor, and runs in the event loop (a few inserts);
+- durability: the spool connection commits without syncing (``synchronous=NORMAL``) and
+  the listener then ``fdatasync``\\ s the spool's write-ahead log in a thread, once for
+  every commit made meanwhile; ``250`` follows that sync. In WAL mode a commit is a
+  frame appended to the log, so a synced log holds every commit made before the sync —
+  what ``synchronous=FULL`` does at each commit, without holding the loop;
+- the processor moves spooled messages into the database's ``inbound`` table
+  (:meth:`intake.store.Store.import_spool`), recording how far it got in the same
+  transaction, so a crash at any moment neither loses nor repeats a message;
+- imported rows are deleted later (:func:`purge`), in small transactions.
+
+The spool is part of the database: back it up and move it together with ``intake.db``.
+PostgreSQL needs none (it has no single write lock): the listener commits there directly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from intake.flowstore import Dialect, StoreBusy, StoreUnavailable
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS spool (id INTEGER PRIMARY KEY AUTOINCREMENT, received_at TEXT NOT NULL, "
+    "channel TEXT NOT NULL, mailbox TEXT NOT NULL, envelope_from TEXT, envelope_to TEXT NOT NULL, "
+    "source TEXT NOT NULL, raw BLOB NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+)
+_SQLITE = Dialect("sqlite")
+log = logging.getLogger("intake.spool")
+
+
+def spool_path(database: str | Path) -> Path:
+    """The spool file of a SQLite database file: ``intake.db`` → ``intake.spool.db``."""
+    p = Path(database)
+    return p.with_name(f"{p.stem}.spool{p.suffix or '.db'}")
+
+
+def _connect(path: Path, busy_timeout_ms: int) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_ms / 1000)
+    conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+    conn.execute("PRAGMA journal_mode=WAL")
+    # Commits are made durable by syncing the log (SpoolWriter.sync), not by SQLite.
+    conn.execute("PRAGMA synchronous=NORMAL")
+    return conn
+
+
+def open_spool(path: Path, database: str) -> None:
+    """Create the spool file of ``database`` (its identity) if needed.
+
+    A spool left by another database (``intake.db`` deleted and made anew, a spool copied
+    from elsewhere) is moved aside, not imported: its messages would revive old mail in a
+    new database. It is kept as ``NAME.orphaned-TIME`` for an operator to look at.
+    """
+    conn = _connect(path, 30000)
+    try:
+        for stmt in _SCHEMA:
+            conn.execute(stmt)
+        conn.execute("INSERT INTO meta (key, value) VALUES ('id', ?) ON CONFLICT DO NOTHING", (uuid.uuid4().hex,))
+        conn.execute("INSERT INTO meta (key, value) VALUES ('database', ?) ON CONFLICT DO NOTHING", (database,))
+        owner = conn.execute("SELECT value FROM meta WHERE key = 'database'").fetchone()[0]
+        if owner == database:
+            return
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        conn.close()
+    aside = path.with_name(f"{path.name}.orphaned-{datetime.now().strftime('%Y%m%dT%H%M%S')}")
+    os.replace(path, aside)
+    log.error("the spool %s belongs to another database: moved aside as %s, a new one is made", path, aside)
+    open_spool(path, database)
+
+
+class SpoolWriter:
+    """The listener's writer: appends in its event loop and never waits for the lock.
+
+    ``try_append`` raises ``StoreBusy`` at once when another connection (the purge) holds
+    the spool's lock; ``sync`` (called in a thread) makes every append so far durable.
+    """
+
+    def __init__(self, path: Path, database: str) -> None:
+        self.path = path
+        open_spool(path, database)
+        self._conn = _connect(path, 0)
+        self._conn.execute("SELECT count(*) FROM meta").fetchone()  # the log file exists from here on
+        # A checkpoint here would stall the loop: the purge runs them, off the loop.
+        self._conn.execute("PRAGMA wal_autocheckpoint=0")
+        self._wal = os.open(f"{path}-wal", os.O_RDONLY)
+
+    def try_append(self, items: Sequence[tuple[bytes, dict[str, Any]]], now: datetime) -> list[int]:
+        """Commit received messages (not yet synced); their spool ids, in order."""
+        cur = self._conn.cursor()
+        try:
+            cur.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if getattr(exc, "sqlite_errorname", "") in ("SQLITE_BUSY", "SQLITE_LOCKED"):
+                raise StoreBusy(str(exc)) from exc
+            raise StoreUnavailable(str(exc)) from exc
+        try:
+            at = _SQLITE.ts(now)
+            ids = []
+            for raw, meta in items:
+                cur.execute("INSERT INTO spool (received_at, channel, mailbox, envelope_from, envelope_to, source, raw) "
+                            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            (at, meta["channel"], meta["mailbox"], meta.get("envelope_from"),
+                             json.dumps(list(meta.get("envelope_to") or [])), json.dumps(dict(meta.get("source") or {})),
+                             raw))
+                ids.append(int(cur.lastrowid or 0))
+            cur.execute("COMMIT")
+            return ids
+        except sqlite3.Error as exc:
+            try:
+                cur.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            raise StoreUnavailable(str(exc)) from exc
+
+    def sync(self) -> None:
+        """Make every commit so far durable (``fdatasync`` of the spool's log)."""
+        try:
+            os.fdatasync(self._wal)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot sync the spool: {exc.strerror or exc}") from exc
+
+    def close(self) -> None:
+        self._conn.close()
+        os.close(self._wal)
+
+
+@dataclass(frozen=True)
+class Spooled:
+    """One spooled message, as the processor imports it."""
+
+    id: int
+    received_at: str
+    channel: str
+    mailbox: str
+    envelope_from: str | None
+    envelope_to: list[str]
+    source: dict[str, Any]
+    raw: bytes
+
+
+def read_after(path: Path, after: int, *, limit: int = 500, max_bytes: int = 16 * 1024 * 1024) -> list[Spooled]:
+    """Spooled messages with an id above ``after``, oldest first (a read: never blocks the listener)."""
+    if not path.exists():
+        return []
+    conn = _connect(path, 30000)
+    try:
+        out: list[Spooled] = []
+        size = 0
+        rows = conn.execute("SELECT id, received_at, channel, mailbox, envelope_from, envelope_to, source, raw "
+                            "FROM spool WHERE id > ? ORDER BY id LIMIT ?", (after, limit))
+        for r in rows:
+            out.append(Spooled(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), json.loads(r[6]), bytes(r[7])))
+            size += len(r[7])
+            if size >= max_bytes:
+                break
+        return out
+    finally:
+        conn.close()
+
+
+def spool_identity(path: Path, database: str) -> str | None:
+    """The identity of the spool file of ``database``; None when there is none (or it is another's)."""
+    if not path.exists():
+        return None
+    conn = _connect(path, 30000)
+    try:
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    except sqlite3.OperationalError:
+        return None
+    finally:
+        conn.close()
+    return str(meta["id"]) if meta.get("id") and meta.get("database") == database else None
+
+
+def count_after(path: Path, after: int) -> int:
+    """How many spooled messages wait above ``after``."""
+    if not path.exists():
+        return 0
+    conn = _connect(path, 30000)
+    try:
+        return int(conn.execute("SELECT count(*) FROM spool WHERE id > ?", (after,)).fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0
+    finally:
+        conn.close()
+
+
+def purge(path: Path, upto: int, *, chunk: int = 500) -> int:
+    """Delete imported messages (ids up to ``upto``) in small transactions; then checkpoint."""
+    if not path.exists() or upto <= 0:
+        return 0
+    conn = _connect(path, 30000)
+    try:
+        deleted = 0
+        while True:
+            cur = conn.execute("DELETE FROM spool WHERE id IN (SELECT id FROM spool WHERE id <= ? ORDER BY id LIMIT ?)",
+                               (upto, chunk))
+            deleted += cur.rowcount
+            if cur.rowcount < chunk:
+                break
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        return deleted
+    finally:
+        conn.close()
