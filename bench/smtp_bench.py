@@ -3,15 +3,19 @@
     /work/venv/bin/python bench/smtp_bench.py [--count 10000] [--sizes 4096,51200] [--connections 1,10,50]
 
 For every message size and number of connections, in the same run:
-(a) a bare aiosmtpd server (own process, one asyncio loop) whose handler only answers 250, and
-(b) `intake serve` (SQLite, synchronous=FULL: every 250 follows a durable group commit, the
-processor working in the same process), a fresh installation per cell,
+(a) a bare aiosmtpd server (own process, one asyncio loop) whose handler only answers 250;
+(a') the same bare server with the one change intake makes to aiosmtpd's protocol (its
+MAIL/RCPT address parse remembered per argument), so that the second ratio shows intake's
+own cost alone;
+(b) `intake serve` (SQLite; every 250 follows a durable commit of the listener's spool;
+the processor and outbox sender in a worker process), a fresh installation per cell,
 receive ``--count`` messages from ``smtp-source -d`` (connections are reused, as an MTA's
-connection cache does). Printed per cell: messages/second of both and their ratio; p50/p99
+connection cache does). Printed per cell: messages/second of each and the ratios; p50/p99
 latency of DATA (from the final "." to the reply) measured by a small client of our own
 sending ``--latency-count`` messages over the same number of connections right after;
-for intake also whether every accepted message is stored, the ``received`` backlog when
-sending ended, and the processing rate over the cell.
+for intake also whether every accepted message is stored, the backlog (spooled or
+``received``, not yet processed) when sending ended, the processing rate while receiving
+and after, and how long the backlog took to drain.
 
 smtp-source is in Debian's ``postfix`` package; install it without configuring an MTA:
     echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
@@ -61,19 +65,31 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 30
 # -- (a) the bare server -----------------------------------------------------------------
 
 
-def run_bare_server(port: int) -> None:
-    """aiosmtpd in one asyncio loop, created like intake's listener; DATA → 250 at once."""
+def run_bare_server(port: int, memo: bool) -> None:
+    """aiosmtpd in one asyncio loop, created like intake's listener; DATA → 250 at once.
+    ``memo``: with intake's remembered address parse (``intake.smtp_edge._parsed_address``)."""
     from aiosmtpd.smtp import SMTP
 
     class Handler:
         async def handle_DATA(self, server, session, envelope):  # noqa: ANN001, ANN201
             return "250 OK"
 
+    protocol = SMTP
+    if memo:
+        sys.path.insert(0, str(ROOT))
+        from intake.smtp_edge import _parsed_address
+
+        class MemoSMTP(SMTP):
+            def _getaddr(self, arg):  # noqa: ANN001, ANN202
+                return _parsed_address(super()._getaddr, arg, self.local_part_limit)
+
+        protocol = MemoSMTP
+
     async def main() -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
-        server = await loop.create_server(lambda: SMTP(Handler(), hostname="bare.bench", data_size_limit=None),
+        server = await loop.create_server(lambda: protocol(Handler(), hostname="bare.bench", data_size_limit=None),
                                           "127.0.0.1", port)
         await stop.wait()
         server.close()
@@ -115,8 +131,9 @@ class Intake:
         self.store = Store(f"sqlite:///{self.db}")
 
     def counts(self) -> tuple[int, int]:
-        """(stored inbound records, still ``received``)."""
-        return self.store.count_inbound(), self.store.count_inbound("received")
+        """(stored messages, not yet processed): the spool's waiting messages count in both."""
+        spooled = self.store.spool_backlog()
+        return self.store.count_inbound() + spooled, self.store.count_inbound("received") + spooled
 
     def stop(self) -> int:
         self.store.close()
@@ -204,12 +221,13 @@ def main() -> int:
     ap.add_argument("--sizes", default="4096,51200", help="message sizes in bytes")
     ap.add_argument("--connections", default="1,10,50", help="concurrent connections")
     ap.add_argument("--latency-count", type=int, default=1000, help="messages of the DATA latency probe")
-    ap.add_argument("--drain-seconds", type=float, default=15, help="how long to watch processing after sending")
+    ap.add_argument("--drain-seconds", type=float, default=120, help="longest wait for processing after sending")
     ap.add_argument("--keep", action="store_true", help="keep the installations (databases, logs)")
     ap.add_argument("--bare-server", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--memo", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.bare_server:
-        run_bare_server(args.bare_server)
+        run_bare_server(args.bare_server, args.memo)
         return 0
     if shutil.which("smtp-source") is None:
         print("smtp-source not found: install Debian's postfix package (see this script's docstring)", file=sys.stderr)
@@ -217,13 +235,16 @@ def main() -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
     conns = [int(c) for c in args.connections.split(",")]
     work = Path(tempfile.mkdtemp(prefix="intake-smtp-bench-"))
-    bare_port = free_port()
+    bare_port, memo_port = free_port(), free_port()
     bare = subprocess.Popen([sys.executable, __file__, "--bare-server", str(bare_port)])
+    memo = subprocess.Popen([sys.executable, __file__, "--bare-server", str(memo_port), "--memo"])
     wait_listening(bare_port, bare)
+    wait_listening(memo_port, memo)
     print(f"smtp-source -d, {args.count} messages per cell; DATA latency from {args.latency_count} messages; "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start")
-    head = (f"{'size':>6} {'conns':>5} | {'bare msg/s':>10} {'p50 ms':>7} {'p99 ms':>7} | {'intake msg/s':>12} "
-            f"{'p50 ms':>7} {'p99 ms':>7} | {'ratio':>6} | {'stored/acc':>11} {'backlog':>7} {'proc msg/s':>10} {'drain msg/s':>11} {'left':>5}")
+    head = (f"{'size':>5} {'conns':>5} | {'bare':>6} {'p50':>5} {'p99':>5} | {'bare+':>6} | {'intake':>6} {'p50':>5} "
+            f"{'p99':>5} | {'ratio':>5} {'ratio+':>6} | {'stored/acc':>11} {'backlog':>7} {'proc':>5} {'after':>5} "
+            f"{'drained':>7} {'left':>4}")
     print(head)
     print("-" * len(head))
     try:
@@ -231,6 +252,7 @@ def main() -> int:
             for n in conns:
                 bare_s = smtp_source(bare_port, args.count, size, n)
                 bare_lat = latency(bare_port, args.latency_count, size, n)
+                memo_s = smtp_source(memo_port, args.count, size, n)
                 port = free_port()
                 intake = Intake(work / f"intake-{size}-{n}", port)
                 started = time.perf_counter()
@@ -242,25 +264,30 @@ def main() -> int:
                 # Processing alone, once the senders are done (bounded: --drain-seconds).
                 drain_started, drain_from = time.perf_counter(), pending
                 while pending and time.perf_counter() - drain_started < args.drain_seconds:
-                    time.sleep(0.5)
+                    time.sleep(0.25)
                     pending = intake.counts()[1]
-                drain_rate = (drain_from - pending) / max(1e-9, time.perf_counter() - drain_started)
+                drained = time.perf_counter() - drain_started
                 rc = intake.stop()
                 accepted = args.count + args.latency_count
                 processed = stored - drain_from
-                bare_rate, intake_rate = args.count / bare_s, args.count / intake_s
-                print(f"{size // 1024:>5}K {n:>5} | {bare_rate:>10.0f} {bare_lat[0]:>7.1f} {bare_lat[1]:>7.1f} | "
-                      f"{intake_rate:>12.0f} {int_lat[0]:>7.1f} {int_lat[1]:>7.1f} | {intake_rate / bare_rate:>6.0%} | "
-                      f"{stored:>5}/{accepted:<5} {backlog:>7} {processed / elapsed:>10.0f} {drain_rate:>11.0f} {pending:>5}"
+                bare_rate, memo_rate, intake_rate = args.count / bare_s, args.count / memo_s, args.count / intake_s
+                print(f"{size // 1024:>4}K {n:>5} | {bare_rate:>6.0f} {bare_lat[0]:>5.1f} {bare_lat[1]:>5.1f} | "
+                      f"{memo_rate:>6.0f} | {intake_rate:>6.0f} {int_lat[0]:>5.1f} {int_lat[1]:>5.1f} | "
+                      f"{intake_rate / bare_rate:>5.0%} {intake_rate / memo_rate:>6.0%} | "
+                      f"{stored:>5}/{accepted:<5} {backlog:>7} {processed / elapsed:>5.0f} "
+                      f"{(drain_from - pending) / max(1e-9, drained):>5.0f} {drained:>6.1f}s {pending:>4}"
                       + ("" if rc == 0 else f"  (serve exited {rc})"), flush=True)
                 if stored != accepted:
                     print(f"  !! {accepted} messages answered 250 but {stored} stored", flush=True)
     finally:
-        bare.send_signal(signal.SIGTERM)
-        bare.wait(timeout=30)
-    print("backlog: records still `received` when smtp-source finished (processing runs after the 250);")
-    print("proc msg/s: records processed per second while receiving (the listener has priority);")
-    print("drain msg/s: processed per second after sending stopped (watched --drain-seconds); left: still received then.")
+        for proc in (bare, memo):
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+    print("bare: stock aiosmtpd; bare+: with intake's remembered address parse; msg/s, DATA latency in ms;")
+    print("ratio: intake / bare (the target: >= 75 % at 10 connections); ratio+: intake / bare+ (intake's own cost);")
+    print("backlog: spooled or received, not yet processed, when smtp-source finished (processing follows the 250);")
+    print("proc: messages processed per second while receiving; after: per second once sending stopped;")
+    print("drained: time from the end of sending until nothing waited; left: still waiting then.")
     if args.keep:
         print(f"work files: {work}")
     else:

@@ -140,18 +140,34 @@ class MaildirSender:
         self.policy = policy_
 
     def deliver(self, items: list[st.OutboxItem], now: datetime) -> list[st.OutboxOutcome]:
-        out = []
+        tmp_dir = self.folder / ".tmp"
+        out: list[st.OutboxOutcome] = []
+        written: list[int] = []  # indexes in ``out`` of files renamed into place
+        try:
+            tmp_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            return [self.policy.temporary(i, now, f"cannot write {self.folder}: {exc.strerror or exc}") for i in items]
         for item in items:
             try:
-                self._write(item)
+                self._write(tmp_dir, item)
+                written.append(len(out))
                 out.append(st.OutboxOutcome(item.id, st.OUT_SENT, now))
             except OSError as exc:
                 out.append(self.policy.temporary(item, now, f"cannot write {self.folder}: {exc.strerror or exc}"))
+        if written:
+            # One directory sync makes every rename of the batch durable before any is reported sent.
+            try:
+                dir_fd = os.open(self.folder, os.O_RDONLY)
+                try:
+                    os.fsync(dir_fd)
+                finally:
+                    os.close(dir_fd)
+            except OSError as exc:
+                for i in written:
+                    out[i] = self.policy.temporary(items[i], now, f"cannot sync {self.folder}: {exc.strerror or exc}")
         return out
 
-    def _write(self, item: st.OutboxItem) -> None:
-        tmp_dir = self.folder / ".tmp"
-        tmp_dir.mkdir(parents=True, exist_ok=True)
+    def _write(self, tmp_dir: Path, item: st.OutboxItem) -> None:
         name = f"{item.created_at:%Y%m%dT%H%M%S}-{item.id:08d}-{(item.case or 'none').lower()}-{item.template}.eml"
         tmp = tmp_dir / name
         with open(tmp, "wb") as f:
@@ -159,11 +175,6 @@ class MaildirSender:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.folder / name)
-        dir_fd = os.open(self.folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
     def close(self) -> None:
         pass
@@ -368,16 +379,17 @@ def deliver_job(app: "App", now: datetime) -> str:
     return str(deliver_due(app.cfg, app.store, now))
 
 
-def delivery_loop(app: "App", wake: threading.Event, stopping: Callable[[], bool]) -> None:
-    """The outbox sender of ``serve`` (a thread of a worker): a delivery pass whenever the
-    processor queued mail (``wake``), and every ``[outbound] interval`` seconds for retries."""
+def delivery_loop(app: "App", wait: Callable[[float], bool], stopping: Callable[[], bool]) -> None:
+    """The outbox sender of ``serve``: a delivery pass whenever the processor queued mail
+    (``wait`` returns early), else every ``[outbound] interval`` seconds for retries;
+    ``wait`` returning False means stop."""
     cfg = app.cfg
     while not stopping():
-        wake.clear()
         try:
             report = deliver_due(cfg, app.store, st.utcnow(), should_stop=stopping)
             if report.sent or report.retry or report.failed:
                 log.info("outbox pass: %s", report)
         except Exception:  # noqa: BLE001 - the store or the disk may be down; keep serving
             log.exception("outbox pass failed; retrying")
-        wake.wait(cfg.outbound.interval)
+        if not wait(cfg.outbound.interval):
+            return

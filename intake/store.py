@@ -7,10 +7,10 @@ migrations in ``intake/migrations``; ``upgrade()`` applies them.
 
 from __future__ import annotations
 
-import hashlib
 import secrets
+import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -29,18 +29,13 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
-    bindparam,
     func,
-    insert,
     select,
-    text,
     update,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker, undefer, joinedload
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker, joinedload
 from sqlalchemy.types import TypeDecorator
 
 from intake import spool
@@ -532,6 +527,9 @@ class Store:
         self._writers = sessionmaker(self.engine.execution_options(writer=True), expire_on_commit=False)
         # Called before every write transaction: serve's workers let waiting edges go first.
         self.before_write: Callable[[], None] | None = None
+        # Writers of this process queue here: SQLite's busy handler would have them sleep
+        # and poll instead (1, 2, 5 … ms), which is most of the wait between two threads.
+        self._write_turn = threading.RLock() if self.is_sqlite else nullcontext()
 
     @property
     def is_sqlite(self) -> bool:
@@ -555,7 +553,7 @@ class Store:
         """A write transaction: committed on success, rolled back on any exception."""
         if self.before_write is not None:
             self.before_write()
-        with self._writers() as s:
+        with self._write_turn, self._writers() as s:
             try:
                 yield s
                 s.commit()
@@ -574,7 +572,7 @@ class Store:
         if write and self.before_write is not None:
             self.before_write()
         try:
-            with self.engine.connect() as conn:
+            with self._write_turn if write else nullcontext(), self.engine.connect() as conn:
                 if write:
                     conn.execution_options(writer=True)  # BEGIN IMMEDIATE on SQLite
                 conn.begin()

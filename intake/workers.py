@@ -3,16 +3,16 @@
 Parsing, rules, templates and MIME are pure Python. In the process of the listeners they
 would share one interpreter lock (the GIL) with every SMTP session and IMAP poller, so
 that a burst of mail slowed receiving and processing alike. ``serve`` therefore runs
-them in ``[processing] workers`` child processes of its own (started with ``spawn``, each
-with its own database connections): every worker runs the processing loop
-(:func:`processing_loop`), the first one also the outbox sender, woken by its own
-processing. ``workers = 0`` runs both in threads of the serve process instead.
+them in child processes of its own (started with ``spawn``, each with its own database
+connections, below serve's CPU priority): ``[processing] workers`` processors running
+:func:`processing_loop` and one outbox sender, woken by the processors after every
+batch. ``workers = 0`` runs both in threads of the serve process instead.
 
-The serve process wakes the workers through a pipe after every commit of an edge,
-forwards rule reloads (the rule files' contents, compiled again by each worker) and asks
-them to stop. A worker whose serve process is gone (SIGKILL) sees the pipe closed and
-exits after the batch in flight; whatever it did not finish stays ``received`` (or
-``queued``) for the next start.
+The serve process wakes the processors through a pipe after every commit of an edge,
+forwards rule reloads (the rule files' contents, compiled again by each processor) and
+asks the workers to stop. A worker whose serve process is gone (SIGKILL) sees its pipe
+closed and exits after the batch in flight; whatever it did not finish stays ``received``
+(or ``queued``) for the next start.
 
 SQLite has one writer, and its busy handler polls: a processor writing back to back
 would keep an edge from the write lock for long. The SMTP listener has a spool of its
@@ -129,30 +129,28 @@ def _report(app: "App", state: str, error: str | None = None) -> None:
         log.debug("processor status not recorded (database busy)")
 
 
-def _start_outbox(app: "App", stopping: Callable[[], bool]) -> tuple[threading.Thread, threading.Event]:
-    """The outbox sender in a thread of this process; set the event to deliver at once."""
-    from intake.outbox import delivery_loop
-
-    wake = threading.Event()
-    thread = threading.Thread(target=delivery_loop, args=(app, wake, stopping), name="intake-outbox", daemon=True)
-    thread.start()
-    return thread, wake
-
-
 # ---------------------------------------------------------------------------------------
-# The worker process
+# The worker processes
+
+PROCESSOR, OUTBOX = "processor", "outbox"
 
 
-def worker_main(cfg: "Config", rule_sources: tuple[tuple[str, bytes], ...], wake: Connection, control: Connection,
-                edges: Any, outbox: bool, log_level: str) -> None:
-    """Entry point of a worker process (``spawn``: everything it needs comes as arguments)."""
+def worker_main(role: str, cfg: "Config", rule_sources: tuple[tuple[str, bytes], ...], alive: Connection,
+                control: Connection, outbox_wake: Connection, edges: Any, log_level: str) -> None:
+    """Entry point of a worker process (``spawn``: everything it needs comes as arguments).
+
+    ``alive``: serve writes a byte to wake a processor; its end of file means serve is
+    gone. ``control``: rule reloads and stop. ``outbox_wake``: a processor writes a byte
+    after every batch, the outbox sender reads them.
+    """
     from intake.app import App, setup_logging
+    from intake.outbox import delivery_loop
     from intake.rules import compile_rules
     from intake.store import Store
 
     setup_logging(log_level)
     if cfg.processing.nice:
-        # Below the listeners: the senders waiting for a 250 go first, processing catches up.
+        # Below the listeners: the senders waiting for a 250 go first, the workers catch up.
         os.nice(cfg.processing.nice)
     stop = threading.Event()
     # Ctrl-C reaches the whole process group: the serve process decides when workers stop.
@@ -161,7 +159,7 @@ def worker_main(cfg: "Config", rule_sources: tuple[tuple[str, bytes], ...], wake
     app = App(cfg=cfg, store=Store(cfg.database_url), ruleset=compile_rules(rule_sources))
     app.store.before_write = lambda: yield_to_edges(edges)
     name = multiprocessing.current_process().name
-    log.info("%s started (pid %d)%s", name, os.getpid(), ", with the outbox sender" if outbox else "")
+    log.info("%s started (pid %d)", name, os.getpid())
 
     def handle_control() -> None:
         while control.poll():
@@ -176,18 +174,20 @@ def worker_main(cfg: "Config", rule_sources: tuple[tuple[str, bytes], ...], wake
             elif kind == "stop":
                 stop.set()
 
+    woken_by = [alive.fileno(), outbox_wake.fileno()] if role == OUTBOX else [alive.fileno()]
+
     def wait(timeout: float) -> bool:
         handle_control()
         if stop.is_set():
             return False
         try:
-            ready, _, _ = select.select([wake.fileno(), control.fileno()], [], [], timeout)
+            ready, _, _ = select.select([*woken_by, control.fileno()], [], [], timeout)
         except InterruptedError:
             ready = []
-        if wake.fileno() in ready and not os.read(wake.fileno(), 65536):
-            log.warning("%s: the serve process is gone; exiting", name)
-            stop.set()
-            return False
+        for fd in ready:
+            if fd != control.fileno() and not os.read(fd, 65536) and fd == alive.fileno():
+                log.warning("%s: the serve process is gone; exiting", name)
+                stop.set()
         handle_control()
         return not stop.is_set()
 
@@ -195,40 +195,45 @@ def worker_main(cfg: "Config", rule_sources: tuple[tuple[str, bytes], ...], wake
         handle_control()
         return stop.is_set()
 
-    sender, outbox_wake = _start_outbox(app, stop.is_set) if outbox else (None, None)
+    def processed() -> None:
+        try:
+            os.write(outbox_wake.fileno(), b"o")
+        except OSError:
+            pass  # a full pipe already holds a wake-up
+
     try:
-        processing_loop(app, LoopControl(wait=wait, stopping=stopping,
-                                         processed=outbox_wake.set if outbox_wake else lambda: None))
+        if role == OUTBOX:
+            delivery_loop(app, wait, stopping)
+        else:
+            os.set_blocking(outbox_wake.fileno(), False)
+            processing_loop(app, LoopControl(wait=wait, stopping=stopping, processed=processed))
     finally:
-        stop.set()
-        if sender is not None and outbox_wake is not None:
-            outbox_wake.set()
-            sender.join()
         app.close()
         log.info("%s stopped", name)
 
 
-# ---------------------------------------------------------------------------------------
-# The serve side
-
-
 @dataclass
 class _Worker:
+    role: str
+    name: str
     process: Any
-    wake: Connection  # write end: one byte wakes the worker
+    alive: Connection  # our end: a byte wakes a processor; closing it tells the worker we are gone
     control: Connection  # rule reloads and stop
 
 
 class Processing:
-    """The processor (and outbox sender) of ``serve``: starts, wakes, updates and stops it."""
+    """The processor and the outbox sender of ``serve``: starts, wakes, updates and stops them."""
 
     def __init__(self, app: "App") -> None:
         self.app = app
         self.count = app.cfg.processing.workers
         self._ctx = multiprocessing.get_context("spawn")
         self.edges = EdgesWaiting(self._ctx)
+        # Processors write to it after every batch; the outbox sender reads it.
+        self._outbox_r, self._outbox_w = self._ctx.Pipe(duplex=False)
         self._workers: list[_Worker] = []
         self._thread_wake = threading.Event()
+        self._outbox_event = threading.Event()
         self._stopping = threading.Event()
         self._log_level = logging.getLevelName(logging.getLogger().level)
 
@@ -240,18 +245,20 @@ class Processing:
             self._thread_wake.set()
             return
         for w in self._workers:
-            try:
-                os.write(w.wake.fileno(), b"w")
-            except OSError:
-                pass  # a full pipe already holds a wake-up; a dead worker is restarted
+            if w.role == PROCESSOR:
+                try:
+                    os.write(w.alive.fileno(), b"w")
+                except OSError:
+                    pass  # a full pipe already holds a wake-up; a dead worker is restarted
 
     def rules_changed(self, ruleset: "RuleSet") -> None:
-        """A new rule set was installed in serve: the workers compile the same files."""
+        """A new rule set was installed in serve: the processors compile the same files."""
         for w in list(self._workers):
-            try:
-                w.control.send(("rules", ruleset.sources))
-            except OSError:
-                pass  # a dead worker starts again with the current set
+            if w.role == PROCESSOR:
+                try:
+                    w.control.send(("rules", ruleset.sources))
+                except OSError:
+                    pass  # a dead worker starts again with the current set
 
     # -- running ---------------------------------------------------------------------------
 
@@ -263,9 +270,11 @@ class Processing:
             await stopping.wait()
             self._stopping.set()
             self._thread_wake.set()
+            self._outbox_event.set()
             await threads
             return
-        self._workers = [await loop.run_in_executor(None, self._start_worker, i) for i in range(self.count)]
+        roles = [(PROCESSOR, f"processor-{i + 1}") for i in range(self.count)] + [(OUTBOX, "outbox")]
+        self._workers = [await loop.run_in_executor(None, self._start_worker, role, name) for role, name in roles]
         while not stopping.is_set():
             try:
                 await asyncio.wait_for(stopping.wait(), timeout=1.0)
@@ -274,9 +283,9 @@ class Processing:
             for i, w in enumerate(self._workers):
                 if not stopping.is_set() and not w.process.is_alive():
                     # At most one restart a second: a worker that cannot start does not spin.
-                    log.error("%s exited with %s; starting it again", w.process.name, w.process.exitcode)
+                    log.error("%s exited with %s; starting it again", w.name, w.process.exitcode)
                     self._close(w)
-                    self._workers[i] = await loop.run_in_executor(None, self._start_worker, i)
+                    self._workers[i] = await loop.run_in_executor(None, self._start_worker, w.role, w.name)
         for w in self._workers:
             try:
                 w.control.send(("stop", None))
@@ -284,33 +293,40 @@ class Processing:
                 pass
         await loop.run_in_executor(None, self._join_all)
 
-    def _start_worker(self, index: int) -> _Worker:
-        wake_r, wake_w = self._ctx.Pipe(duplex=False)
+    def _start_worker(self, role: str, name: str) -> _Worker:
+        alive_r, alive_w = self._ctx.Pipe(duplex=False)
         control_r, control_w = self._ctx.Pipe(duplex=False)
+        outbox_end = self._outbox_r if role == OUTBOX else self._outbox_w
         process = self._ctx.Process(
-            target=worker_main, name=f"processor-{index + 1}", daemon=False,
-            args=(self.app.cfg, self.app.ruleset.sources, wake_r, control_r, self.edges.shared, index == 0,
+            target=worker_main, name=name, daemon=False,
+            args=(role, self.app.cfg, self.app.ruleset.sources, alive_r, control_r, outbox_end, self.edges.shared,
                   self._log_level))
         process.start()
-        wake_r.close()  # the worker's ends: once ours are closed, the worker sees our end of life
+        alive_r.close()  # the worker's ends: once ours are closed, the worker sees our end of life
         control_r.close()
-        os.set_blocking(wake_w.fileno(), False)
-        return _Worker(process, wake_w, control_w)
+        os.set_blocking(alive_w.fileno(), False)
+        return _Worker(role, name, process, alive_w, control_w)
 
     def _run_in_threads(self) -> None:
         """``workers = 0``: the processing loop in this thread, the outbox sender in another."""
-        sender, outbox_wake = _start_outbox(self.app, self._stopping.is_set)
+        from intake.outbox import delivery_loop
 
-        def wait(timeout: float) -> bool:
-            self._thread_wake.wait(timeout)
-            self._thread_wake.clear()
-            return not self._stopping.is_set()
+        def waiter(event: threading.Event) -> Callable[[float], bool]:
+            def wait(timeout: float) -> bool:
+                event.wait(timeout)
+                event.clear()
+                return not self._stopping.is_set()
+            return wait
 
+        sender = threading.Thread(target=delivery_loop, args=(self.app, waiter(self._outbox_event),
+                                                              self._stopping.is_set), name="intake-outbox")
+        sender.start()
         try:
-            processing_loop(self.app, LoopControl(wait=wait, stopping=self._stopping.is_set, processed=outbox_wake.set))
+            processing_loop(self.app, LoopControl(wait=waiter(self._thread_wake), stopping=self._stopping.is_set,
+                                                  processed=self._outbox_event.set))
         finally:
             self._stopping.set()
-            outbox_wake.set()
+            self._outbox_event.set()
             sender.join()
 
     def _join_all(self, timeout: float = 120.0) -> None:
@@ -318,14 +334,14 @@ class Processing:
         for w in self._workers:
             w.process.join(max(0.1, deadline - time.monotonic()))
             if w.process.is_alive():
-                log.error("%s did not stop within %.0fs; terminating it", w.process.name, timeout)
+                log.error("%s did not stop within %.0fs; terminating it", w.name, timeout)
                 w.process.kill()
                 w.process.join()
             self._close(w)
 
     @staticmethod
     def _close(w: _Worker) -> None:
-        for conn in (w.wake, w.control):
+        for conn in (w.alive, w.control):
             try:
                 conn.close()
             except OSError:
