@@ -161,7 +161,8 @@ def parse(raw: bytes) -> ParsedMail:
             hdr[k] = v
             decoded[k] = text
 
-    mid = _first_id(hdr.get("message-id", ""))
+    # Message-IDs may carry raw UTF-8 (RFC 6532): decoded like every other header.
+    mid = _first_id(charsets.decode_raw(hdr.get("message-id", ""), hints))
     synthesised = False
     if mid is None:
         mid = _synthesise_message_id(raw, hdr)
@@ -182,8 +183,8 @@ def parse(raw: bytes) -> ParsedMail:
         cc=_addresses(lowered, "cc", defects, hints)[0],
         reply_to=_addresses(lowered, "reply-to", defects, hints)[0],
         date=_date(hdr.get("date"), defects),
-        in_reply_to=_ids(hdr.get("in-reply-to", "")),
-        references=_ids(" ".join(v for k, v in lowered if k == "references")),
+        in_reply_to=_ids(charsets.decode_raw(hdr.get("in-reply-to", ""), hints)),
+        references=_ids(charsets.decode_raw(" ".join(v for k, v in lowered if k == "references"), hints)),
         text=text,
         html=body.html,
         attachments=body.attachments,

@@ -20,9 +20,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def smtp_config(folder: Path, smtp: str = "", extra: str = "", *, port: int | None = None) -> Path:
+def smtp_config(folder: Path, smtp: str = "", extra: str = "", *, port: int | None = None,
+                database: str | None = None) -> Path:
     """A config (example mailboxes) whose ``[smtp]`` listens on a free loopback port."""
-    path = write_config(folder, extra)
+    path = write_config(folder, extra, database=database)
     port = port or free_port()
     text = path.read_text("utf-8").replace(
         '[smtp]\nlisten = ""', f'[smtp]\nlisten = "127.0.0.1:{port}"\nhostname = "mx.intake.test"\n{smtp}')

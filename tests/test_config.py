@@ -16,7 +16,7 @@ def test_example_config_loads_and_matches_the_embedded_defaults():
     defaults = Config()
     assert [m.address for m in example.mailbox] == [m.address for m in defaults.mailbox] == [
         "support@example.com", "billing@example.com"]
-    for section in ("database", "smtp", "outbound", "rules", "templates", "cases"):
+    for section in ("database", "smtp", "outbound", "processing", "rules", "templates", "cases"):
         assert getattr(example, section) == getattr(defaults, section), section
 
 
@@ -42,6 +42,8 @@ def test_unknown_key_is_refused_with_a_suggestion(tmp_path):
         ('[[mailbox]]\naddress = "a@x.jp"\n[[mailbox]]\naddress = "A@x.jp"\n', "listed twice"),
         ('[[mailbox]]\nqueue = "x"\n', "missing required key address"),
         ('[cases]\ntime_zone = "Mars/Olympus"\n', "unknown time zone"),
+        ("[processing]\nworkers = -1\n", "processing.workers must be 0 or more"),
+        ("[processing]\nnice = 25\n", "processing.nice between 0 and 19"),
         ("[smtp\n", "c.toml"),
     ],
 )

@@ -291,6 +291,18 @@ def test_no_raw_mail_makes_the_parser_raise(case: Case) -> None:
     assert isinstance(mail.text, str)
 
 
+def test_every_raw_mail_goes_through_the_whole_flow_without_quarantine(app) -> None:
+    """Parsing is not all: every raw mail of the corpora is stored, processed and ends as a
+    case, a comment, a duplicate or dropped mail, never quarantined."""
+    files = sorted({c.raw for c in CASES})
+    ids = app.store.receive_many([(f.read_bytes(), {"channel": "email", "mailbox": "support@example.com"})
+                                  for f in files])
+    outcomes = app.processor.process_batch(ids)
+    quarantined = [(f.name, o.reason) for f, o in zip(files, outcomes) if o.state == "quarantined"]
+    assert quarantined == []
+    assert {o.state for o in outcomes} <= {"processed", "duplicate", "dropped"}
+
+
 def test_at_least_97_percent_of_cases_meet_all_expectations() -> None:
     result = score()
     passing = sum(p for p, _, _ in result.values())

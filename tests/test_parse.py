@@ -474,6 +474,16 @@ def test_message_id_present_is_kept() -> None:
     assert (m.message_id, m.message_id_synthesised) == ("m1@example.org", False)
 
 
+def test_raw_utf8_message_ids_are_text() -> None:
+    """RFC 6532 lets Message-ID, In-Reply-To and References carry raw UTF-8."""
+    m = parse(mail("From: 山田 <yamada@example.jp>".encode(), "To: support@example.com",
+                   "Message-ID: <西-2@例え.jp>".encode(), "In-Reply-To: <西-1@例え.jp>".encode(),
+                   "References: <東-0@例え.jp> <西-1@例え.jp>".encode(), "Subject: x"))
+    assert m.message_id == "西-2@例え.jp"
+    assert m.in_reply_to == ["西-1@例え.jp"]
+    assert m.references == ["東-0@例え.jp", "西-1@例え.jp"]
+
+
 # --- Japanese quoting ----------------------------------------------------------------
 
 

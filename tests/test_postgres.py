@@ -45,3 +45,49 @@ def test_ingest_on_postgresql(run_intake, tmp_path, pg_url):
     detail = json.loads(run_intake("cases", "show", "CASE-1", "--json", config=cfg, check=True).stdout)
     assert [e.get("direction") for e in detail["timeline"] if e["type"] == "message"].count("in") == 2
     assert [e["type"] for e in detail["timeline"]].count("duplicate") == 1
+
+
+def test_two_serve_processes_share_one_postgresql_database(tmp_path, pg_url, run_intake):
+    """DESIGN 8: several serve processes on one PostgreSQL database; each listener commits
+    there directly, their processors claim records row by row. Mail to both makes each
+    case once, with numbers from the one sequence, and the same message delivered to
+    both processes is one case."""
+    import smtplib
+    import threading
+
+    from smtp_fixtures import IntakeServer, smtp_config
+
+    configs = []
+    for name in ("a", "b"):
+        folder = tmp_path / name
+        folder.mkdir()
+        configs.append(smtp_config(folder, database=pg_url))
+    run_intake("db", "upgrade", config=configs[0], check=True)
+    servers = [IntakeServer(c).start() for c in configs]
+    try:
+        def send(srv: IntakeServer, prefix: str) -> None:
+            with smtplib.SMTP("127.0.0.1", srv.port, timeout=60) as s:
+                for i in range(15):
+                    s.sendmail("alice@customer.example.org", ["support@example.com"],
+                               make_mail(subject=f"{prefix} {i}", message_id=f"<{prefix}-{i}@customer.example.org>"))
+                s.sendmail("taro@bigcorp.co.jp", ["billing@example.com"],
+                           make_mail(subject="両方に届いた請求書", sender="taro@bigcorp.co.jp",
+                                     message_id="<both@bigcorp.co.jp>", to="billing@example.com"))
+
+        threads = [threading.Thread(target=send, args=(srv, prefix)) for srv, prefix in zip(servers, ("西", "east"))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        cases = servers[0].wait_for_cases(31, timeout=120)
+        subjects = sorted(c["subject"] for c in cases)
+        assert len(subjects) == 31 and subjects.count("両方に届いた請求書") == 1
+        numbers = sorted(int(c["number"].split("-")[1]) for c in cases)
+        assert numbers == list(range(1, 32))
+        both = next(c for c in cases if c["subject"] == "両方に届いた請求書")
+        detail = json.loads(run_intake("cases", "show", both["number"], "--json", config=configs[1], check=True).stdout)
+        assert [e["type"] for e in detail["timeline"]].count("duplicate") == 1
+    finally:
+        for srv in servers:
+            srv.stop()
+    assert all(srv.proc is not None and srv.proc.returncode == 0 for srv in servers)
