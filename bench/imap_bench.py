@@ -2,19 +2,18 @@
 
 1. Drain: 10,000 messages waiting in INBOX, `intake serve` started: time until every one
    is stored and moved (edge) and until every one is a case (end to end), messages per
-   second, peak RSS of the serve process.
+   second, peak memory of serve and its worker processes together.
    Then the IMAP side alone (one drain in process, no processing meanwhile).
 2. IDLE latency: serve running and idle; 50 messages appended one at a time; time from
    the APPEND's completion to the case existing, p50 and p99.
 
-    /work/venv/bin/python bench/imap_bench.py [--messages 10000] [--idle 50]
+    .venv/bin/python bench/imap_bench.py [--messages 10000] [--idle 50]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import signal
 import statistics
@@ -25,10 +24,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 from dovecot import Dovecot, imap_toml, password_env  # noqa: E402
 from mailfactory import make_mail  # noqa: E402
+from proctree import PeakRss  # noqa: E402
 
 from conftest import intake_env, write_config  # noqa: E402
 from intake.store import RECEIVED, Store  # noqa: E402
@@ -71,18 +71,20 @@ def bench_drain(server: Dovecot, n: int) -> None:
     store = Store(f"sqlite:///{folder / 'intake.db'}")
     t0 = time.monotonic()
     proc = _serve(cfg, password_env(server))
+    memory = PeakRss(proc.pid)
     _wait("INBOX drained", lambda: server.count("INBOX") == 0, 1800, poll=0.25)
     t_edge = time.monotonic() - t0
     _wait("every case", lambda: store.count_inbound() >= n and store.count_inbound(RECEIVED) == 0, 3600, poll=0.25)
     t_cases = time.monotonic() - t0
+    memory.stop()
     _stop(proc)
     cases = len(store.list_cases())
     store.close()
-    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux
     print(f"drain of {n} messages (serve start included):")
     print(f"  stored and moved (edge):  {t_edge:7.1f} s  {n / t_edge:7.0f} msgs/s")
     print(f"  every one a case:         {t_cases:7.1f} s  {n / t_cases:7.0f} msgs/s   ({cases} cases)")
-    print(f"  peak RSS of intake serve: {peak_mb:7.0f} MB (largest child process so far)")
+    print(f"  peak memory of intake serve: {memory.total_mb:4.0f} MB in {memory.processes} processes "
+          f"(serve, its workers, multiprocessing's tracker); largest one {memory.largest_mb:.0f} MB")
 
 
 def bench_edge_only(server: Dovecot, n: int) -> None:

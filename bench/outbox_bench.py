@@ -1,6 +1,6 @@
 """Outbound mail figures: render+enqueue cost per acknowledgement, delivery throughput to a local relay.
 
-    /work/venv/bin/python bench/outbox_bench.py [--cases 300] [--mails 2000]
+    .venv/bin/python bench/outbox_bench.py [--cases 300] [--mails 2000]
 
 Prints: the cost of rendering one ack, of building its MIME bytes, the extra processing time
 per new case that notify adds (ack + 2 agent notices rendered and queued in the case's

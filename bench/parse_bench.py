@@ -1,6 +1,6 @@
 """Parse speed on small mixed mails: messages per second and microseconds per message.
 
-Run: /work/venv/bin/python bench/parse_bench.py [ROUNDS]
+Run: .venv/bin/python bench/parse_bench.py [ROUNDS]
 Prints one line per kind of mail and one for the mix: messages per second (wall clock)
 and CPU microseconds per message. Pure CPU, no I/O; on a shared machine the wall-clock
 figure varies with the load of the other users, the CPU figure less so.

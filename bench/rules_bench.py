@@ -6,7 +6,7 @@ all/any/not, a few `continue: true` tagging rules on top. The messages are real-
 English and Japanese mails; most match no rule or a late one, so each evaluation walks
 (nearly) the whole table and records a trace entry per rule — the expensive case.
 
-    /work/venv/bin/python bench/rules_bench.py
+    .venv/bin/python bench/rules_bench.py
 """
 
 from __future__ import annotations

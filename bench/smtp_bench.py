@@ -1,6 +1,6 @@
 """SMTP intake throughput: Postfix's smtp-source against `intake serve` and a bare aiosmtpd.
 
-    /work/venv/bin/python bench/smtp_bench.py [--count 10000] [--sizes 4096,51200] [--connections 1,10,50]
+    .venv/bin/python bench/smtp_bench.py [--count 10000] [--sizes 4096,51200] [--connections 1,10,50]
 
 For every message size and number of connections, in the same run:
 (a) a bare aiosmtpd server (own process, one asyncio loop) whose handler only answers 250;

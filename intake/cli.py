@@ -526,13 +526,15 @@ def messages_list(ctx: click.Context, state: str | None, since: str | None, from
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def messages_show(ctx: click.Context, ref: str, as_json: bool) -> None:
-    """The processing log of one message (by id or Message-ID)."""
+    """The processing log of one message (by id, by the S-id of an SMTP reply, or by Message-ID)."""
     from intake.diagnostics import log_lines
 
     app = _open(ctx)
     detail = app.store.inbound_detail(ref)
     if detail is None:
-        raise click.ClickException(f"no inbound message {ref}")
+        raise click.ClickException(f"no inbound message {ref}" + (
+            f" (a message answered 'queued as {ref}' shows here once the processor took it from the spool)"
+            if ref[:1] in "Ss" else ""))
     if as_json:
         click.echo(json.dumps(detail, ensure_ascii=False, indent=2))
         return

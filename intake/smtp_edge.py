@@ -37,7 +37,7 @@ log = logging.getLogger("intake.smtp")
 R_OK_RCPT = "250 2.1.5 OK"
 R_UNKNOWN_RCPT = "550 5.1.1 <{}>: no such mailbox here"
 R_TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
-R_QUEUED = "250 2.0.0 OK: stored as #{}"
+R_QUEUED = "250 2.0.0 OK: {}"
 R_TEMPFAIL = "451 4.3.0 Temporary failure, message not stored: please retry later"
 R_SHUTDOWN = "421 4.3.2 {} Service shutting down, please retry later"
 R_BUSY = "421 4.7.0 {} Too many connections, please retry later"
@@ -117,6 +117,13 @@ class GroupCommit:
         self.batches = 0
         self.messages = 0
         self.seconds = 0.0  # spent committing (waiting for the lock and the sync included)
+
+    def refs(self, ids: list[int]) -> str:
+        """How the reply names committed messages: ``queued as S12`` (a spool id, found by
+        ``intake messages show S12``) or ``stored as #12`` (an inbound record)."""
+        if self._spool is not None:
+            return "queued as " + ",".join(f"S{i}" for i in ids)
+        return "stored as " + ",".join(f"#{i}" for i in ids)
 
     async def commit(self, items: list[tuple[bytes, dict[str, Any]]]) -> list[int]:
         """Commit ``items`` (raw bytes, receive metadata) with the next batch; their ids."""
@@ -278,9 +285,10 @@ class SmtpHandler:
                       type(exc).__name__, exc)
             return self._per_recipient(envelope, R_TEMPFAIL)
         message_id = _message_id(envelope.original_content or b"")
-        log.info("received #%s from=<%s> to=%s size=%d message_id=%s", ",".join(map(str, ids)),
+        refs = self.committer.refs(ids)
+        log.info("received %s from=<%s> to=%s size=%d message_id=%s", refs,
                  envelope.mail_from, ",".join(envelope.rcpt_tos), len(envelope.original_content or b""), message_id)
-        return self._per_recipient(envelope, R_QUEUED.format(",".join(map(str, ids))))
+        return self._per_recipient(envelope, R_QUEUED.format(refs))
 
     async def handle_exception(self, error: Exception) -> str:
         log.error("SMTP session error: %s: %s", type(error).__name__, error)

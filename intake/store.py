@@ -671,7 +671,7 @@ class Store:
             rows = [r for r in rows if r.id > done]
             if rows:
                 items = [(r.raw, {"channel": r.channel, "mailbox": r.mailbox, "envelope_from": r.envelope_from,
-                                  "envelope_to": r.envelope_to, "source": r.source,
+                                  "envelope_to": r.envelope_to, "source": {**r.source, "spool": r.id},
                                   "received_at": Dialect.read_ts(r.received_at)}) for r in rows]
                 insert_inbound(tx.cur, self.dialect, items, utcnow())
                 tx.set_setting(key, str(rows[-1].id))
@@ -759,11 +759,14 @@ class Store:
             ]
 
     def inbound_detail(self, ref: str) -> dict[str, Any] | None:
-        """One inbound record by id or Message-ID, with its processing log (``intake messages show``)."""
+        """One inbound record by id, spool id (``S12``, as the SMTP reply named it) or Message-ID,
+        with its processing log (``intake messages show``)."""
         with self._sessions() as s:
             q = select(InboundRecord)
             if ref.isdigit():
                 q = q.where(InboundRecord.id == int(ref))
+            elif ref[:1] in "Ss" and ref[1:].isdigit():
+                q = q.where(InboundRecord.source["spool"].as_integer() == int(ref[1:])).order_by(InboundRecord.id.desc())
             else:
                 q = q.where(InboundRecord.message_id == ref.strip().strip("<>")).order_by(InboundRecord.id)
             rec = s.scalars(q.limit(1)).first()

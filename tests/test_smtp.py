@@ -50,12 +50,19 @@ def test_greeting_and_ehlo_announce_what_senders_need(server):
 def test_mail_to_a_mailbox_becomes_a_case_with_trace_headers(server):
     raw = make_mail(subject="SMTP smoke test", sender="Ken <ken@bigcorp.example>")
     with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as s:
-        refused = s.sendmail("ken@bigcorp.example", ["support@example.com"], raw)
-        assert refused == {}
+        s.ehlo()
+        s.mail("ken@bigcorp.example")
+        s.rcpt("support@example.com")
+        code, reply = s.data(raw)
+    assert code == 250 and reply.startswith(b"2.0.0 OK: queued as S")
     case = case_with_subject(server, "SMTP smoke test")
     assert case["mailbox"] == "support@example.com" and case["requester"] == "ken@bigcorp.example"
     detail = json.loads(server.intake("cases", "show", case["number"], "--json").stdout)
     assert any(e["type"] == "message" and "printer does not print" in e["text"] for e in detail["timeline"])
+    # The id in the reply finds the message's processing log.
+    spool_ref = reply.decode().rsplit(" ", 1)[1]
+    shown = json.loads(server.intake("messages", "show", spool_ref, "--json").stdout)
+    assert shown["case"] == case["number"] and shown["source"]["protocol"] == "smtp"
 
 
 def test_iso_2022_jp_mail_over_smtp(server):
