@@ -85,17 +85,22 @@ class _Pending:
 
 
 class GroupCommit:
-    """Commits received messages in batches: every delivery that arrives while a commit
-    runs (or waits for the lock, or for its sync) goes into the next, so durability costs
-    one fsync per batch, not per message.
+    """Commits received messages so that durability costs one fsync per batch of
+    concurrent deliveries, not one per message.
 
-    On SQLite the listener commits to its spool (``intake.spool``): in the event loop
-    itself (a few inserts, never waiting: when the spool is locked by its purge the
-    committer tries again a moment later, for up to ``lock_wait`` seconds), then one
-    ``fdatasync`` in a thread makes every commit made meanwhile durable, and only then
-    are their deliveries answered. On PostgreSQL a commit is a network round trip and
-    runs in a thread. A failing commit or sync fails every delivery of its batch
-    (answered ``451``, retried by their senders).
+    On SQLite the listener commits to its spool (``intake.spool``) in the event loop
+    itself (a few inserts that never wait for the lock), then one ``fdatasync`` in a
+    thread makes the commit durable, and only then are its deliveries answered.
+    Deliveries arriving while a sync runs are committed together as soon as it ends, and
+    synced together. While the spool is locked (by its purge) the committer tries again
+    a moment later, for up to ``lock_wait`` seconds. Callbacks, not tasks, carry this
+    along: every hop through the event loop is latency a waiting sender sees.
+
+    On PostgreSQL a commit is a network round trip: queued deliveries are committed
+    together in a thread, and those arriving meanwhile go into the next commit.
+
+    A failing commit or sync fails every delivery it holds (answered ``451``, retried by
+    their senders).
     """
 
     def __init__(self, store: "Store", on_commit: Callable[[], None], *, max_batch: int = 256,
@@ -106,17 +111,18 @@ class GroupCommit:
         self._max_batch = max_batch
         self._max_bytes = max_bytes
         self._lock_wait = lock_wait
-        self._queue: list[_Pending] = []
-        self._unsynced: list[tuple[list[_Pending], list[int]]] = []  # committed, waiting for the sync
+        self._queue: list[_Pending] = []  # waiting for a commit
+        self._flushing = False  # a spool commit is scheduled, or committed and syncing
+        self._locked_since: float | None = None
+        self._pause = 0.0
         self._wake = asyncio.Event()
-        self._wake_sync = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._closed = False
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="intake-smtp-commit")
         self.batches = 0
         self.messages = 0
-        self.seconds = 0.0  # spent committing (waiting for the lock and the sync included)
+        self.seconds = 0.0  # from DATA to durable, summed over deliveries
 
     def refs(self, ids: list[int]) -> str:
         """How the reply names committed messages: ``queued as S12`` (a spool id, found by
@@ -126,100 +132,122 @@ class GroupCommit:
         return "stored as " + ",".join(f"#{i}" for i in ids)
 
     async def commit(self, items: list[tuple[bytes, dict[str, Any]]]) -> list[int]:
-        """Commit ``items`` (raw bytes, receive metadata) with the next batch; their ids."""
-        fut: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(items, fut, sum(len(raw) for raw, _ in items), time.perf_counter()))
+        """Commit ``items`` (raw bytes, receive metadata) durably; their ids."""
+        loop = asyncio.get_running_loop()
+        p = _Pending(items, loop.create_future(), sum(len(raw) for raw, _ in items), time.perf_counter())
+        self._queue.append(p)
         self._idle.clear()
-        self._wake.set()
-        return await fut
+        if self._spool is None:
+            self._wake.set()
+        elif not self._flushing:
+            self._flushing = True
+            loop.call_soon(self._flush, loop)
+        return await p.future
+
+    # -- SQLite: the spool ---------------------------------------------------------------
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Commit what is queued to the spool and start its sync (``_flushing`` is set)."""
+        assert self._spool is not None
+        if not self._queue:
+            self._flushing = False
+            self._check_idle()
+            return
+        batch = self._take([])
+        try:
+            ids = self._spool.try_append([item for p in batch for item in p.items], utcnow())
+        except StoreBusy:
+            self._queue[:0] = batch
+            now = time.monotonic()
+            if self._locked_since is None:
+                self._locked_since, self._pause = now, 0.0001
+            if now - self._locked_since < self._lock_wait:
+                self._pause = min(self._pause * 2, 0.005)
+                loop.call_later(self._pause, self._flush, loop)
+                return
+            error: Exception = StoreUnavailable(f"the spool stayed locked for {self._lock_wait:.0f}s")
+            batch, self._queue = self._queue, []
+            self._locked_since = None
+            self._fail(batch, error)
+            self._flush(loop)
+            return
+        except Exception as exc:  # noqa: BLE001 - any failure: the senders retry (451)
+            self._fail(batch, exc)
+            self._flush(loop)
+            return
+        self._locked_since = None
+        committed = self._split(batch, ids)
+        done = self._executor.submit(self._spool.sync)
+        done.add_done_callback(lambda f: loop.call_soon_threadsafe(self._synced, loop, committed, f.exception()))
+
+    def _synced(self, loop: asyncio.AbstractEventLoop, committed: list[tuple[_Pending, list[int]]],
+                error: BaseException | None) -> None:
+        if error is not None:
+            self._fail([p for p, _ in committed], error)
+        else:
+            self._done(committed)
+        self._flush(loop)  # what arrived during the sync: committed and synced together
+
+    # -- PostgreSQL: a thread ------------------------------------------------------------
 
     async def run(self) -> None:
-        """The committer: runs until :meth:`close` and every queued delivery is done."""
-        syncer = asyncio.create_task(self._syncer()) if self._spool is not None else None
+        """Runs until :meth:`close` and every delivery is done; on PostgreSQL, the committer."""
+        loop = asyncio.get_running_loop()
         try:
             while True:
-                if not self._queue:
-                    if not self._unsynced:
-                        self._idle.set()
-                        if self._closed:
-                            return
+                if self._spool is not None or not self._queue:
+                    if self._closed and self._idle.is_set():
+                        return
                     self._wake.clear()
                     await self._wake.wait()
                     continue
                 batch = self._take([])
                 try:
-                    batch, ids = await self._commit(batch)
+                    ids = await loop.run_in_executor(self._executor, self._store.receive_many,
+                                                     [item for p in batch for item in p.items])
                 except Exception as exc:  # noqa: BLE001 - any failure: the senders retry (451)
                     self._fail(batch, exc)
-                    continue
-                if self._spool is None:
-                    self._done(batch, ids)
                 else:
-                    self._unsynced.append((batch, ids))
-                    self._wake_sync.set()
+                    self._done(self._split(batch, ids))
+                self._check_idle()
         finally:
-            if syncer is not None:
-                syncer.cancel()
             self._executor.shutdown(wait=False)
             if self._spool is not None:
                 self._spool.close()
 
-    async def _commit(self, batch: list[_Pending]) -> tuple[list[_Pending], list[int]]:
-        """Commit ``batch`` (grown by what arrives while the lock is taken); the batch and its ids."""
-        flat = [item for p in batch for item in p.items]
-        if self._spool is None:
-            loop = asyncio.get_running_loop()
-            return batch, await loop.run_in_executor(self._executor, self._store.receive_many, flat)
-        deadline = time.monotonic() + self._lock_wait
-        pause = 0.0001
-        while True:
-            try:
-                return batch, self._spool.try_append([item for p in batch for item in p.items], utcnow())
-            except StoreBusy:
-                if time.monotonic() >= deadline:
-                    raise StoreUnavailable(f"the spool stayed locked for {self._lock_wait:.0f}s") from None
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 0.005)
-            batch = self._take(batch)
+    # -- both --------------------------------------------------------------------------
 
-    async def _syncer(self) -> None:
-        """Makes spool commits durable: one fdatasync for all commits made since the last."""
-        assert self._spool is not None
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self._unsynced:
-                self._wake_sync.clear()
-                await self._wake_sync.wait()
-                continue
-            synced, self._unsynced = self._unsynced, []
-            try:
-                await loop.run_in_executor(self._executor, self._spool.sync)
-            except Exception as exc:  # noqa: BLE001 - not durable: the senders retry (451)
-                for batch, _ in synced:
-                    self._fail(batch, exc)
-            else:
-                for batch, ids in synced:
-                    self._done(batch, ids)
-            self._wake.set()  # the committer may be waiting to finish
-
-    def _done(self, batch: list[_Pending], ids: list[int]) -> None:
-        self.batches += 1
-        self.messages += len(ids)
-        now = time.perf_counter()
-        at = 0
+    @staticmethod
+    def _split(batch: list[_Pending], ids: list[int]) -> list[tuple[_Pending, list[int]]]:
+        out, at = [], 0
         for p in batch:
+            out.append((p, ids[at:at + len(p.items)]))
+            at += len(p.items)
+        return out
+
+    def _done(self, committed: list[tuple[_Pending, list[int]]]) -> None:
+        self.batches += 1
+        now = time.perf_counter()
+        for p, ids in committed:
+            self.messages += len(ids)
             self.seconds += now - p.queued
             if not p.future.done():  # the client may have gone; its message is stored anyway
-                p.future.set_result(ids[at:at + len(p.items)])
-            at += len(p.items)
+                p.future.set_result(ids)
         self._on_commit()
 
     @staticmethod
     def _fail(batch: list[_Pending], exc: BaseException) -> None:
+        if not batch:
+            return
         log.error("commit of %d message(s) failed: %s: %s", sum(len(p.items) for p in batch), type(exc).__name__, exc)
         for p in batch:
             if not p.future.done():
                 p.future.set_exception(exc)
+
+    def _check_idle(self) -> None:
+        if not self._queue and not self._flushing:
+            self._idle.set()
+            self._wake.set()  # run() may be waiting to finish
 
     def _take(self, batch: list[_Pending]) -> list[_Pending]:
         """``batch`` with queued deliveries added, within the batch limits."""
@@ -239,6 +267,7 @@ class GroupCommit:
         self._closed = True
         self._wake.set()
         await self._idle.wait()
+        self._wake.set()
 
 
 # ---------------------------------------------------------------------------------------

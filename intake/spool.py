@@ -202,8 +202,9 @@ def count_after(path: Path, after: int) -> int:
         conn.close()
 
 
-def purge(path: Path, upto: int, *, chunk: int = 500) -> int:
-    """Delete imported messages (ids up to ``upto``) in small transactions; then checkpoint."""
+def purge(path: Path, upto: int, *, chunk: int = 100) -> int:
+    """Delete imported messages (ids up to ``upto``) in small transactions (the listener waits
+    for each), then checkpoint."""
     if not path.exists() or upto <= 0:
         return 0
     conn = _connect(path, 30000)
