@@ -789,7 +789,7 @@ class Store:
                 "state": rec.state, "message_id": rec.message_id, "from": rec.from_address, "subject": rec.subject,
                 "case": case.label if case else None, "duplicate_of": rec.duplicate_of, "attempts": rec.attempts,
                 "processed_at": rec.processed_at.isoformat() if rec.processed_at else None,
-                "error": rec.error, "traceback": rec.traceback, "log": [received_entry(rec), *(rec.log or [])],
+                "error": rec.error, "traceback": rec.traceback, "log": _with_received(rec),
             }
 
     def purge_raw(self, before: datetime) -> int:
@@ -1009,6 +1009,13 @@ def received_entry(rec: InboundRecord) -> dict[str, Any]:
     if rec.source:
         entry["source"] = dict(rec.source)
     return entry
+
+
+def _with_received(rec: InboundRecord) -> list[Any]:
+    """The processing log with its ``received`` entry (records stored before this entry was
+    read from the columns have it in the log already)."""
+    log = list(rec.log or [])
+    return log if log and log[0].get("step") == "received" else [received_entry(rec), *log]
 
 
 def _error_text(exc: BaseException) -> str:
