@@ -232,6 +232,7 @@ class Processing:
         # Processors write to it after every batch; the outbox sender reads it.
         self._outbox_r, self._outbox_w = self._ctx.Pipe(duplex=False)
         self._workers: list[_Worker] = []
+        self._send_lock = threading.Lock()
         self._thread_wake = threading.Event()
         self._outbox_event = threading.Event()
         self._stopping = threading.Event()
@@ -255,10 +256,15 @@ class Processing:
         """A new rule set was installed in serve: the processors compile the same files."""
         for w in list(self._workers):
             if w.role == PROCESSOR:
-                try:
-                    w.control.send(("rules", ruleset.sources))
-                except OSError:
-                    pass  # a dead worker starts again with the current set
+                self._send(w, ("rules", ruleset.sources))  # a dead worker starts again with the current set
+
+    def _send(self, w: _Worker, message: tuple[str, Any]) -> None:
+        # The rules watcher's thread and the loop both send: one message at a time on a pipe.
+        with self._send_lock:
+            try:
+                w.control.send(message)
+            except OSError:
+                pass
 
     # -- running ---------------------------------------------------------------------------
 
@@ -286,11 +292,8 @@ class Processing:
                     log.error("%s exited with %s; starting it again", w.name, w.process.exitcode)
                     self._close(w)
                     self._workers[i] = await loop.run_in_executor(None, self._start_worker, w.role, w.name)
-        for w in self._workers:
-            try:
-                w.control.send(("stop", None))
-            except OSError:
-                pass
+        for w in self._workers:  # from a thread: a pipe full of a rules message must not block the loop
+            await loop.run_in_executor(None, self._send, w, ("stop", None))
         await loop.run_in_executor(None, self._join_all)
 
     def _start_worker(self, role: str, name: str) -> _Worker:
