@@ -424,21 +424,28 @@ class FlowTx:
 
     def _organization_id(self, domain: str) -> int:
         row = self._one("SELECT id FROM organizations WHERE domain = ?", (domain,))
-        if row is not None:
-            return int(row[0])
-        return int(self._one("INSERT INTO organizations (domain, name, created_at) VALUES (?, ?, ?) RETURNING id",
-                             (domain, domain, self.d.ts(utcnow())))[0])
+        if row is None:
+            # Another process may make the same one at once: then its row is the one.
+            row = self._one("INSERT INTO organizations (domain, name, created_at) VALUES (?, ?, ?) "
+                            "ON CONFLICT (domain) DO NOTHING RETURNING id", (domain, domain, self.d.ts(utcnow())))
+            row = row or self._one("SELECT id FROM organizations WHERE domain = ?", (domain,))
+        return int(row[0])
 
     def contact(self, address: str, name: str, organization_domain: str | None) -> ContactRef:
         """The contact of an address (lower-cased), made on first sight; its name filled in when first known."""
         address = address.lower()
-        row = self._one("SELECT c.id, c.name, c.organization_id, c.language, o.domain FROM contacts c "
-                        "LEFT JOIN organizations o ON o.id = c.organization_id WHERE c.address = ?", (address,))
+        select = ("SELECT c.id, c.name, c.organization_id, c.language, o.domain FROM contacts c "
+                  "LEFT JOIN organizations o ON o.id = c.organization_id WHERE c.address = ?")
+        row = self._one(select, (address,))
         if row is None:
             org_id = self._organization_id(organization_domain) if organization_domain else None
-            cid = self._one("INSERT INTO contacts (address, name, organization_id, created_at) VALUES (?, ?, ?, ?) "
-                            "RETURNING id", (address, name or "", org_id, self.d.ts(utcnow())))[0]
-            return ContactRef(int(cid), address, name or "", org_id, None, organization_domain if org_id else None)
+            made = self._one("INSERT INTO contacts (address, name, organization_id, created_at) VALUES (?, ?, ?, ?) "
+                             "ON CONFLICT (address) DO NOTHING RETURNING id",
+                             (address, name or "", org_id, self.d.ts(utcnow())))
+            if made is not None:
+                return ContactRef(int(made[0]), address, name or "", org_id, None,
+                                  organization_domain if org_id else None)
+            row = self._one(select, (address,))  # another process made it at once
         if name and not row[1]:
             self._exec("UPDATE contacts SET name = ? WHERE id = ? AND name = ''", (name, row[0]))
         return ContactRef(int(row[0]), address, row[1] or name or "", row[2], row[3], row[4])

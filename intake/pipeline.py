@@ -40,6 +40,9 @@ log = logging.getLogger("intake.pipeline")
 Clock = Callable[[], datetime]
 
 
+NOT_WAITING = "not waiting for processing"
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What processing decided for one inbound record."""
@@ -48,6 +51,11 @@ class Outcome:
     case_number: str | None = None
     reason: str = ""
     message_id: str | None = None
+
+    @property
+    def skipped(self) -> bool:
+        """Not processed here: done already, or being processed by another process."""
+        return self.reason == NOT_WAITING
 
 
 @dataclass
@@ -121,12 +129,36 @@ class Processor:
     def process_batch(self, inbound_ids: list[int]) -> list[Outcome]:
         """Run the flow for several records: prepared first, then applied in one transaction.
 
-        Raises ``StoreUnavailable`` (nothing written) when the database cannot be used.
+        A message that raises is rolled back to its savepoint and quarantined. Should the
+        batch's transaction itself fail, the records are applied again one at a time, so
+        that only the one at fault is quarantined. Raises ``StoreUnavailable`` (nothing
+        written) when the database cannot be used.
         """
         _ = self.secret  # read (or made) outside the processing transaction
         records = self.store.load_inbound(inbound_ids)
         ruleset = self.rules()
         runs = {i: self._prepare(rec, ruleset) for i, rec in records.items() if rec.state == st.RECEIVED}
+        try:
+            outcomes = self._apply_batch(inbound_ids, records, runs)
+        except Exception as exc:  # noqa: BLE001 - the batch failed outside any one message's savepoint
+            if self.store.is_unavailable(exc):
+                raise
+            if len(inbound_ids) > 1:
+                return [o for i in inbound_ids for o in self.process_batch([i])]
+            error = f"{type(exc).__name__}: {exc}"
+            self.store.quarantine(inbound_ids[0], error, traceback.format_exc())
+            outcomes = {inbound_ids[0]: Outcome(st.QUARANTINED, reason=error)}
+        for i in inbound_ids:
+            o = outcomes[i]
+            if o.state == st.QUARANTINED:
+                log.warning("inbound quarantined id=%s error=%s", i, o.reason)
+            else:
+                log.info("inbound %s case=%s message_id=<%s> %s", o.state, o.case_number or "-", o.message_id,
+                         o.reason)
+        return [outcomes[i] for i in inbound_ids]
+
+    def _apply_batch(self, inbound_ids: list[int], records: dict[int, InboundWork],
+                     runs: dict[int, _Run]) -> dict[int, Outcome]:
         outcomes: dict[int, Outcome] = {}
         with self.store.flow() as tx:
             # Locked (PostgreSQL) and read again: another process may have taken a record since.
@@ -136,21 +168,14 @@ class Processor:
                 run, now = runs.get(i), current.get(i)
                 if run is None or now is None or now[0] != st.RECEIVED:
                     state = now[0] if now else records[i].state if i in records else "missing"
-                    outcomes[i] = Outcome(state, reason="not waiting for processing")
+                    outcomes[i] = Outcome(state, reason=NOT_WAITING)
                     continue
                 run.rec.log, run.rec.attempts = now[1], now[2]
                 outcomes[i] = self._apply(tx, run)
-                if run.rec.processed_at is not None:
+                if outcomes[i].state != st.QUARANTINED:  # a quarantined one is written by tx.quarantine
                     done.append(run.rec)
             tx.save_inbound(done)
-        for i in inbound_ids:
-            o = outcomes[i]
-            if o.state == st.QUARANTINED:
-                log.warning("inbound quarantined id=%s error=%s", i, o.reason)
-            else:
-                log.info("inbound %s case=%s message_id=<%s> %s", o.state, o.case_number or "-", o.message_id,
-                         o.reason)
-        return [outcomes[i] for i in inbound_ids]
+        return outcomes
 
     # -- prepare (pure, outside the write transaction) --------------------------------------
 

@@ -29,6 +29,7 @@ from intake.store import StoreBusy, StoreUnavailable, utcnow
 
 if TYPE_CHECKING:
     from intake.service import Service
+    from intake.spool import SpoolWriter
     from intake.store import Store
 
 log = logging.getLogger("intake.smtp")
@@ -100,14 +101,20 @@ class GroupCommit:
     together in a thread, and those arriving meanwhile go into the next commit.
 
     A failing commit or sync fails every delivery it holds (answered ``451``, retried by
-    their senders).
+    their senders). A failed sync also breaks the spool for good (after a failed fsync the
+    kernel may have dropped the pages, and no later sync would tell): every delivery after
+    it is answered ``451`` and ``on_broken`` is told, so that serve stops and is started
+    again.
     """
 
-    def __init__(self, store: "Store", on_commit: Callable[[], None], *, max_batch: int = 256,
+    def __init__(self, store: "Store", spool: "SpoolWriter | None", on_commit: Callable[[], None], *,
+                 on_broken: Callable[[str], None] = lambda reason: None, max_batch: int = 256,
                  max_bytes: int = 64 * 1024 * 1024, lock_wait: float = LOCK_WAIT_SECONDS) -> None:
         self._store = store
-        self._spool = store.spool_writer()
+        self._spool = spool
         self._on_commit = on_commit
+        self._on_broken = on_broken
+        self._broken: Exception | None = None
         self._max_batch = max_batch
         self._max_bytes = max_bytes
         self._lock_wait = lock_wait
@@ -133,6 +140,8 @@ class GroupCommit:
 
     async def commit(self, items: list[tuple[bytes, dict[str, Any]]]) -> list[int]:
         """Commit ``items`` (raw bytes, receive metadata) durably; their ids."""
+        if self._broken is not None:
+            raise self._broken
         loop = asyncio.get_running_loop()
         p = _Pending(items, loop.create_future(), sum(len(raw) for raw, _ in items), time.perf_counter())
         self._queue.append(p)
@@ -149,6 +158,9 @@ class GroupCommit:
     def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
         """Commit what is queued to the spool and start its sync (``_flushing`` is set)."""
         assert self._spool is not None
+        if self._broken is not None:
+            batch, self._queue = self._queue, []
+            self._fail(batch, self._broken)
         if not self._queue:
             self._flushing = False
             self._check_idle()
@@ -177,16 +189,27 @@ class GroupCommit:
             return
         self._locked_since = None
         committed = self._split(batch, ids)
-        done = self._executor.submit(self._spool.sync)
+        try:
+            done = self._executor.submit(self._spool.sync)
+        except RuntimeError as exc:  # the executor is shut down: serve is stopping
+            self._synced(loop, committed, exc)
+            return
         done.add_done_callback(lambda f: loop.call_soon_threadsafe(self._synced, loop, committed, f.exception()))
 
     def _synced(self, loop: asyncio.AbstractEventLoop, committed: list[tuple[_Pending, list[int]]],
                 error: BaseException | None) -> None:
-        if error is not None:
+        try:
+            if error is None:
+                self._done(committed)
+                return
             self._fail([p for p, _ in committed], error)
-        else:
-            self._done(committed)
-        self._flush(loop)  # what arrived during the sync: committed and synced together
+            if self._broken is None:
+                self._broken = StoreUnavailable(f"the spool cannot be trusted since a failed sync: {error}")
+                log.error("SMTP spool broken (%s): every delivery is refused with 451 until serve starts again",
+                          error)
+                self._on_broken(f"the SMTP spool could not be synced: {error}")
+        finally:
+            self._flush(loop)  # what arrived during the sync: committed and synced together
 
     # -- PostgreSQL: a thread ------------------------------------------------------------
 
@@ -506,7 +529,13 @@ async def run_listener(service: "Service", cfg: Config, *,
             return
     # aiosmtpd logs every command line at INFO; we log one line per message instead.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
-    committer = GroupCommit(service.app.store, service.notify_received)
+    loop = asyncio.get_running_loop()
+    try:  # blocking: the spool file may be created, the database's identity read or made
+        spool = await loop.run_in_executor(None, service.app.store.spool_writer)
+    except Exception as exc:  # noqa: BLE001 - a listener that cannot store must not listen
+        service.fail(f"SMTP listener: cannot open its store: {type(exc).__name__}: {exc}")
+        return
+    committer = GroupCommit(service.app.store, spool, service.notify_received, on_broken=service.fail)
     handler = SmtpHandler(cfg=cfg, committer=committer, hostname=hostname, protocol=sc.protocol,
                           max_recipients=sc.max_recipients)
     limits = _Limits(sc.max_connections)
@@ -517,7 +546,6 @@ async def run_listener(service: "Service", cfg: Config, *,
         return proto_cls(handler, limits, line_length_limit=max_size, data_size_limit=max_size,
                          enable_SMTPUTF8=True, hostname=hostname, ident=ident, tls_context=tls)
 
-    loop = asyncio.get_running_loop()
     commit_task = asyncio.create_task(committer.run())
     try:
         server = await loop.create_server(factory, host, port)

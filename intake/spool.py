@@ -3,7 +3,8 @@
 SQLite has one writer. Sharing the database's write lock with the processor made every
 SMTP delivery wait for a processing transaction, and the fsync of each commit stalled the
 event loop. So on SQLite the listener commits to a spool of its own, a second SQLite file
-beside the database (``intake.db`` → ``intake.spool.db``) that only the listener writes:
+beside the database, named after the database's identity (``intake.db`` →
+``intake.spool-0123456789ab.db``), that only the listener writes:
 
 - a commit never waits for the processor, and runs in the event loop (a few inserts);
 - durability: the spool connection commits without syncing (``synchronous=NORMAL``) and
@@ -13,17 +14,20 @@ beside the database (``intake.db`` → ``intake.spool.db``) that only the listen
   what ``synchronous=FULL`` does at each commit, without holding the loop;
 - the processor moves spooled messages into the database's ``inbound`` table
   (:meth:`intake.store.Store.import_spool`), recording how far it got in the same
-  transaction, so a crash at any moment neither loses nor repeats a message;
+  transaction, so a crash at any moment neither loses nor repeats a message. It first
+  syncs the spool's log itself (:func:`sync_log`): what it read may have been committed
+  but not yet synced, and an id it records must never be given again after a power loss;
 - imported rows are deleted later (:func:`purge`), in small transactions.
 
-The spool is part of the database: back it up and move it together with ``intake.db``.
-PostgreSQL needs none (it has no single write lock): the listener commits there directly.
+The spool is part of the database: back it up and move it together with ``intake.db``. A
+spool of another database (``intake.db`` deleted and made anew) has another name and is
+never read. PostgreSQL needs none (it has no single write lock): the listener commits
+there directly.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sqlite3
 import uuid
@@ -35,6 +39,11 @@ from typing import Any
 
 from intake.flowstore import Dialect, StoreBusy, StoreUnavailable
 
+
+class SpoolBroken(StoreUnavailable):
+    """The spool's log could not be synced: after a failed fsync the kernel may have
+    dropped the pages, so no later commit can be trusted until the spool is opened again."""
+
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS spool (id INTEGER PRIMARY KEY AUTOINCREMENT, received_at TEXT NOT NULL, "
     "channel TEXT NOT NULL, mailbox TEXT NOT NULL, envelope_from TEXT, envelope_to TEXT NOT NULL, "
@@ -42,13 +51,12 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
 )
 _SQLITE = Dialect("sqlite")
-log = logging.getLogger("intake.spool")
 
 
-def spool_path(database: str | Path) -> Path:
-    """The spool file of a SQLite database file: ``intake.db`` → ``intake.spool.db``."""
+def spool_path(database: str | Path, database_id: str) -> Path:
+    """The spool file of a SQLite database file and its identity: ``intake.spool-ID.db``."""
     p = Path(database)
-    return p.with_name(f"{p.stem}.spool{p.suffix or '.db'}")
+    return p.with_name(f"{p.stem}.spool-{database_id[:12]}{p.suffix or '.db'}")
 
 
 def _connect(path: Path, busy_timeout_ms: int) -> sqlite3.Connection:
@@ -60,29 +68,23 @@ def _connect(path: Path, busy_timeout_ms: int) -> sqlite3.Connection:
     return conn
 
 
-def open_spool(path: Path, database: str) -> None:
-    """Create the spool file of ``database`` (its identity) if needed.
+def open_spool(path: Path) -> None:
+    """Create the spool file if needed; move what its log holds into the file (synced).
 
-    A spool left by another database (``intake.db`` deleted and made anew, a spool copied
-    from elsewhere) is moved aside, not imported: its messages would revive old mail in a
-    new database. It is kept as ``NAME.orphaned-TIME`` for an operator to look at.
+    The listener opens its spool at start: should the last run have ended with a failed
+    sync, the checkpoint writes every commit in the log to the database file and syncs it.
     """
     conn = _connect(path, 30000)
     try:
         for stmt in _SCHEMA:
             conn.execute(stmt)
+        # A new file is a new spool: its ids start again, so the import's mark is per file.
         conn.execute("INSERT INTO meta (key, value) VALUES ('id', ?) ON CONFLICT DO NOTHING", (uuid.uuid4().hex,))
-        conn.execute("INSERT INTO meta (key, value) VALUES ('database', ?) ON CONFLICT DO NOTHING", (database,))
-        owner = conn.execute("SELECT value FROM meta WHERE key = 'database'").fetchone()[0]
-        if owner == database:
-            return
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        if busy:
+            raise StoreUnavailable(f"the spool {path} is busy: its log could not be checkpointed")
     finally:
         conn.close()
-    aside = path.with_name(f"{path.name}.orphaned-{datetime.now().strftime('%Y%m%dT%H%M%S')}")
-    os.replace(path, aside)
-    log.error("the spool %s belongs to another database: moved aside as %s, a new one is made", path, aside)
-    open_spool(path, database)
 
 
 class SpoolWriter:
@@ -92,9 +94,9 @@ class SpoolWriter:
     the spool's lock; ``sync`` (called in a thread) makes every append so far durable.
     """
 
-    def __init__(self, path: Path, database: str) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
-        open_spool(path, database)
+        open_spool(path)
         self._conn = _connect(path, 0)
         self._conn.execute("SELECT count(*) FROM meta").fetchone()  # the log file exists from here on
         # A checkpoint here would stall the loop: the purge runs them, off the loop.
@@ -134,7 +136,7 @@ class SpoolWriter:
         try:
             os.fdatasync(self._wal)
         except OSError as exc:
-            raise StoreUnavailable(f"cannot sync the spool: {exc.strerror or exc}") from exc
+            raise SpoolBroken(f"cannot sync the spool {self.path}: {exc.strerror or exc}") from exc
 
     def close(self) -> None:
         self._conn.close()
@@ -175,18 +177,30 @@ def read_after(path: Path, after: int, *, limit: int = 500, max_bytes: int = 16 
         conn.close()
 
 
-def spool_identity(path: Path, database: str) -> str | None:
-    """The identity of the spool file of ``database``; None when there is none (or it is another's)."""
+def spool_identity(path: Path) -> str | None:
+    """The identity of a spool file, None when there is none."""
     if not path.exists():
         return None
     conn = _connect(path, 30000)
     try:
-        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        row = conn.execute("SELECT value FROM meta WHERE key = 'id'").fetchone()
     except sqlite3.OperationalError:
         return None
     finally:
         conn.close()
-    return str(meta["id"]) if meta.get("id") and meta.get("database") == database else None
+    return str(row[0]) if row else None
+
+
+def sync_log(path: Path) -> None:
+    """Make every commit in the spool durable (the importer, before it records what it read)."""
+    try:
+        fd = os.open(f"{path}-wal", os.O_RDONLY)
+    except FileNotFoundError:
+        return  # no log: every commit is in the database file, synced by its checkpoint
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
 
 
 def count_after(path: Path, after: int) -> int:

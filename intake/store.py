@@ -527,6 +527,7 @@ class Store:
         self._writers = sessionmaker(self.engine.execution_options(writer=True), expire_on_commit=False)
         # Called before every write transaction: serve's workers let waiting edges go first.
         self.before_write: Callable[[], None] | None = None
+        self._database_id: str | None = None
         # Writers of this process queue here: SQLite's busy handler would have them sleep
         # and poll instead (1, 2, 5 … ms), which is most of the wait between two threads.
         self._write_turn = threading.RLock() if self.is_sqlite else nullcontext()
@@ -628,26 +629,29 @@ class Store:
     def spool_path(self) -> Path | None:
         """The spool file beside a SQLite database file (``intake.spool``); None on PostgreSQL."""
         path = self.engine.url.database if self.is_sqlite else None
-        return spool.spool_path(path) if path and path != ":memory:" else None
+        return spool.spool_path(path, self.database_id()) if path and path != ":memory:" else None
 
     def spool_writer(self) -> "spool.SpoolWriter | None":
         """The SMTP listener's writer to its spool; None where the listener commits directly."""
-        return spool.SpoolWriter(self.spool_path, self.database_id()) if self.spool_path is not None else None
+        path = self.spool_path
+        return spool.SpoolWriter(path) if path is not None else None
 
     def database_id(self) -> str:
         """This database's identity (made at first use): a spool belongs to one database."""
-        value = self.setting(DATABASE_ID_KEY)
-        if value is None:
-            with self.flow() as tx:
-                tx.set_setting(DATABASE_ID_KEY, secrets.token_hex(16), replace=False)
-                value = tx.setting(DATABASE_ID_KEY)
-        assert value is not None
-        return value
+        if self._database_id is None:
+            value = self.setting(DATABASE_ID_KEY)
+            if value is None:
+                with self.flow() as tx:
+                    tx.set_setting(DATABASE_ID_KEY, secrets.token_hex(16), replace=False)
+                    value = tx.setting(DATABASE_ID_KEY)
+            self._database_id = value
+        assert self._database_id is not None
+        return self._database_id
 
     def _spool_mark(self) -> tuple[str, int] | None:
         """(settings key, last imported id) of the current spool file, None without one."""
         path = self.spool_path
-        ident = spool.spool_identity(path, self.database_id()) if path is not None and path.exists() else None
+        ident = spool.spool_identity(path) if path is not None and path.exists() else None
         if ident is None:
             return None
         key = f"spool.{ident}.imported"  # a new spool file starts from 0
@@ -663,9 +667,14 @@ class Store:
         if mark is None:
             return 0
         key, after = mark
-        rows = spool.read_after(self.spool_path, after, limit=limit)  # type: ignore[arg-type]
+        path = self.spool_path
+        assert path is not None
+        rows = spool.read_after(path, after, limit=limit)
         if not rows:
             return 0
+        # Durable before recorded as imported: after a power loss the spool must not give
+        # these ids to other messages (a commit is readable before the listener's sync).
+        spool.sync_log(path)
         with self.flow() as tx:
             done = int(tx.setting(key) or 0)  # another worker may have been first
             rows = [r for r in rows if r.id > done]
@@ -705,17 +714,18 @@ class Store:
             raise StoreUnavailable(_error_text(exc)) from exc
         return out
 
-    def pending_inbound(self, limit: int = 1000, after_id: int = 0) -> list[int]:
-        """Ids of records still ``received`` (not yet processed), oldest first."""
+    def pending_inbound(self, limit: int = 1000, after_id: int = 0, shard: tuple[int, int] = (0, 1)) -> list[int]:
+        """Ids of records still ``received`` (not yet processed), oldest first.
+
+        ``shard`` (index, count): only ids with ``id % count == index``, so that several
+        processors of one serve never prepare the same record.
+        """
+        index, count = shard
+        q = select(InboundRecord.id).where(InboundRecord.state == RECEIVED, InboundRecord.id > after_id)
+        if count > 1:
+            q = q.where(InboundRecord.id % count == index)
         with self._sessions() as s:
-            return list(
-                s.scalars(
-                    select(InboundRecord.id)
-                    .where(InboundRecord.state == RECEIVED, InboundRecord.id > after_id)
-                    .order_by(InboundRecord.id)
-                    .limit(limit)
-                )
-            )
+            return list(s.scalars(q.order_by(InboundRecord.id).limit(limit)))
 
     def count_inbound(self, state: str | None = None) -> int:
         with self._sessions() as s:

@@ -27,8 +27,11 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import pickle
 import select
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -84,11 +87,13 @@ def yield_to_edges(shared: Any) -> None:
 @dataclass
 class LoopControl:
     """How a processing loop waits, learns it must stop and says that it processed
-    something (mail may be queued in the outbox)."""
+    something (mail may be queued in the outbox); ``shard`` (index, count) is its share of
+    the records when several processors run."""
 
     wait: Callable[[float], bool]  # sleep until woken or the timeout; False: stop now
     stopping: Callable[[], bool]
     processed: Callable[[], None]
+    shard: tuple[int, int] = (0, 1)
 
 
 def processing_loop(app: "App", control: LoopControl) -> None:
@@ -98,13 +103,19 @@ def processing_loop(app: "App", control: LoopControl) -> None:
     unavailable = False
     while not control.stopping():
         try:
-            imported = app.store.import_spool(limit=PENDING_CHUNK)
-            ids = app.store.pending_inbound(limit=PENDING_CHUNK)
+            # The first processor imports the SMTP spool; each processes its share.
+            imported = app.store.import_spool(limit=PENDING_CHUNK) if control.shard[0] == 0 else 0
+            ids = app.store.pending_inbound(limit=PENDING_CHUNK, shard=control.shard)
+            progress = 0
             for start in range(0, len(ids), batch):
                 if control.stopping():
                     break
-                proc.process_batch(ids[start:start + batch])
+                outcomes = proc.process_batch(ids[start:start + batch])
+                progress += sum(not o.skipped for o in outcomes)
                 control.processed()
+            if ids and not progress:
+                # Every one was taken by another process meanwhile (PostgreSQL): look again later.
+                ids = []
             if unavailable:
                 log.info("database usable again; processing resumed")
                 unavailable = False
@@ -136,12 +147,14 @@ PROCESSOR, OUTBOX = "processor", "outbox"
 
 
 def worker_main(role: str, cfg: "Config", rule_sources: tuple[tuple[str, bytes], ...], alive: Connection,
-                control: Connection, outbox_wake: Connection, edges: Any, log_level: str) -> None:
+                control: Connection, outbox_wake: Connection, edges: Any, log_level: str,
+                shard: tuple[int, int] = (0, 1)) -> None:
     """Entry point of a worker process (``spawn``: everything it needs comes as arguments).
 
     ``alive``: serve writes a byte to wake a processor; its end of file means serve is
-    gone. ``control``: rule reloads and stop. ``outbox_wake``: a processor writes a byte
-    after every batch, the outbox sender reads them.
+    gone. ``control``: rule reloads (the name of a file holding the rule files). Serve
+    stops a worker with SIGTERM. ``outbox_wake``: a processor writes a byte after every
+    batch, the outbox sender reads them.
     """
     from intake.app import App, setup_logging
     from intake.outbox import delivery_loop
@@ -169,10 +182,12 @@ def worker_main(role: str, cfg: "Config", rule_sources: tuple[tuple[str, bytes],
                 stop.set()
                 return
             if kind == "rules":
-                app.ruleset = compile_rules(payload)
+                try:
+                    with open(payload, "rb") as f:
+                        app.ruleset = compile_rules(pickle.load(f))
+                except OSError:
+                    continue  # serve is stopping (its files are gone)
                 log.info("%s routes with rule set %s from now on", name, app.ruleset.fingerprint)
-            elif kind == "stop":
-                stop.set()
 
     woken_by = [alive.fileno(), outbox_wake.fileno()] if role == OUTBOX else [alive.fileno()]
 
@@ -206,7 +221,7 @@ def worker_main(role: str, cfg: "Config", rule_sources: tuple[tuple[str, bytes],
             delivery_loop(app, wait, stopping)
         else:
             os.set_blocking(outbox_wake.fileno(), False)
-            processing_loop(app, LoopControl(wait=wait, stopping=stopping, processed=processed))
+            processing_loop(app, LoopControl(wait=wait, stopping=stopping, processed=processed, shard=shard))
     finally:
         app.close()
         log.info("%s stopped", name)
@@ -216,9 +231,10 @@ def worker_main(role: str, cfg: "Config", rule_sources: tuple[tuple[str, bytes],
 class _Worker:
     role: str
     name: str
+    shard: tuple[int, int]
     process: Any
     alive: Connection  # our end: a byte wakes a processor; closing it tells the worker we are gone
-    control: Connection  # rule reloads and stop
+    control: Connection  # rule reloads
 
 
 class Processing:
@@ -232,7 +248,7 @@ class Processing:
         # Processors write to it after every batch; the outbox sender reads it.
         self._outbox_r, self._outbox_w = self._ctx.Pipe(duplex=False)
         self._workers: list[_Worker] = []
-        self._send_lock = threading.Lock()
+        self._dir: str | None = None  # rule sets handed to the workers, as files
         self._thread_wake = threading.Event()
         self._outbox_event = threading.Event()
         self._stopping = threading.Event()
@@ -253,18 +269,24 @@ class Processing:
                     pass  # a full pipe already holds a wake-up; a dead worker is restarted
 
     def rules_changed(self, ruleset: "RuleSet") -> None:
-        """A new rule set was installed in serve: the processors compile the same files."""
+        """A new rule set was installed in serve: the processors compile the same files.
+
+        The set goes into a file and its name down each control pipe: a message that
+        small is written whole or not at all, so a stuck worker never blocks the caller
+        (a worker started again gets the current set anyway).
+        """
+        if self._dir is None:
+            return
+        path = os.path.join(self._dir, f"rules-{ruleset.fingerprint}.pickle")
+        with open(path + ".tmp", "wb") as f:
+            pickle.dump(ruleset.sources, f)
+        os.replace(path + ".tmp", path)
         for w in list(self._workers):
             if w.role == PROCESSOR:
-                self._send(w, ("rules", ruleset.sources))  # a dead worker starts again with the current set
-
-    def _send(self, w: _Worker, message: tuple[str, Any]) -> None:
-        # The rules watcher's thread and the loop both send: one message at a time on a pipe.
-        with self._send_lock:
-            try:
-                w.control.send(message)
-            except OSError:
-                pass
+                try:
+                    w.control.send(("rules", path))
+                except OSError:
+                    log.warning("%s did not take the new rules (busy); it keeps the set it has", w.name)
 
     # -- running ---------------------------------------------------------------------------
 
@@ -279,8 +301,20 @@ class Processing:
             self._outbox_event.set()
             await threads
             return
-        roles = [(PROCESSOR, f"processor-{i + 1}") for i in range(self.count)] + [(OUTBOX, "outbox")]
-        self._workers = [await loop.run_in_executor(None, self._start_worker, role, name) for role, name in roles]
+        self._dir = tempfile.mkdtemp(prefix="intake-serve-")
+        roles = [(PROCESSOR, f"processor-{i + 1}", (i, self.count)) for i in range(self.count)]
+        roles.append((OUTBOX, "outbox", (0, 1)))
+        self._workers = [await loop.run_in_executor(None, self._start_worker, *r) for r in roles]
+        try:
+            await self._supervise(stopping)
+        finally:
+            for w in self._workers:
+                w.process.terminate()  # SIGTERM: stop after the batch in flight
+            await loop.run_in_executor(None, self._join_all)
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    async def _supervise(self, stopping: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
         while not stopping.is_set():
             try:
                 await asyncio.wait_for(stopping.wait(), timeout=1.0)
@@ -291,24 +325,23 @@ class Processing:
                     # At most one restart a second: a worker that cannot start does not spin.
                     log.error("%s exited with %s; starting it again", w.name, w.process.exitcode)
                     self._close(w)
-                    self._workers[i] = await loop.run_in_executor(None, self._start_worker, w.role, w.name)
-        for w in self._workers:  # from a thread: a pipe full of a rules message must not block the loop
-            await loop.run_in_executor(None, self._send, w, ("stop", None))
-        await loop.run_in_executor(None, self._join_all)
+                    self._workers[i] = await loop.run_in_executor(None, self._start_worker, w.role, w.name,
+                                                                  w.shard)
 
-    def _start_worker(self, role: str, name: str) -> _Worker:
+    def _start_worker(self, role: str, name: str, shard: tuple[int, int]) -> _Worker:
         alive_r, alive_w = self._ctx.Pipe(duplex=False)
         control_r, control_w = self._ctx.Pipe(duplex=False)
         outbox_end = self._outbox_r if role == OUTBOX else self._outbox_w
         process = self._ctx.Process(
             target=worker_main, name=name, daemon=False,
             args=(role, self.app.cfg, self.app.ruleset.sources, alive_r, control_r, outbox_end, self.edges.shared,
-                  self._log_level))
+                  self._log_level, shard))
         process.start()
         alive_r.close()  # the worker's ends: once ours are closed, the worker sees our end of life
         control_r.close()
         os.set_blocking(alive_w.fileno(), False)
-        return _Worker(role, name, process, alive_w, control_w)
+        os.set_blocking(control_w.fileno(), False)
+        return _Worker(role, name, shard, process, alive_w, control_w)
 
     def _run_in_threads(self) -> None:
         """``workers = 0``: the processing loop in this thread, the outbox sender in another."""

@@ -163,3 +163,48 @@ def test_failing_message_is_quarantined_with_its_error_and_retried(app, run_inta
     assert "processed CASE-3" in retry.stdout
     assert json.loads(run_intake("quarantine", "list", "--json", check=True).stdout) == []
     assert sorted(c.subject for c in app.store.list_cases()) == ["BOOM", "good one", "good two"]
+
+
+def _three(app, subjects=("good one", "BOOM", "good two")) -> list[int]:
+    return app.store.receive_many([(make_mail(subject=s), {"channel": "email", "mailbox": "support@example.com"})
+                                   for s in subjects])
+
+
+def test_a_message_failing_late_in_its_savepoint_is_quarantined_not_half_stored(app, monkeypatch):
+    """The failure comes when its timeline is written, after the case was made: the case is
+    rolled back with it, and the record says quarantined, not processed."""
+    from intake.flowstore import FlowTx
+
+    real_flush = FlowTx.flush_events
+    calls = []
+
+    def flush(self):
+        if self._events:
+            calls.append(len(self._events))
+            if len(calls) == 2:  # the second message's timeline, at the end of its savepoint
+                raise RuntimeError("timeline write failed")
+        real_flush(self)
+
+    monkeypatch.setattr(FlowTx, "flush_events", flush)
+    ids = _three(app)
+    outcomes = app.processor.process_batch(ids)
+    assert [o.state for o in outcomes] == ["processed", QUARANTINED, "processed"]
+    detail = app.store.inbound_detail(str(ids[1]))
+    assert detail["state"] == QUARANTINED and detail["case"] is None and "timeline write failed" in detail["error"]
+    assert sorted(c.subject for c in app.store.list_cases()) == ["good one", "good two"]
+
+
+def test_a_batch_that_fails_as_a_whole_is_applied_one_by_one(app, monkeypatch):
+    from intake.flowstore import FlowTx
+
+    real_save = FlowTx.save_inbound
+
+    def save(self, works):
+        if len(works) > 1:
+            raise RuntimeError("batch write failed")
+        real_save(self, works)
+
+    monkeypatch.setattr(FlowTx, "save_inbound", save)
+    ids = _three(app, ("one", "two", "three"))
+    assert [o.state for o in app.processor.process_batch(ids)] == ["processed"] * 3
+    assert sorted(c.subject for c in app.store.list_cases()) == ["one", "three", "two"]

@@ -16,12 +16,18 @@ import pytest
 from mailfactory import make_mail
 from smtp_fixtures import IntakeServer, RawClient, smtp_config
 
-from intake.spool import spool_path
+from intake.store import Store
 
 
 def _spool(cfg: Path) -> Path:
     """Where the listener commits on SQLite (intake.spool): the processor imports from there."""
-    return spool_path(cfg.parent / "intake.db")
+    store = Store(f"sqlite:///{cfg.parent / 'intake.db'}")
+    try:
+        path = store.spool_path
+    finally:
+        store.close()
+    assert path is not None
+    return path
 
 
 def _start_transaction(port: int, subject: str) -> tuple[RawClient, bytes]:

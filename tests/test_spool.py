@@ -4,6 +4,7 @@ purge of imported messages, and a spool that belongs to another database left al
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 
 import pytest
@@ -34,7 +35,8 @@ def app(config_path):
 
 def test_spooled_mail_is_imported_once_and_becomes_cases(app):
     writer = app.store.spool_writer()
-    assert writer is not None and writer.path == spool_path(app.cfg.database_url.removeprefix("sqlite:///"))
+    db_file = app.cfg.database_url.removeprefix("sqlite:///")
+    assert writer is not None and writer.path == spool_path(db_file, app.store.database_id())
     raws = [make_mail(subject="請求書の再発行", charset="iso-2022-jp", cte="7bit", body="請求書をお願いします。\n"),
             make_mail(subject="Printer broken")]
     ids = writer.try_append([(r, _meta()) for r in raws], utcnow())
@@ -76,20 +78,53 @@ def test_an_import_that_fails_imports_nothing_and_the_next_one_everything(app, m
     assert app.store.count_inbound() == 3
 
 
-def test_a_spool_of_another_database_is_moved_aside_not_imported(app, tmp_path):
-    path = spool_path(tmp_path / "intake.db")
-    open_spool(path, "some-other-database")
-    with sqlite3.connect(path) as conn:
+def test_a_spool_of_another_database_is_never_read(app, tmp_path):
+    """intake.db deleted and made anew: the old spool's messages must not come back."""
+    old = spool_path(tmp_path / "intake.db", "0123456789abcdef")
+    open_spool(old)
+    with sqlite3.connect(old) as conn:
         conn.execute("INSERT INTO spool (received_at, channel, mailbox, envelope_to, source, raw) "
                      "VALUES ('2026-11-01 10:00:00.000000', 'email', 'support@example.com', '[]', '{}', ?)",
                      (make_mail(subject="old mail of a deleted database"),))
-    assert app.store.import_spool() == 0  # not ours: never revived in this database
-    writer = app.store.spool_writer()  # the listener starts: the old spool goes aside
+    assert app.store.spool_path != old
+    writer = app.store.spool_writer()
     writer.close()
-    aside = [p for p in tmp_path.iterdir() if p.name.startswith("intake.spool.db.orphaned-")]
-    assert len(aside) == 1 and _spooled(aside[0]) == 1
-    assert _spooled(path) == 0
     assert app.store.import_spool() == 0 and app.store.count_inbound() == 0
+    assert _spooled(old) == 1  # left for an operator to look at
+
+
+def test_what_the_import_records_was_synced_first(app, monkeypatch):
+    """The importer can read a commit the listener has not synced yet. If it recorded that
+    id as imported and the power failed before the listener's sync, the spool would give
+    the id to the next message, which the import would then skip: so the importer syncs
+    the spool's log itself before it records anything."""
+    writer = app.store.spool_writer()
+    writer.try_append([(make_mail(subject="committed, not yet synced"), _meta())], utcnow())
+    events: list[str] = []
+    real_sync = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        events.append("sync " + os.readlink(f"/proc/self/fd/{fd}"))
+        real_sync(fd)
+
+    real_set = flowstore.FlowTx.set_setting
+
+    def set_setting(self, key, value, replace=True):
+        events.append(f"record {key}={value}")
+        real_set(self, key, value, replace=replace)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    monkeypatch.setattr(flowstore.FlowTx, "set_setting", set_setting)
+    assert app.store.import_spool() == 1
+    writer.close()
+    syncs = [i for i, e in enumerate(events) if e == f"sync {writer.path}-wal"]
+    records = [i for i, e in enumerate(events) if e.startswith("record spool.")]
+    assert syncs and records and syncs[0] < records[0], events
+
+
+def _cases(app):
+    app.processor.process_pending()
+    return app.store.list_cases()
 
 
 def test_tick_processes_what_a_stopped_serve_left_in_the_spool(app, run_intake):
@@ -102,3 +137,42 @@ def test_tick_processes_what_a_stopped_serve_left_in_the_spool(app, run_intake):
     assert "1 received message(s) processed" in out.stdout
     cases = json.loads(run_intake("cases", "list", "--json", check=True).stdout)
     assert [(c["subject"], c["requester"]) for c in cases] == [("left in the spool", "erin@client.example.net")]
+
+
+class _DiskFailsOnSync:
+    """The spool writer of a disk whose fsync fails (EIO): what we cannot make happen for real."""
+
+    def __init__(self, writer):
+        self.writer = writer
+
+    def try_append(self, items, now):
+        return self.writer.try_append(items, now)
+
+    def sync(self):
+        from intake.spool import SpoolBroken
+
+        raise SpoolBroken("cannot sync the spool: Input/output error")
+
+    def close(self):
+        self.writer.close()
+
+
+async def test_a_failed_sync_refuses_that_delivery_and_every_later_one(app):
+    """After a failed fsync the kernel may have dropped the pages: no later 250 could be
+    trusted. The deliveries get 451 (their senders retry) and serve is told to stop."""
+    import asyncio
+
+    from intake.smtp_edge import GroupCommit
+    from intake.store import StoreUnavailable
+
+    broken: list[str] = []
+    committer = GroupCommit(app.store, _DiskFailsOnSync(app.store.spool_writer()), lambda: None,
+                            on_broken=broken.append)
+    runner = asyncio.create_task(committer.run())
+    with pytest.raises(StoreUnavailable, match="Input/output error"):
+        await committer.commit([(make_mail(subject="during the failure"), _meta())])
+    with pytest.raises(StoreUnavailable, match="cannot be trusted"):
+        await committer.commit([(make_mail(subject="after it"), _meta())])
+    assert len(broken) == 1 and "could not be synced" in broken[0]
+    await committer.close()
+    await runner
