@@ -97,10 +97,13 @@ class SpoolWriter:
     def __init__(self, path: Path) -> None:
         self.path = path
         open_spool(path)
-        self._conn = _connect(path, 0)
+        # Set up waiting like any connection (another may be recovering the log after a
+        # crash); from then on a commit never waits: try_append raises StoreBusy instead.
+        self._conn = _connect(path, 30000)
         self._conn.execute("SELECT count(*) FROM meta").fetchone()  # the log file exists from here on
         # A checkpoint here would stall the loop: the purge runs them, off the loop.
         self._conn.execute("PRAGMA wal_autocheckpoint=0")
+        self._conn.execute("PRAGMA busy_timeout=0")
         self._wal = os.open(f"{path}-wal", os.O_RDONLY)
 
     def try_append(self, items: Sequence[tuple[bytes, dict[str, Any]]], now: datetime) -> list[int]:
