@@ -699,9 +699,11 @@ def status(ctx: click.Context, as_json: bool) -> None:
     app = _open(ctx, load_rule_files=False)
     rows = {v.name: v for v in app.store.statuses()}
     names = list(rows)
-    # Configured pollers that never reported (serve not started yet) still get a line.
+    # A configured listener and pollers that never reported (serve not started yet) still get a line.
+    if app.cfg.smtp.listen and app.cfg.smtp.protocol not in rows:
+        names.append(app.cfg.smtp.protocol)
     names += [f"imap:{a.account}" for a in app.cfg.imap if f"imap:{a.account}" not in rows]
-    received = app.store.count_inbound(RECEIVED)
+    received = app.store.count_inbound(RECEIVED) + app.store.spool_backlog()
     out = []
     for name in sorted(names, key=lambda n: (n == "processor", n)):
         v = rows.get(name)
@@ -710,7 +712,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
             "state": v.state if v else "not started",
             "updated_at": v.updated_at.isoformat() if v else None,
             "last_success_at": v.last_success_at.isoformat() if v and v.last_success_at else None,
-            # The processor's backlog is counted now: records still waiting to be processed.
+            # The processor's backlog is counted now: messages still waiting (spooled or received).
             "backlog": received if name == "processor" else (v.backlog if v else None),
             "last_error": v.last_error if v else None,
             "last_error_at": v.last_error_at.isoformat() if v and v.last_error_at else None,

@@ -130,6 +130,12 @@ class GroupCommit:
         self.batches = 0
         self.messages = 0
         self.seconds = 0.0  # from DATA to durable, summed over deliveries
+        self.last_error: str | None = None  # the last commit that failed (451), for intake status
+
+    @property
+    def broken(self) -> bool:
+        """The spool failed a sync: every delivery is refused until serve starts again."""
+        return self._broken is not None
 
     def refs(self, ids: list[int]) -> str:
         """How the reply names committed messages: ``queued as S12`` (a spool id, found by
@@ -258,10 +264,10 @@ class GroupCommit:
                 p.future.set_result(ids)
         self._on_commit()
 
-    @staticmethod
-    def _fail(batch: list[_Pending], exc: BaseException) -> None:
+    def _fail(self, batch: list[_Pending], exc: BaseException) -> None:
         if not batch:
             return
+        self.last_error = f"{type(exc).__name__}: {exc}"
         log.error("commit of %d message(s) failed: %s: %s", sum(len(p.items) for p in batch), type(exc).__name__, exc)
         for p in batch:
             if not p.future.done():
@@ -379,6 +385,31 @@ class SmtpHandler:
         received = (f"Received: from {session.host_name or 'unknown'} ([{ip}])\r\n\tby {self.hostname} (intake) "
                     f"with {with_}{rcpt}; {formatdate(localtime=True)}\r\n")
         return (f"Return-Path: <{envelope.mail_from or ''}>\r\n" + received).encode("utf-8", "surrogateescape")
+
+
+async def _report_status(service: "Service", name: str, committer: GroupCommit) -> None:
+    """``intake status`` for the listener: its state, when it last stored a message, its
+    last failed commit; written on change, else every 30 s (off the loop)."""
+    loop = asyncio.get_running_loop()
+    last: tuple[object, ...] = ()
+    reported_at = 0.0
+    messages = 0
+    while True:
+        state = "refusing (451)" if committer.broken else "listening"
+        now = (state, committer.messages, committer.last_error)
+        if now != last or time.monotonic() - reported_at >= 30:
+            stored = committer.messages > messages
+            error = committer.last_error if committer.last_error != (last[2] if last else None) else None
+            await loop.run_in_executor(None, _report, service, name, state, error, stored)
+            last, reported_at, messages = now, time.monotonic(), committer.messages
+        await asyncio.sleep(1.0)
+
+
+def _report(service: "Service", name: str, state: str, error: str | None, success: bool) -> None:
+    try:
+        service.app.store.report_status(name, state, error=error, success=success)
+    except StoreUnavailable:
+        log.debug("status of the %s listener not recorded (database busy)", name)
 
 
 def _peer(session: Session) -> str:
@@ -547,6 +578,7 @@ async def run_listener(service: "Service", cfg: Config, *,
                          enable_SMTPUTF8=True, hostname=hostname, ident=ident, tls_context=tls)
 
     commit_task = asyncio.create_task(committer.run())
+    reporter = asyncio.create_task(_report_status(service, sc.protocol, committer))
     try:
         server = await loop.create_server(factory, host, port)
     except OSError as exc:
@@ -579,6 +611,8 @@ async def run_listener(service: "Service", cfg: Config, *,
         await asyncio.sleep(0.05)
     await committer.close()
     await commit_task
+    reporter.cancel()
+    await loop.run_in_executor(None, _report, service, sc.protocol, "stopped", None, False)
     await server.wait_closed()
     log.info("%s listener stopped (%d message(s) in %d commit(s), %.1f ms from DATA to durable on average)",
              sc.protocol.upper(), committer.messages, committer.batches,

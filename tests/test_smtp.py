@@ -279,3 +279,25 @@ def test_bad_smtp_config_is_refused_at_load(tmp_path):
     cfg = smtp_config(tmp_path, 'tls_cert = "mx.pem"\n')
     res = IntakeServer(cfg).intake("serve")
     assert res.returncode != 0 and "tls_cert and smtp.tls_key go together" in res.stderr
+
+
+def test_intake_status_shows_the_listener(tmp_path):
+    cfg = smtp_config(tmp_path)
+    srv = IntakeServer(cfg)
+    before = json.loads(srv.intake("status", "--json").stdout)
+    assert [(s["name"], s["state"]) for s in before if s["name"] == "smtp"] == [("smtp", "not started")]
+    srv.start()
+    try:
+        with smtplib.SMTP("127.0.0.1", srv.port, timeout=30) as s:
+            s.sendmail("alice@customer.example.org", ["support@example.com"], make_mail(subject="status check"))
+        deadline = time.monotonic() + 30
+        while True:
+            line = {s["name"]: s for s in json.loads(srv.intake("status", "--json").stdout)}.get("smtp")
+            if (line and line["last_success_at"]) or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert line is not None and line["state"] == "listening" and line["last_success_at"]
+    finally:
+        srv.stop()
+    after = {s["name"]: s for s in json.loads(srv.intake("status", "--json").stdout)}
+    assert after["smtp"]["state"] == "stopped" and after["processor"]["backlog"] == 0
