@@ -39,11 +39,32 @@ class StoreBusy(StoreUnavailable):
 
 
 def utcnow() -> datetime:
+    """The current time, aware, in UTC."""
     return datetime.now(UTC)
 
 
+def db_text(value: str | None) -> str | None:
+    """Text the database can store. Edges keep undecodable bytes as lone surrogates (Python's
+    ``surrogateescape``: an 8-bit MAIL FROM or EHLO name); neither SQLite's driver nor
+    PostgreSQL's takes them, so each such byte becomes U+FFFD."""
+    if value is None or value.isascii():
+        return value
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogateescape" if _escaped_only(value) else "surrogatepass").decode(
+            "utf-8", "replace")
+
+
+def _escaped_only(value: str) -> bool:
+    # Surrogates from surrogateescape (U+DC80-U+DCFF) go back to their bytes, so that a valid
+    # UTF-8 sequence among them is read as text again.
+    return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in value)
+
+
 def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, default=str)
+    return db_text(json.dumps(value, ensure_ascii=False, default=str)) or ""
 
 
 class Dialect:
@@ -70,6 +91,7 @@ class Dialect:
 
     @staticmethod
     def read_ts(value: Any) -> datetime | None:
+        """A timestamp as the driver returns it (text on SQLite), aware in UTC."""
         if value is None:
             return None
         if isinstance(value, str):
@@ -78,6 +100,7 @@ class Dialect:
 
     @staticmethod
     def read_json(value: Any) -> Any:
+        """A JSON column's value (text on SQLite, already decoded on PostgreSQL)."""
         return json.loads(value) if isinstance(value, (str, bytes)) else value
 
 
@@ -101,8 +124,8 @@ def insert_inbound(cur: Any, d: Dialect, items: Sequence[tuple[bytes, dict[str, 
     ids = []
     for raw, meta in items:
         received = meta.get("received_at")
-        cur.execute(sql, (d.ts(received) if received else at, meta["channel"], meta["mailbox"], meta.get("envelope_from"),
-                          _dumps(list(meta.get("envelope_to") or [])), _dumps(dict(meta.get("source") or {})),
+        cur.execute(sql, (d.ts(received) if received else at, meta["channel"], meta["mailbox"],
+                          db_text(meta.get("envelope_from")), _dumps(list(meta.get("envelope_to") or [])), _dumps(dict(meta.get("source") or {})),
                           raw, hashlib.sha256(raw).hexdigest(), len(raw), RECEIVED))
         ids.append(cur.fetchone()[0])
     return ids
@@ -137,6 +160,8 @@ class InboundWork:
 
 @dataclass(frozen=True)
 class ContactRef:
+    """A contact as the flow needs it: address, name, organization and language."""
+
     id: int
     address: str
     name: str
@@ -179,6 +204,7 @@ class CaseRec:
 
     @property
     def label(self) -> str:
+        """The case number as people write it (``CASE-12``)."""
         return f"{self.prefix}-{self.number}"
 
 
@@ -200,6 +226,8 @@ class OutboxRef:
 
 @dataclass(frozen=True)
 class SuppressionView:
+    """An address our automated mail is not sent to (it bounced), and until when."""
+
     address: str
     until: datetime
     reason: str
@@ -307,6 +335,7 @@ class FlowTx:
                    "WHERE id = ?", (QUARANTINED, error, tb, (row[1] or 0) + 1, self.d.ts(at), _dumps(log), inbound_id))
 
     def setting(self, key: str) -> str | None:
+        """A value of the settings table, None when unset."""
         row = self._one("SELECT value FROM settings WHERE key = ?", (key,))
         return row[0] if row else None
 
@@ -329,6 +358,7 @@ class FlowTx:
         return (row[0], row[1]) if row else None
 
     def set_message_key_case(self, key: str, case_id: int) -> None:
+        """Point a Message-ID (or content) key at the case its message went to."""
         self._exec("UPDATE message_keys SET case_id = ? WHERE key = ?", (case_id, key))
 
     # -- cases ------------------------------------------------------------------------------
@@ -347,9 +377,11 @@ class FlowTx:
         return CaseRec(**vals, organization=row[n], requester=requester)
 
     def case_by_number(self, number: int) -> CaseRec | None:
+        """The case of a number, None when there is none."""
         return self._case("c.number = ?", number)
 
     def case_by_id(self, case_id: int) -> CaseRec | None:
+        """The case of a row id, None when there is none."""
         return self._case("c.id = ?", case_id)
 
     def case_by_message_ids(self, ids: Sequence[str]) -> tuple[CaseRec, str] | None:
@@ -365,6 +397,7 @@ class FlowTx:
         return (case, row[1]) if case else None
 
     def case_by_thread_index(self, prefix: str) -> CaseRec | None:
+        """The case of the newest message with this Outlook Thread-Index prefix."""
         row = self._one("SELECT case_id FROM messages WHERE thread_index = ? ORDER BY id DESC LIMIT 1", (prefix,))
         return self.case_by_id(row[0]) if row else None
 
@@ -456,6 +489,7 @@ class FlowTx:
                    (case_id, contact.id, role))
 
     def participant_addresses(self, case_id: int) -> set[str]:
+        """The addresses of a case's participants."""
         return {r[0] for r in self._all("SELECT c.address FROM participants p JOIN contacts c ON c.id = p.contact_id "
                                         "WHERE p.case_id = ?", (case_id,))}
 
@@ -528,6 +562,7 @@ class FlowTx:
         return row[0] if row else None
 
     def set_rotation_last(self, queue: str, agent: str, at: datetime) -> None:
+        """Record the agent a queue's round robin gave the last case to."""
         self._exec("UPDATE queue_rotation SET last_agent = ?, updated_at = ? WHERE queue = ?",
                    (agent, self.d.ts(at), queue))
 
@@ -569,16 +604,19 @@ class FlowTx:
                 for r in self._all(f"{_OUTBOX_REF} WHERE {where}", params)]
 
     def outbox_rows(self, ids: Sequence[int]) -> dict[int, OutboxRef]:
+        """Outbox rows by id."""
         if not ids:
             return {}
         return {r.id: r for r in self._outbox_refs(f"id IN ({self._marks(len(ids))})", list(ids))}
 
     def outbox_by_message_ids(self, ids: Sequence[str]) -> list[OutboxRef]:
+        """Outbox rows whose Message-ID is one of ``ids`` (bounces name them)."""
         if not ids:
             return []
         return self._outbox_refs(f"message_id IN ({self._marks(len(ids))})", list(ids))
 
     def outbox_for_case(self, case_id: int, *, states: Sequence[str]) -> list[OutboxRef]:
+        """A case's outbox rows in the given states, newest first."""
         return self._outbox_refs(f"case_id = ? AND state IN ({self._marks(len(states))}) ORDER BY id DESC",
                                  (case_id, *states))
 
@@ -587,10 +625,12 @@ class FlowTx:
         return self._outbox_refs("state = 'sending' AND claimed_at < ?", (self.d.ts(claimed_before),))
 
     def update_outbox(self, outbox_id: int, **changes: Any) -> None:
+        """Change columns of an outbox row (timestamps converted for the driver)."""
         params = [self.d.ts(v) if k in _OUTBOX_TS else v for k, v in changes.items()]
         self._exec(f"UPDATE outbox SET {', '.join(f'{k} = ?' for k in changes)} WHERE id = ?", (*params, outbox_id))
 
     def set_message_sent(self, message_row_id: int, at: datetime) -> None:
+        """Record when an outgoing message was handed to the relay."""
         self._exec("UPDATE messages SET sent_at = ? WHERE id = ?", (self.d.ts(at), message_row_id))
 
     def suppression(self, address: str, now: datetime) -> SuppressionView | None:

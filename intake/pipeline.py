@@ -131,8 +131,8 @@ class Processor:
 
         A message that raises is rolled back to its savepoint and quarantined. Should the
         batch's transaction itself fail, the records are applied again one at a time, so
-        that only the one at fault is quarantined. Raises ``StoreUnavailable`` (nothing
-        written) when the database cannot be used.
+        that only the one at fault is quarantined. Raises ``StoreUnavailable`` when the
+        database cannot be used (nothing of the transaction that met it is written).
         """
         _ = self.secret  # read (or made) outside the processing transaction
         records = self.store.load_inbound(inbound_ids)

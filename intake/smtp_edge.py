@@ -3,8 +3,9 @@
 Refuse early, accept late: RCPT refuses anything that is not one of our mailboxes or
 their plus-addresses (``550 5.1.1``; intake is never a relay); DATA is answered ``250``
 only after the raw bytes and envelope are committed, ``451 4.3.0`` when they cannot be.
-Concurrent deliveries share one commit (:class:`GroupCommit`), which runs in its own
-thread so that the loop keeps talking to every other client meanwhile.
+Concurrent deliveries share one commit (:class:`GroupCommit`) whose waiting (an fsync,
+or a PostgreSQL round trip) runs in a thread, so that the loop keeps talking to every
+other client meanwhile.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import logging
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +27,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from intake.config import Config, parse_size
 
+from intake.flowstore import db_text
 from intake.store import StoreBusy, StoreUnavailable, utcnow
 
 if TYPE_CHECKING:
@@ -89,7 +92,7 @@ class GroupCommit:
     """Commits received messages so that durability costs one fsync per batch of
     concurrent deliveries, not one per message.
 
-    On SQLite the listener commits to its spool (``intake.spool``) in the event loop
+    On SQLite the listener commits to its spool (``intake.spool-ID.db``) in the event loop
     itself (a few inserts that never wait for the lock), then one ``fdatasync`` in a
     thread makes the commit durable, and only then are its deliveries answered.
     Deliveries arriving while a sync runs are committed together as soon as it ends, and
@@ -319,7 +322,7 @@ class SmtpHandler:
         if self.draining:
             _close_soon(server)
             return R_SHUTDOWN.format(self.hostname)
-        envelope.mail_from = address
+        envelope.mail_from = db_text(address)  # 8-bit bytes (kept as surrogates) can be neither stored nor logged
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"
 
@@ -372,7 +375,7 @@ class SmtpHandler:
         items = []
         for mailbox, rcpts in groups.items():
             raw = self._trace(session, envelope, rcpts, tls) + body
-            source = {"protocol": self.protocol, "peer": peer, "helo": session.host_name, "tls": tls}
+            source = {"protocol": self.protocol, "peer": peer, "helo": db_text(session.host_name), "tls": tls}
             items.append((raw, dict(channel="email", mailbox=mailbox, envelope_from=envelope.mail_from,
                                     envelope_to=rcpts, source=source)))
         return items
@@ -387,29 +390,48 @@ class SmtpHandler:
         return (f"Return-Path: <{envelope.mail_from or ''}>\r\n" + received).encode("utf-8", "surrogateescape")
 
 
-async def _report_status(service: "Service", name: str, committer: GroupCommit) -> None:
+class _StatusReporter:
     """``intake status`` for the listener: its state, when it last stored a message, its
-    last failed commit; written on change, else every 30 s (off the loop)."""
-    loop = asyncio.get_running_loop()
-    last: tuple[object, ...] = ()
-    reported_at = 0.0
-    messages = 0
-    while True:
-        state = "refusing (451)" if committer.broken else "listening"
-        now = (state, committer.messages, committer.last_error)
-        if now != last or time.monotonic() - reported_at >= 30:
-            stored = committer.messages > messages
-            error = committer.last_error if committer.last_error != (last[2] if last else None) else None
-            await loop.run_in_executor(None, _report, service, name, state, error, stored)
-            last, reported_at, messages = now, time.monotonic(), committer.messages
-        await asyncio.sleep(1.0)
+    last failed commit; written on change, else every 30 s, off the loop."""
 
+    def __init__(self, service: "Service", name: str, committer: GroupCommit) -> None:
+        self._service, self._name, self._committer = service, name, committer
+        self._lock = threading.Lock()  # a write still in its thread must not follow "stopped"
+        self._stopped = False
 
-def _report(service: "Service", name: str, state: str, error: str | None, success: bool) -> None:
-    try:
-        service.app.store.report_status(name, state, error=error, success=success)
-    except StoreUnavailable:
-        log.debug("status of the %s listener not recorded (database busy)", name)
+    async def run(self) -> None:
+        """Report until cancelled."""
+        loop = asyncio.get_running_loop()
+        c = self._committer
+        last: tuple[object, ...] = ("", -1, None)
+        reported_at = 0.0
+        while True:
+            now = ("refusing (451)" if c.broken else "listening", c.messages, c.last_error)
+            if now != last or time.monotonic() - reported_at >= 30:
+                error = now[2] if now[2] != last[2] else None
+                await loop.run_in_executor(None, self._write, now[0], error, now[1] > max(0, int(last[1])))
+                last, reported_at = now, time.monotonic()
+            await asyncio.sleep(1.0)
+
+    async def stopped(self, task: "asyncio.Task[None] | None") -> None:
+        """Stop reporting and say so (the listener is closed)."""
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        await asyncio.get_running_loop().run_in_executor(None, self._write, "stopped", None, False, True)
+
+    def _write(self, state: str, error: str | None, success: bool, final: bool = False) -> None:
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = final
+            try:
+                self._service.app.store.report_status(self._name, state, error=error, success=success)
+            except StoreUnavailable:
+                log.debug("status of the %s listener not recorded (database busy)", self._name)
 
 
 def _peer(session: Session) -> str:
@@ -578,14 +600,16 @@ async def run_listener(service: "Service", cfg: Config, *,
                          enable_SMTPUTF8=True, hostname=hostname, ident=ident, tls_context=tls)
 
     commit_task = asyncio.create_task(committer.run())
-    reporter = asyncio.create_task(_report_status(service, sc.protocol, committer))
+    status = _StatusReporter(service, sc.protocol, committer)
     try:
         server = await loop.create_server(factory, host, port)
     except OSError as exc:
         await committer.close()
         await commit_task
+        await status.stopped(None)
         service.fail(f"SMTP listener cannot listen on {sc.listen}: {exc.strerror or exc}")
         return
+    reporter = asyncio.create_task(status.run())
     bound = server.sockets[0].getsockname()
     listener = Listener(host=bound[0], port=bound[1], handler=handler, committer=committer, limits=limits)
     log.info("%s listening on %s:%d as %s%s", sc.protocol.upper(), bound[0], bound[1], hostname,
@@ -611,8 +635,7 @@ async def run_listener(service: "Service", cfg: Config, *,
         await asyncio.sleep(0.05)
     await committer.close()
     await commit_task
-    reporter.cancel()
-    await loop.run_in_executor(None, _report, service, sc.protocol, "stopped", None, False)
+    await status.stopped(reporter)
     await server.wait_closed()
     log.info("%s listener stopped (%d message(s) in %d commit(s), %.1f ms from DATA to durable on average)",
              sc.protocol.upper(), committer.messages, committer.batches,

@@ -28,6 +28,7 @@ there directly.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import uuid
@@ -37,7 +38,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from intake.flowstore import Dialect, StoreBusy, StoreUnavailable
+from intake.flowstore import Dialect, StoreBusy, StoreUnavailable, db_text
 
 
 class SpoolBroken(StoreUnavailable):
@@ -51,6 +52,7 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
 )
 _SQLITE = Dialect("sqlite")
+log = logging.getLogger("intake.spool")
 
 
 def spool_path(database: str | Path, database_id: str) -> Path:
@@ -94,17 +96,33 @@ class SpoolWriter:
     the spool's lock; ``sync`` (called in a thread) makes every append so far durable.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, last_imported: int = 0) -> None:
+        """Open the spool at ``path`` (made by :func:`open_spool`); new ids continue above
+        ``last_imported``, the last id the import took."""
         self.path = path
-        open_spool(path)
         # Set up waiting like any connection (another may be recovering the log after a
         # crash); from then on a commit never waits: try_append raises StoreBusy instead.
         self._conn = _connect(path, 30000)
-        self._conn.execute("SELECT count(*) FROM meta").fetchone()  # the log file exists from here on
+        self._continue_above(last_imported)  # also: the log file exists from here on
         # A checkpoint here would stall the loop: the purge runs them, off the loop.
         self._conn.execute("PRAGMA wal_autocheckpoint=0")
         self._conn.execute("PRAGMA busy_timeout=0")
         self._wal = os.open(f"{path}-wal", os.O_RDONLY)
+
+    def _continue_above(self, last_imported: int) -> None:
+        # Should the spool ever have lost commits (a sync that failed unnoticed, a restored
+        # backup), its ids would start again below what was imported, and the import would
+        # take new messages for done.
+        with self._conn:
+            self._conn.execute("BEGIN IMMEDIATE")
+            row = self._conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'spool'").fetchone()
+            if row is None:
+                self._conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('spool', ?)", (last_imported,))
+            elif row[0] < last_imported:
+                log.error("spool %s would give ids from %d, but ids up to %d were imported already: "
+                          "continuing above them", self.path, row[0] + 1, last_imported)
+                self._conn.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'spool'", (last_imported,))
+        # Durable with the first delivery's sync, which covers every earlier commit.
 
     def try_append(self, items: Sequence[tuple[bytes, dict[str, Any]]], now: datetime) -> list[int]:
         """Commit received messages (not yet synced); their spool ids, in order."""
@@ -121,18 +139,22 @@ class SpoolWriter:
             for raw, meta in items:
                 cur.execute("INSERT INTO spool (received_at, channel, mailbox, envelope_from, envelope_to, source, raw) "
                             "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                            (at, meta["channel"], meta["mailbox"], meta.get("envelope_from"),
+                            (at, meta["channel"], meta["mailbox"], db_text(meta.get("envelope_from")),
                              json.dumps(list(meta.get("envelope_to") or [])), json.dumps(dict(meta.get("source") or {})),
                              raw))
                 ids.append(int(cur.lastrowid or 0))
             cur.execute("COMMIT")
             return ids
-        except sqlite3.Error as exc:
+        except BaseException as exc:
+            # Whatever failed (a lock, a value the driver refused), the transaction must end
+            # here: left open, it would refuse every later delivery.
             try:
                 cur.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
-            raise StoreUnavailable(str(exc)) from exc
+            if isinstance(exc, sqlite3.Error):
+                raise StoreUnavailable(str(exc)) from exc
+            raise
 
     def sync(self) -> None:
         """Make every commit so far durable (``fdatasync`` of the spool's log)."""
@@ -142,6 +164,7 @@ class SpoolWriter:
             raise SpoolBroken(f"cannot sync the spool {self.path}: {exc.strerror or exc}") from exc
 
     def close(self) -> None:
+        """Close the spool's connection and its log file."""
         self._conn.close()
         os.close(self._wal)
 
@@ -220,8 +243,8 @@ def count_after(path: Path, after: int) -> int:
 
 
 def purge(path: Path, upto: int, *, chunk: int = 100) -> int:
-    """Delete imported messages (ids up to ``upto``) in small transactions (the listener waits
-    for each), then checkpoint."""
+    """Delete imported messages (ids up to ``upto``) in small transactions (a listener commit
+    meanwhile is tried again a moment later), then checkpoint."""
     if not path.exists() or upto <= 0:
         return 0
     conn = _connect(path, 30000)

@@ -16,7 +16,7 @@ closed and exits after the batch in flight; whatever it did not finish stays ``r
 
 SQLite has one writer, and its busy handler polls: a processor writing back to back
 would keep an edge from the write lock for long. The SMTP listener has a spool of its
-own (``intake.spool``); the IMAP pollers commit to the database, and while one waits for
+own (``intake.spool-ID.db``); the IMAP pollers commit to the database, and while one waits for
 the lock (a count in shared memory) a worker starts no transaction, for at most
 ``MAX_YIELD`` seconds, so that processing still advances.
 """
@@ -100,11 +100,14 @@ def processing_loop(app: "App", control: LoopControl) -> None:
     """Process ``received`` records until told to stop (the same in a worker and a thread)."""
     proc = app.processor
     batch = app.cfg.processing.batch_size
-    unavailable = False
+    unavailable = import_failing = False
     while not control.stopping():
+        # The first processor imports the SMTP spool; each processes its share. A failing
+        # import must not keep the records already in the database from being processed.
+        imported = 0
+        if control.shard[0] == 0:
+            imported, import_failing = _import_spool(app, import_failing)
         try:
-            # The first processor imports the SMTP spool; each processes its share.
-            imported = app.store.import_spool(limit=PENDING_CHUNK) if control.shard[0] == 0 else 0
             ids = app.store.pending_inbound(limit=PENDING_CHUNK, shard=control.shard)
             progress = 0
             for start in range(0, len(ids), batch):
@@ -124,13 +127,30 @@ def processing_loop(app: "App", control: LoopControl) -> None:
             if not unavailable:
                 log.warning("processing paused, database unavailable: %s", exc)
                 unavailable = True
-            ids, imported = [], 0
+            ids = []
         except Exception as exc:  # noqa: BLE001 - never let the processor die; retry
             log.exception("processing pass failed; retrying")
             _report(app, "error", f"{type(exc).__name__}: {exc}")
-            ids, imported = [], 0
+            ids = []
         if not ids and not imported and not control.wait(IDLE_POLL):
             return
+
+
+def _import_spool(app: "App", failing: bool) -> tuple[int, bool]:
+    """Move spooled SMTP messages into the database: (how many, whether it failed). A failed
+    import leaves them in the spool for the next pass; it is logged once until it works."""
+    try:
+        imported = app.store.import_spool(limit=PENDING_CHUNK)
+    except StoreUnavailable:
+        return 0, failing  # the pass that follows finds the database unavailable too, and says so
+    except Exception as exc:  # noqa: BLE001 - reported; processing goes on
+        if not failing:
+            log.exception("import of spooled SMTP messages failed; trying again every pass")
+            _report(app, "error", f"spool import: {type(exc).__name__}: {exc}")
+        return 0, True
+    if failing:
+        log.info("spooled SMTP messages imported again")
+    return imported, False
 
 
 def _report(app: "App", state: str, error: str | None = None) -> None:
@@ -247,7 +267,10 @@ class Processing:
         self.edges = EdgesWaiting(self._ctx)
         # Processors write to it after every batch; the outbox sender reads it.
         self._outbox_r, self._outbox_w = self._ctx.Pipe(duplex=False)
-        self._workers: list[_Worker] = []
+        self._workers: dict[str, _Worker] = {}  # by name; changed under _register
+        # Starting a worker (it gets the current rules) and sending a new rule set to the
+        # running ones take turns: no worker can start with a set that is no longer current.
+        self._register = threading.Lock()
         self._dir: str | None = None  # rule sets handed to the workers, as files
         self._thread_wake = threading.Event()
         self._outbox_event = threading.Event()
@@ -261,7 +284,7 @@ class Processing:
         if self.count == 0:
             self._thread_wake.set()
             return
-        for w in self._workers:
+        for w in list(self._workers.values()):
             if w.role == PROCESSOR:
                 try:
                     os.write(w.alive.fileno(), b"w")
@@ -275,18 +298,23 @@ class Processing:
         small is written whole or not at all, so a stuck worker never blocks the caller
         (a worker started again gets the current set anyway).
         """
-        if self._dir is None:
-            return
-        path = os.path.join(self._dir, f"rules-{ruleset.fingerprint}.pickle")
-        with open(path + ".tmp", "wb") as f:
-            pickle.dump(ruleset.sources, f)
-        os.replace(path + ".tmp", path)
-        for w in list(self._workers):
-            if w.role == PROCESSOR:
-                try:
-                    w.control.send(("rules", path))
-                except OSError:
-                    log.warning("%s did not take the new rules (busy); it keeps the set it has", w.name)
+        with self._register:
+            if self._dir is None:
+                return
+            path = os.path.join(self._dir, f"rules-{ruleset.fingerprint}.pickle")
+            with open(path + ".tmp", "wb") as f:
+                pickle.dump(ruleset.sources, f)
+            os.replace(path + ".tmp", path)
+            for w in self._workers.values():
+                if w.role == PROCESSOR:
+                    try:
+                        w.control.send(("rules", path))
+                    except OSError:
+                        log.warning("%s did not take the new rules (busy); it keeps the set it has", w.name)
+            # Older sets: a worker that has not read its file yet reads the newer one next.
+            for name in os.listdir(self._dir):
+                if name.startswith("rules-") and os.path.join(self._dir, name) != path:
+                    os.unlink(os.path.join(self._dir, name))
 
     # -- running ---------------------------------------------------------------------------
 
@@ -304,11 +332,12 @@ class Processing:
         self._dir = tempfile.mkdtemp(prefix="intake-serve-")
         roles = [(PROCESSOR, f"processor-{i + 1}", (i, self.count)) for i in range(self.count)]
         roles.append((OUTBOX, "outbox", (0, 1)))
-        self._workers = [await loop.run_in_executor(None, self._start_worker, *r) for r in roles]
+        for role in roles:
+            await loop.run_in_executor(None, self._start_worker, *role)
         try:
             await self._supervise(stopping)
         finally:
-            for w in self._workers:
+            for w in self._workers.values():
                 w.process.terminate()  # SIGTERM: stop after the batch in flight
             await loop.run_in_executor(None, self._join_all)
             shutil.rmtree(self._dir, ignore_errors=True)
@@ -320,15 +349,18 @@ class Processing:
                 await asyncio.wait_for(stopping.wait(), timeout=1.0)
             except asyncio.TimeoutError:
                 pass
-            for i, w in enumerate(self._workers):
+            for w in list(self._workers.values()):
                 if not stopping.is_set() and not w.process.is_alive():
                     # At most one restart a second: a worker that cannot start does not spin.
                     log.error("%s exited with %s; starting it again", w.name, w.process.exitcode)
                     self._close(w)
-                    self._workers[i] = await loop.run_in_executor(None, self._start_worker, w.role, w.name,
-                                                                  w.shard)
+                    await loop.run_in_executor(None, self._start_worker, w.role, w.name, w.shard)
 
-    def _start_worker(self, role: str, name: str, shard: tuple[int, int]) -> _Worker:
+    def _start_worker(self, role: str, name: str, shard: tuple[int, int]) -> None:
+        with self._register:
+            self._workers[name] = self._spawn(role, name, shard)
+
+    def _spawn(self, role: str, name: str, shard: tuple[int, int]) -> _Worker:
         alive_r, alive_w = self._ctx.Pipe(duplex=False)
         control_r, control_w = self._ctx.Pipe(duplex=False)
         outbox_end = self._outbox_r if role == OUTBOX else self._outbox_w
@@ -367,7 +399,7 @@ class Processing:
 
     def _join_all(self, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
-        for w in self._workers:
+        for w in self._workers.values():
             w.process.join(max(0.1, deadline - time.monotonic()))
             if w.process.is_alive():
                 log.error("%s did not stop within %.0fs; terminating it", w.name, timeout)

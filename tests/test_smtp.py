@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import smtplib
+import socket
 import ssl
 import subprocess
 import time
@@ -301,3 +302,34 @@ def test_intake_status_shows_the_listener(tmp_path):
         srv.stop()
     after = {s["name"]: s for s in json.loads(srv.intake("status", "--json").stdout)}
     assert after["smtp"]["state"] == "stopped" and after["processor"]["backlog"] == 0
+
+
+def test_8bit_bytes_in_ehlo_and_mail_from_are_stored_and_do_not_stall_later_mail(server):
+    """aiosmtpd hands undecodable bytes of a command on as lone surrogates, which no
+    database takes: the message is stored all the same, and so is every one after it."""
+    c = RawClient(server.port)
+    c.reply()
+    assert c.cmd(b"EHLO h\xffst.example\r\n")[0] == 250
+    for n, sender in enumerate((b"t\xffro@customer.example.org", b"alice@customer.example.org")):
+        assert c.cmd(b"MAIL FROM:<" + sender + b">\r\n")[0] == 250
+        assert c.cmd("RCPT TO:<support@example.com>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        c.send(make_mail(subject=f"eight-bit envelope {n}") + b"\r\n.\r\n")
+        code, text = c.reply()
+        assert code == 250, text
+    c.cmd("QUIT")
+    c.close()
+    for n in range(2):
+        case_with_subject(server, f"eight-bit envelope {n}")
+
+
+def test_a_listener_that_cannot_bind_is_not_shown_listening(tmp_path):
+    cfg = smtp_config(tmp_path)
+    srv = IntakeServer(cfg)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", srv.port))
+        taken.listen()
+        res = srv.intake("serve", timeout=120)
+        assert res.returncode != 0 and "cannot listen" in res.stderr
+    line = {s["name"]: s for s in json.loads(srv.intake("status", "--json").stdout)}["smtp"]
+    assert line["state"] == "stopped"

@@ -93,6 +93,56 @@ def test_a_spool_of_another_database_is_never_read(app, tmp_path):
     assert _spooled(old) == 1  # left for an operator to look at
 
 
+def test_a_spool_that_lost_commits_gives_new_mail_ids_above_what_was_imported(app, caplog):
+    """A spool restored from an older backup (or one whose failed sync went unnoticed)
+    would give ids again that the import has taken already: a message answered 250 would
+    then be taken for imported and never become a case."""
+    writer = app.store.spool_writer()
+    writer.try_append([(make_mail(subject=f"before the restore {i}"), _meta()) for i in range(3)], utcnow())
+    writer.sync()
+    writer.close()
+    assert app.store.import_spool() == 3
+    app.store.purge_spool()
+    with sqlite3.connect(writer.path) as conn:  # the backup knew of one message only
+        conn.execute("UPDATE sqlite_sequence SET seq = 1 WHERE name = 'spool'")
+
+    writer = app.store.spool_writer()
+    ids = writer.try_append([(make_mail(subject="after the restore"), _meta())], utcnow())
+    writer.sync()
+    writer.close()
+    assert ids == [4]
+    assert "ids up to 3 were imported already" in caplog.text
+    assert app.store.import_spool() == 1
+    assert "after the restore" in [c.subject for c in _cases(app)]
+
+
+def test_a_delivery_the_spool_refuses_leaves_it_usable(app):
+    """A value the driver refuses must not leave the spool's transaction open: every later
+    delivery would be refused with it."""
+    writer = app.store.spool_writer()
+    with pytest.raises(UnicodeEncodeError):
+        writer.try_append([(make_mail(subject="bad"), {**_meta(), "mailbox": "support\udcff@example.com"})],
+                          utcnow())
+    ids = writer.try_append([(make_mail(subject="next one"), _meta())], utcnow())
+    writer.sync()
+    writer.close()
+    assert len(ids) == 1 and app.store.import_spool() == 1
+
+
+def test_undecodable_envelope_bytes_are_stored_not_refused(app):
+    """aiosmtpd keeps 8-bit bytes of MAIL FROM and EHLO as lone surrogates, which no
+    database driver takes: they are stored as U+FFFD, UTF-8 text around them kept."""
+    writer = app.store.spool_writer()
+    meta = {**_meta(), "envelope_from": "t\udcffro@例え.jp", "source": {"helo": "h\udcffst"}}
+    writer.try_append([(make_mail(subject="8-bit envelope"), meta)], utcnow())
+    writer.sync()
+    writer.close()
+    assert app.store.import_spool() == 1
+    detail = app.store.inbound_detail(str(app.store.pending_inbound()[0]))
+    assert detail["envelope_from"] == "t\ufffdro@例え.jp" and detail["source"]["helo"] == "h\ufffdst"
+    assert [c.subject for c in _cases(app)] == ["8-bit envelope"]
+
+
 def test_what_the_import_records_was_synced_first(app, monkeypatch):
     """The importer can read a commit the listener has not synced yet. If it recorded that
     id as imported and the power failed before the listener's sync, the spool would give
