@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,28 +44,20 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def db_text(value: str | None) -> str | None:
-    """Text the database can store. Edges keep undecodable bytes as lone surrogates (Python's
-    ``surrogateescape``: an 8-bit MAIL FROM or EHLO name); neither SQLite's driver nor
-    PostgreSQL's takes them, so each such byte becomes U+FFFD."""
+    """Text the database can store. The SMTP edge keeps undecodable bytes of a command as
+    lone surrogates (aiosmtpd's ``surrogateescape``: an 8-bit MAIL FROM or EHLO name);
+    neither SQLite's driver nor PostgreSQL's takes them, so each becomes U+FFFD."""
     if value is None or value.isascii():
         return value
-    try:
-        value.encode("utf-8")
-        return value
-    except UnicodeEncodeError:
-        return value.encode("utf-8", "surrogateescape" if _escaped_only(value) else "surrogatepass").decode(
-            "utf-8", "replace")
-
-
-def _escaped_only(value: str) -> bool:
-    # Surrogates from surrogateescape (U+DC80-U+DCFF) go back to their bytes, so that a valid
-    # UTF-8 sequence among them is read as text again.
-    return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in value)
+    return _LONE_SURROGATE.sub("\ufffd", value)
 
 
 def _dumps(value: Any) -> str:
-    return db_text(json.dumps(value, ensure_ascii=False, default=str)) or ""
+    return json.dumps(value, ensure_ascii=False, default=str)
 
 
 class Dialect:
@@ -125,7 +118,8 @@ def insert_inbound(cur: Any, d: Dialect, items: Sequence[tuple[bytes, dict[str, 
     for raw, meta in items:
         received = meta.get("received_at")
         cur.execute(sql, (d.ts(received) if received else at, meta["channel"], meta["mailbox"],
-                          db_text(meta.get("envelope_from")), _dumps(list(meta.get("envelope_to") or [])), _dumps(dict(meta.get("source") or {})),
+                          db_text(meta.get("envelope_from")), db_text(_dumps(list(meta.get("envelope_to") or []))),
+                          db_text(_dumps(dict(meta.get("source") or {}))),
                           raw, hashlib.sha256(raw).hexdigest(), len(raw), RECEIVED))
         ids.append(cur.fetchone()[0])
     return ids

@@ -27,7 +27,6 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from intake.config import Config, parse_size
 
-from intake.flowstore import db_text
 from intake.store import StoreBusy, StoreUnavailable, utcnow
 
 if TYPE_CHECKING:
@@ -322,7 +321,7 @@ class SmtpHandler:
         if self.draining:
             _close_soon(server)
             return R_SHUTDOWN.format(self.hostname)
-        envelope.mail_from = db_text(address)  # 8-bit bytes (kept as surrogates) can be neither stored nor logged
+        envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"
 
@@ -375,7 +374,7 @@ class SmtpHandler:
         items = []
         for mailbox, rcpts in groups.items():
             raw = self._trace(session, envelope, rcpts, tls) + body
-            source = {"protocol": self.protocol, "peer": peer, "helo": db_text(session.host_name), "tls": tls}
+            source = {"protocol": self.protocol, "peer": peer, "helo": session.host_name, "tls": tls}
             items.append((raw, dict(channel="email", mailbox=mailbox, envelope_from=envelope.mail_from,
                                     envelope_to=rcpts, source=source)))
         return items
@@ -403,14 +402,16 @@ class _StatusReporter:
         """Report until cancelled."""
         loop = asyncio.get_running_loop()
         c = self._committer
-        last: tuple[object, ...] = ("", -1, None)
+        reported: tuple[str, int, str | None] | None = None
         reported_at = 0.0
         while True:
             now = ("refusing (451)" if c.broken else "listening", c.messages, c.last_error)
-            if now != last or time.monotonic() - reported_at >= 30:
-                error = now[2] if now[2] != last[2] else None
-                await loop.run_in_executor(None, self._write, now[0], error, now[1] > max(0, int(last[1])))
-                last, reported_at = now, time.monotonic()
+            if now != reported or time.monotonic() - reported_at >= 30:
+                state, messages, error = now
+                before_messages, before_error = (reported[1], reported[2]) if reported else (0, None)
+                await loop.run_in_executor(None, self._write, state, error if error != before_error else None,
+                                           messages > before_messages)
+                reported, reported_at = now, time.monotonic()
             await asyncio.sleep(1.0)
 
     async def stopped(self, task: "asyncio.Task[None] | None") -> None:

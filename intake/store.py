@@ -630,16 +630,14 @@ class Store:
         """The spool file beside a SQLite database file (``intake.spool-ID.db``); None on
         PostgreSQL, and while the database has no identity yet (then it has no spool either).
         A read: it never writes the database."""
-        path = self.engine.url.database if self.is_sqlite else None
-        if not path or path == ":memory:":
-            return None
-        ident = self._database_id or self.setting(DATABASE_ID_KEY)
-        return spool.spool_path(path, ident) if ident else None
+        path = self._database_file()
+        ident = (self._database_id or self.setting(DATABASE_ID_KEY)) if path else None
+        return spool.spool_path(path, ident) if path and ident else None
 
     def spool_writer(self) -> "spool.SpoolWriter | None":
         """The SMTP listener's writer to its spool; None where the listener commits directly.
         Its ids continue above the last one imported."""
-        if not self.is_sqlite or self.engine.url.database in (None, "", ":memory:"):
+        if self._database_file() is None:
             return None
         self.database_id()  # the spool is named after it: made now if needed
         path = self.spool_path
@@ -647,6 +645,11 @@ class Store:
         spool.open_spool(path)
         mark = self._spool_mark()
         return spool.SpoolWriter(path, last_imported=mark[1] if mark else 0)
+
+    def _database_file(self) -> str | None:
+        """The SQLite database file; None on PostgreSQL and in memory (no spool there)."""
+        path = self.engine.url.database if self.is_sqlite else None
+        return path if path and path != ":memory:" else None
 
     def database_id(self) -> str:
         """This database's identity (made at first use): a spool belongs to one database."""
