@@ -461,6 +461,9 @@ def _yaml_problem(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _did_you_mean(word: Any, candidates: Iterable[str], cutoff: float = 0.6) -> str:
     close = difflib.get_close_matches(str(word), list(candidates), n=1, cutoff=cutoff)
     return f" (did you mean '{close[0]}'?)" if close else ""
@@ -514,7 +517,9 @@ class _Loader:
         self.file = ""
 
     def error(self, line: int, message: str) -> None:
-        self.errors.append((self.file, line, message))
+        """Record ``file:line: message``; control characters of quoted YAML text (a name with
+        a newline) are shown escaped, so that every error stays one line."""
+        self.errors.append((self.file, line, _CONTROL.sub(lambda m: repr(m.group())[1:-1], message)))
 
     # -- files ---------------------------------------------------------------------------
 

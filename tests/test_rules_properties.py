@@ -118,3 +118,8 @@ def test_hostile_yaml_is_refused_with_a_location():
             assert all(LOCATED.match(e) for e in exc.errors), exc.errors
         else:
             raise AssertionError(f"accepted: {text[:40]!r}")
+
+
+def test_an_error_about_a_name_with_a_newline_stays_one_located_line():
+    """Found by the property above: a quoted name spanning lines made a two-line error."""
+    check([("10-team.yaml", TEAM), ("20-random.yaml", b"rules:\n- name: '0\n\n    '\n")])
