@@ -90,7 +90,7 @@ def bench_drain(server: Dovecot, n: int) -> None:
 def bench_edge_only(server: Dovecot, n: int) -> None:
     """The IMAP side alone: one drain in this process, nothing processed meanwhile."""
     from intake.app import open_app
-    from intake.imap_edge import ImapPoller
+    from intake.edges.imap import ImapPoller
 
     folder = Path(tempfile.mkdtemp(dir=BASE))
     os.environ.update(password_env(server))

@@ -45,7 +45,7 @@ def run(count: int, work: Path, notify: bool) -> dict[str, float]:
     inst.mkdir()
     (inst / "intake.toml").write_text(
         f'[database]\nurl = "sqlite:///{inst / "intake.db"}"\n[smtp]\nlisten = ""\n'
-        f'[rules]\npath = "{ROOT / "routing_rules"}"\n[templates]\npath = "{ROOT / "templates"}"\n'
+        f'[rules]\npath = "{ROOT / "intake" / "shipped" / "routing_rules"}"\n[templates]\npath = "{ROOT / "intake" / "shipped" / "templates"}"\n'
         f'[outbound]\npath = "{inst / "outbox"}"\n'
         + ("" if notify else "[notify]\nack = false\nnotify_agents = false\n"), "utf-8")
     env = dict(os.environ, PYTHONPATH=str(ROOT))

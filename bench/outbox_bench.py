@@ -28,7 +28,7 @@ from mailfactory import make_mail  # noqa: E402
 from intake import store as st  # noqa: E402
 from intake.app import open_app  # noqa: E402
 from intake.notify import sample_context  # noqa: E402
-from intake.outbox import build_mime, deliver_due  # noqa: E402
+from intake.edges.outbox_sender import build_mime, deliver_due  # noqa: E402
 from intake.templates import SHIPPED, TemplateSet  # noqa: E402
 
 

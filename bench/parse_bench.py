@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from intake.parse import parse  # noqa: E402
+from intake.mail.parse import parse  # noqa: E402
 
 
 def _jis(text: str) -> bytes:

@@ -20,8 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from intake.classify import classify  # noqa: E402
-from intake.parse import parse  # noqa: E402
+from intake.mail.classify import classify  # noqa: E402
+from intake.mail.parse import parse  # noqa: E402
 from intake.rules import RuleContext, compile_rules, evaluate  # noqa: E402
 from mailfactory import make_mail  # noqa: E402
 

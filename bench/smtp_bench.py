@@ -67,7 +67,7 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 30
 
 def run_bare_server(port: int, memo: bool) -> None:
     """aiosmtpd in one asyncio loop, created like intake's listener; DATA → 250 at once.
-    ``memo``: with intake's remembered address parse (``intake.smtp_edge._parsed_address``)."""
+    ``memo``: with intake's remembered address parse (``intake.edges.smtp._parsed_address``)."""
     from aiosmtpd.smtp import SMTP
 
     class Handler:
@@ -77,7 +77,7 @@ def run_bare_server(port: int, memo: bool) -> None:
     protocol = SMTP
     if memo:
         sys.path.insert(0, str(ROOT))
-        from intake.smtp_edge import _parsed_address
+        from intake.edges.smtp import _parsed_address
 
         class MemoSMTP(SMTP):
             def _getaddr(self, arg):  # noqa: ANN001, ANN202
@@ -105,7 +105,7 @@ class Intake:
         self.folder = folder
         self.port = port
         (folder / "routing_rules").mkdir(parents=True)
-        shutil.copy(ROOT / "routing_rules" / "10-team.yaml", folder / "routing_rules")
+        shutil.copy(ROOT / "intake" / "shipped" / "routing_rules" / "10-team.yaml", folder / "routing_rules")
         self.db = folder / "intake.db"
         self.config = folder / "intake.toml"
         self.config.write_text(textwrap.dedent(f"""

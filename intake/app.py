@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from intake.config import Config, load_config
-from intake.pipeline import Processor
+from intake.flow import Processor
 from intake.rules import RuleSet, load_rules
 from intake.store import Store
 

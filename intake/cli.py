@@ -372,7 +372,7 @@ def _parse_at(at: str | None) -> Any:
 def rules_explain(ctx: click.Context, file: str, at: str | None, mailbox: str | None, channel: str,
                   as_json: bool) -> None:
     """Dry run of FILE.eml: what the rules see, each rule's result, the final actions. Writes nothing."""
-    from intake.rules_explain import explain, render
+    from intake.rules.explain import explain, render
 
     cfg = _load_config(ctx)
     try:

@@ -11,8 +11,8 @@ from collections.abc import Collection
 from datetime import datetime, tzinfo
 from typing import Any
 
-from intake.classify import classify
-from intake.parse import ParsedMail, parse
+from intake.mail.classify import classify
+from intake.mail.parse import ParsedMail, parse
 
 
 def parse_report(raw: bytes, *, own_addresses: Collection[str], agents: Collection[str]) -> dict[str, Any]:

@@ -5,7 +5,7 @@ comment or a status change. Each mail goes through the named rule :func:`loop_pr
 (pure, over :class:`LoopFacts` the store gathered), is rendered from plain data by
 :mod:`intake.templates`, and is stored twice in the same transaction: as an outgoing
 message on the case timeline (so that replies thread by References) and as an outbox row
-that :mod:`intake.outbox` delivers. Nothing is sent here.
+that :mod:`intake.edges.outbox_sender` delivers. Nothing is sent here.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from email.utils import format_datetime, make_msgid
 from typing import Any
 
 from intake import store as st
-from intake.classify import AGENT, MESSAGE
+from intake.mail.classify import AGENT, MESSAGE
 from intake.flowstore import CaseRec, FlowTx
 from intake.config import Config, MailboxConfig, parse_duration, parse_size
-from intake.matching import reply_address
-from intake.parse import detect_language, is_synthesised_id
-from intake.quotes import strip_reply
+from intake.threads import reply_address
+from intake.mail.parse import detect_language, is_synthesised_id
+from intake.mail.quotes import strip_reply
 from intake.rules import RuleSet
 from intake.templates import TemplateError, TemplateSet
 

@@ -50,14 +50,14 @@ def _deliver_outbox(app: "App", now: datetime) -> str:
     """Outbox delivery (``tick``; under ``serve`` a worker delivers continuously)."""
     if app.processing_in_serve:
         return "delivered continuously by serve's outbox sender"
-    from intake.outbox import deliver_job
+    from intake.edges.outbox_sender import deliver_job
 
     return deliver_job(app, now)
 
 
 def _poll_imap(app: "App", now: datetime) -> str:
     """Drain every [[imap]] account once (under `serve`: only those without a running poller)."""
-    from intake.imap_edge import poll_accounts
+    from intake.edges.imap import poll_accounts
 
     return poll_accounts(app, now)
 

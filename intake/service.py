@@ -223,12 +223,12 @@ def utcnow_iso() -> str:
 
 def serve(app: App) -> int:
     """Run the service in a new event loop; returns the exit code."""
-    from intake.imap_edge import imap_component
+    from intake.edges.imap import imap_component
 
     service = Service(app)
     service.add(RulesWatcher(app))
     if app.cfg.smtp.listen:
-        from intake.smtp_edge import smtp_component
+        from intake.edges.smtp import smtp_component
 
         service.add(smtp_component(app.cfg))
     for acct in app.cfg.imap:  # one poller per [[imap]] account

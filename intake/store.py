@@ -38,7 +38,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker, joinedload
 from sqlalchemy.types import TypeDecorator
 
-from intake import spool
+from intake.db import spool
 from intake.flowstore import (  # noqa: F401 - the store's public names
     DROPPED,
     DUPLICATE,
@@ -403,7 +403,7 @@ def upgrade(engine: Engine) -> None:
     from alembic.config import Config as AlembicConfig
 
     cfg = AlembicConfig()
-    cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    cfg.set_main_option("script_location", str(Path(__file__).parent / "db" / "migrations"))
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "heads")

@@ -50,7 +50,7 @@ TEMPLATE_NAMES = (
 LOOKUP_TTL = 2.0
 
 #: Shipped templates, used for any template the configured folder does not have.
-SHIPPED = Path(__file__).resolve().parent.parent / "templates"
+SHIPPED = Path(__file__).resolve().parent / "shipped" / "templates"
 
 _PLAIN = (str, int, float, bool, type(None), datetime, date)
 

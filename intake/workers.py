@@ -177,7 +177,7 @@ def worker_main(role: str, cfg: "Config", rule_sources: tuple[tuple[str, bytes],
     batch, the outbox sender reads them.
     """
     from intake.app import App, setup_logging
-    from intake.outbox import delivery_loop
+    from intake.edges.outbox_sender import delivery_loop
     from intake.rules import compile_rules
     from intake.store import Store
 
@@ -377,7 +377,7 @@ class Processing:
 
     def _run_in_threads(self) -> None:
         """``workers = 0``: the processing loop in this thread, the outbox sender in another."""
-        from intake.outbox import delivery_loop
+        from intake.edges.outbox_sender import delivery_loop
 
         def waiter(event: threading.Event) -> Callable[[float], bool]:
             def wait(timeout: float) -> bool:

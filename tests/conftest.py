@@ -51,7 +51,7 @@ def write_config(folder: Path, extra: str = "", *, database: str | None = None, 
     rules = folder / "routing_rules"
     if not rules.exists():
         rules.mkdir()
-        text = team if team is not None else (ROOT / "routing_rules" / "10-team.yaml").read_text("utf-8")
+        text = team if team is not None else (ROOT / "intake" / "shipped" / "routing_rules" / "10-team.yaml").read_text("utf-8")
         (rules / "10-team.yaml").write_text(text, "utf-8")
     db_url = database or f"sqlite:///{folder / 'intake.db'}"
     text = textwrap.dedent(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from intake.classify import AGENT, AUTOMATED, BOUNCE, CUSTOMER, MESSAGE, OWN, classify
-from intake.parse import parse
+from intake.mail.classify import AGENT, AUTOMATED, BOUNCE, CUSTOMER, MESSAGE, OWN, classify
+from intake.mail.parse import parse
 from mailfactory import make_mail
 
 OWN_ADDRS = frozenset({"support@example.com", "billing@example.com"})

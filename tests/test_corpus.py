@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from intake.parse import Attachment, ParsedMail, html_to_text, parse
+from intake.mail.parse import Attachment, ParsedMail, html_to_text, parse
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 CORPORA = ("stalwart_mail_parser", "mikel_mail", "jpmobile", "django_helpdesk")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from conftest import intake_env
 
-from intake import pipeline
+from intake import flow as pipeline
 from mailfactory import make_mail
 from test_classify import _dsn
 
@@ -171,7 +171,7 @@ def test_parse_json_on_the_corpora_agrees_with_the_foundation_measure(tmp_path):
 
     from conftest import write_config
     from intake.cli import cli
-    from intake.parse import Address, parse
+    from intake.mail.parse import Address, parse
     from test_corpus import CASES, failures
 
     cfg = write_config(tmp_path)

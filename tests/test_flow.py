@@ -7,7 +7,7 @@ from datetime import timedelta
 
 from sqlalchemy import select, update
 
-from intake import pipeline
+from intake import flow as pipeline
 from intake.store import Case, CaseRec, QUARANTINED, utcnow
 from mailfactory import make_mail
 from test_classify import _dsn

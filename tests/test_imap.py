@@ -22,7 +22,7 @@ from mailfactory import make_mail
 from conftest import write_config
 from intake.app import App, open_app
 from intake.config import ConfigError, ImapConfig, load_config
-from intake.imap_edge import ImapPoller, connect
+from intake.edges.imap import ImapPoller, connect
 from intake.store import DUPLICATE, PROCESSED, InboundRecord
 
 
@@ -261,7 +261,7 @@ def test_20_mb_message_is_stored_whole(imap_app, dovecot):
 def test_wrong_password_is_a_login_error_and_missing_password_is_named(imap_app, dovecot, monkeypatch):
     from imapclient.exceptions import LoginError
 
-    from intake.imap_edge import ImapAccountError
+    from intake.edges.imap import ImapAccountError
 
     app = imap_app()
     monkeypatch.setenv("INTAKE_TEST_IMAP_PASSWORD", "not-the-password")
@@ -329,7 +329,7 @@ def _tls_acct(server: Dovecot, **keys: object) -> ImapConfig:
 
 
 def test_implicit_tls_and_starttls_verify_the_server_certificate(tls_dovecot, tmp_path, monkeypatch):
-    from intake.imap_edge import _error_text
+    from intake.edges.imap import _error_text
 
     monkeypatch.setenv("INTAKE_TEST_IMAP_PASSWORD", "secret")
     tls_dovecot.append(make_mail(subject="Over TLS"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from intake.matching import (
+from intake.threads import (
     Evidence,
     case_tokens,
     clean_subject,

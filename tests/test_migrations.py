@@ -14,7 +14,7 @@ import intake.store as st
 
 def test_one_head_and_the_models_match_the_migrated_schema(tmp_path: Path):
     cfg = AlembicConfig()
-    cfg.set_main_option("script_location", str(Path(st.__file__).parent / "migrations"))
+    cfg.set_main_option("script_location", str(Path(st.__file__).parent / "db" / "migrations"))
     heads = ScriptDirectory.from_config(cfg).get_heads()
     assert len(heads) == 1, f"migrations branch: heads {heads}; give the new one the previous head as down_revision"
 

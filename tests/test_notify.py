@@ -24,7 +24,7 @@ from mailfactory import make_mail
 
 from intake import store as st
 from intake.app import open_app
-from intake.matching import parse_reply_address
+from intake.threads import parse_reply_address
 from intake.notify import (
     LOOP_TAG,
     LoopFacts,
@@ -34,7 +34,7 @@ from intake.notify import (
     loop_protection,
     subject_with_token,
 )
-from intake.outbox import build_mime
+from intake.edges.outbox_sender import build_mime
 
 
 def ingest(app, raw: bytes, mailbox: str = "support@example.com", envelope_to: list[str] | None = None):
@@ -196,7 +196,7 @@ def test_agent_reply_goes_to_the_customer_without_quotes_and_not_to_the_agent(ap
 
 def test_an_internal_note_never_reaches_the_customer(app):
     ingest(app, make_mail(subject="Printer", sender="dave@client.example.net"))
-    from intake.matching import reply_address
+    from intake.threads import reply_address
 
     note = reply_address("support@example.com", 1, secret(app), "n")
     before = len(outbox(app))
@@ -293,7 +293,7 @@ def test_an_agent_opening_a_case_gets_no_notice_of_it(app):
 
 
 def test_a_rule_can_turn_the_ack_off(app, monkeypatch):
-    from intake import pipeline
+    from intake import flow as pipeline
     from intake.rules import Decision
 
     monkeypatch.setattr(pipeline, "evaluate", lambda ruleset, ctx: Decision(ack=False, language="en"))

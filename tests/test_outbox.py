@@ -30,7 +30,7 @@ from sqlalchemy import update
 
 from intake import store as st
 from intake.app import open_app
-from intake.outbox import deliver_due, next_attempt
+from intake.edges.outbox_sender import deliver_due, next_attempt
 
 
 class Relay:

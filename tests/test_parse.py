@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from intake.parse import decode_header_value, html_to_text, normalize_text, parse
+from intake.mail.parse import decode_header_value, html_to_text, normalize_text, parse
 
 # ISO-2022-JP as Windows mail programs write it: JIS X 0208 plus Microsoft's rows.
 ESC_KANJI, ESC_ASCII, ESC_KANA = b"\x1b$B", b"\x1b(B", b"\x1b(I"

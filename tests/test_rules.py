@@ -9,8 +9,8 @@ from email.message import EmailMessage
 import pytest
 
 from intake.business_hours import BusinessHours
-from intake.classify import classify
-from intake.parse import parse
+from intake.mail.classify import classify
+from intake.mail.parse import parse
 from intake.rules import (
     Decision,
     RuleContext,
@@ -309,7 +309,7 @@ def test_trace_records_each_evaluated_rule_with_the_first_failing_condition():
     assert first["at"] == "20-rules.yaml:6"
     assert nested["failed"].startswith("all: [") and nested["at"] == "20-rules.yaml:13"
     from intake.rules import Facts
-    from intake.rules_explain import rule_results
+    from intake.rules.explain import rule_results
 
     ctx = ctx_for(make_mail(sender="a@bigcorp.co.jp", subject="Printer"))
     explained = {r["rule"]: r for r in rule_results(rs, d, ctx)}
@@ -335,7 +335,7 @@ def test_assignment_pickers_skip_unavailable_agents():
 def test_shipped_example_loads_and_routes(tmp_path):
     from conftest import ROOT
 
-    rs = load_rules(ROOT / "routing_rules")
+    rs = load_rules(ROOT / "intake" / "shipped" / "routing_rules")
     assert {"support", "support-us", "support-emea", "tier2", "billing", "key-accounts"} <= set(rs.queues)
     assert rs.agents["sophie@example.com"].away
     d = evaluate(rs, ctx_for(make_mail(sender="山田 <taro@bigcorp.co.jp>", subject="【至急】サーバーが停止しています")))

@@ -20,7 +20,7 @@ TUESDAY_MORNING = "2026-11-24T10:00:00+09:00"
 def shipped(tmp_path: Path) -> Path:
     """An installation with the shipped routing_rules/ folder."""
     rules = tmp_path / "routing_rules"
-    shutil.copytree(ROOT / "routing_rules", rules, dirs_exist_ok=True)
+    shutil.copytree(ROOT / "intake" / "shipped" / "routing_rules", rules, dirs_exist_ok=True)
     return write_config(tmp_path)
 
 

@@ -10,14 +10,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import ROOT
-from intake.classify import classify
-from intake.parse import parse
+from intake.mail.classify import classify
+from intake.mail.parse import parse
 from intake.rules import ACTIONS, CONDITIONS, OPERATORS, RuleContext, RulesError, compile_rules, evaluate
 from mailfactory import make_mail
 
 LOCATED = re.compile(r"^[^\n]+\.yaml:\d+: \S[^\n]*$")
-TEAM = (ROOT / "routing_rules" / "10-team.yaml").read_bytes()
-SHIPPED = (ROOT / "routing_rules" / "20-routing.yaml").read_text("utf-8")
+TEAM = (ROOT / "intake" / "shipped" / "routing_rules" / "10-team.yaml").read_bytes()
+SHIPPED = (ROOT / "intake" / "shipped" / "routing_rules" / "20-routing.yaml").read_text("utf-8")
 MAILS = [
     make_mail(),
     make_mail(sender="山田 <taro@bigcorp.co.jp>", subject="【ＵＲＧＥＮＴ】請求書〜", to="billing@example.com",

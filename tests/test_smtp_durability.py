@@ -20,7 +20,7 @@ from intake.store import Store
 
 
 def _spool(cfg: Path) -> Path:
-    """Where the listener commits on SQLite (intake.spool): the processor imports from there."""
+    """Where the listener commits on SQLite (intake.db.spool): the processor imports from there."""
     store = Store(f"sqlite:///{cfg.parent / 'intake.db'}")
     try:
         path = store.spool_path

@@ -12,7 +12,7 @@ from mailfactory import make_mail
 
 from intake import flowstore
 from intake.app import open_app
-from intake.spool import open_spool, spool_path
+from intake.db.spool import open_spool, spool_path
 from intake.store import RECEIVED, utcnow
 
 
@@ -199,7 +199,7 @@ class _DiskFailsOnSync:
         return self.writer.try_append(items, now)
 
     def sync(self):
-        from intake.spool import SpoolBroken
+        from intake.db.spool import SpoolBroken
 
         raise SpoolBroken("cannot sync the spool: Input/output error")
 
@@ -212,7 +212,7 @@ async def test_a_failed_sync_refuses_that_delivery_and_every_later_one(app):
     trusted. The deliveries get 451 (their senders retry) and serve is told to stop."""
     import asyncio
 
-    from intake.smtp_edge import GroupCommit
+    from intake.edges.smtp import GroupCommit
     from intake.store import StoreUnavailable
 
     broken: list[str] = []

@@ -12,9 +12,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from intake.classify import classify
+from intake.mail.classify import classify
 from intake.config import Config
-from intake.parse import parse
+from intake.mail.parse import parse
 from intake.rules import Decision, Facts, RuleContext, RuleSet, evaluate, facts_of, load_rules
 
 
@@ -24,7 +24,7 @@ def explain(cfg: Config, raw: bytes, *, mailbox: str, channel: str, now: datetim
     mail = parse(raw)
     cls = classify(mail, own_addresses=cfg.own_addresses, agents=ruleset.agent_addresses)
     mb = cfg.mailbox_for(mailbox) or cfg.mailbox[0]
-    from intake.pipeline import organization_domain
+    from intake.flow import organization_domain
 
     ctx = RuleContext(mail=mail, classification=cls, mailbox=mb.address, recipients=(mb.address,), channel=channel,
                       now=now, organization=organization_domain(cfg, mail.from_.address if mail.from_ else ""),
@@ -90,7 +90,7 @@ def _threading(cfg: Config, ruleset: RuleSet, raw: bytes, mail: Any, cls: Any, m
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
         return {"method": None, "reason": "not checked: no database yet"}
     from intake import store as st
-    from intake.pipeline import Processor, _Run
+    from intake.flow import Processor, _Run
 
     store = st.Store(url)
     try:

@@ -30,8 +30,8 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from intake.business_hours import DEFAULT as DEFAULT_HOURS
 from intake.business_hours import BusinessHours
-from intake.classify import Classification
-from intake.parse import ParsedMail, normalize_text
+from intake.mail.classify import Classification
+from intake.mail.parse import ParsedMail, normalize_text
 
 # Body conditions look at this many characters: enough for any human message, and a
 # bound on the cost of a pattern over a pasted log file.

@@ -27,15 +27,15 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from intake import store as st
-from intake.classify import AGENT, AUTOMATED, BOUNCE, CUSTOMER, MESSAGE, OWN, Classification, classify
+from intake.mail.classify import AGENT, AUTOMATED, BOUNCE, CUSTOMER, MESSAGE, OWN, Classification, classify
 from intake.config import Config, MailboxConfig, base_address
 from intake.flowstore import CaseRec, ContactRef, FlowTx, InboundWork
-from intake.matching import Evidence, Match, case_tokens, clean_subject, decide, parse_reply_address
+from intake.threads import Evidence, Match, case_tokens, clean_subject, decide, parse_reply_address
 from intake.notify import Notified, Notifier, Trigger, choose_language, dsn_report
-from intake.parse import ParsedMail, parse
+from intake.mail.parse import ParsedMail, parse
 from intake.rules import Decision, RuleContext, RuleSet, evaluate, pick_least_open, pick_round_robin
 
-log = logging.getLogger("intake.pipeline")
+log = logging.getLogger("intake.flow")
 
 Clock = Callable[[], datetime]
 

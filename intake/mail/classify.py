@@ -15,7 +15,7 @@ from email import message_from_bytes
 from email.policy import compat32
 
 from intake.config import base_address
-from intake.parse import ParsedMail
+from intake.mail.parse import ParsedMail
 
 CUSTOMER, AGENT, OWN = "customer", "agent", "own"
 MESSAGE, AUTOMATED, BOUNCE = "message", "automated", "bounce"

@@ -2,7 +2,7 @@
 
 MIME structure, RFC 2047 and RFC 2231 come from the standard library (``email`` with
 ``policy.compat32``, the fastest and most forgiving); every byte-to-text step goes through
-our charset layer (``intake.charsets``) because the codecs alone mis-decode everyday
+our charset layer (``intake.mail.charsets``) because the codecs alone mis-decode everyday
 Japanese mail. Parsing never raises on bad input: what was wrong is listed in
 ``ParsedMail.defects``.
 """
@@ -27,7 +27,7 @@ from html.parser import HTMLParser
 from io import BytesIO
 from urllib.parse import unquote_to_bytes
 
-from intake import charsets
+from intake.mail import charsets
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from intake.store import StoreBusy, StoreUnavailable, utcnow
 
 if TYPE_CHECKING:
     from intake.service import Service
-    from intake.spool import SpoolWriter
+    from intake.db.spool import SpoolWriter
     from intake.store import Store
 
 log = logging.getLogger("intake.smtp")

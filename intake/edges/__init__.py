@@ -1,0 +1,1 @@
+"""The edges: protocol servers and clients that bring messages in and take mail out."""

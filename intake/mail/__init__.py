@@ -1,0 +1,1 @@
+"""Mail as data: parsing, charsets, classification, reply text. Pure: bytes in, facts out."""
