@@ -716,6 +716,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
             "backlog": received if name == "processor" else (v.backlog if v else None),
             "last_error": v.last_error if v else None,
             "last_error_at": v.last_error_at.isoformat() if v and v.last_error_at else None,
+            "details": v.details if v else None,
         })
     if as_json:
         click.echo(json.dumps(out, ensure_ascii=False, indent=2))
@@ -727,7 +728,12 @@ def status(ctx: click.Context, as_json: bool) -> None:
     def when(iso: str | None) -> str:
         return datetime.fromisoformat(iso).astimezone(tz).strftime("%Y-%m-%d %H:%M:%S") if iso else "-"
 
-    lines = [(o["name"], o["state"], when(o["last_success_at"]), "-" if o["backlog"] is None else o["backlog"],
+    def state(o: dict[str, Any]) -> str:
+        refused = (o["details"] or {}).get("refused") or {}
+        counts = ", ".join(f"{reason} {n}" for reason, n in sorted(refused.items()))
+        return f"{o['state']}; refused: {counts}" if counts else o["state"]
+
+    lines = [(o["name"], state(o), when(o["last_success_at"]), "-" if o["backlog"] is None else o["backlog"],
               when(o["updated_at"]),
               f"{when(o['last_error_at'])} {o['last_error']}" if o["last_error"] else "-") for o in out]
     click.echo(table(["component", "state", "last success", "backlog", "updated", "last error"], lines,

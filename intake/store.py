@@ -235,6 +235,7 @@ class Event(Base):
     case_id: Mapped[int] = mapped_column(ForeignKey("cases.id"), index=True)
     at: Mapped[datetime] = mapped_column(default=utcnow)
     type: Mapped[str] = mapped_column(String(30))
+    actor: Mapped[str | None] = mapped_column(String(320))
     message_row_id: Mapped[int | None] = mapped_column(ForeignKey("messages.id"))
     inbound_id: Mapped[int | None] = mapped_column(ForeignKey("inbound.id"))
     data: Mapped[dict[str, Any]] = mapped_column(default=dict)
@@ -345,6 +346,7 @@ class ComponentStatus(Base):
     backlog: Mapped[int | None] = mapped_column(Integer)
     last_error: Mapped[str | None] = mapped_column(Text)
     last_error_at: Mapped[datetime | None]
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class ImapFolderState(Base):
@@ -473,6 +475,7 @@ class StatusView:
     backlog: int | None
     last_error: str | None
     last_error_at: datetime | None
+    details: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -859,7 +862,7 @@ class Store:
     # -- component status and IMAP positions --------------------------------------------
 
     def report_status(self, name: str, state: str, *, backlog: int | None = None, error: str | None = None,
-                      success: bool = False) -> None:
+                      success: bool = False, details: dict[str, Any] | None = None) -> None:
         """Record what a running component is doing (``intake status``).
 
         ``backlog`` and ``error`` are kept until reported again (None leaves them as they
@@ -881,9 +884,11 @@ class Store:
                     row.last_error_at = now
                 if success:
                     row.last_success_at = now
+                if details is not None:
+                    row.details = details
         except IntegrityError:
             # Another process inserted the same name at once: ours is the newer report.
-            self.report_status(name, state, backlog=backlog, error=error, success=success)
+            self.report_status(name, state, backlog=backlog, error=error, success=success, details=details)
         except OperationalError as exc:
             raise StoreUnavailable(str(exc.orig) if exc.orig else str(exc)) from exc
 
@@ -891,7 +896,7 @@ class Store:
         """Every component's last report, by name."""
         with self._sessions() as s:
             return [StatusView(r.name, r.state, r.updated_at, r.last_success_at, r.backlog, r.last_error,
-                               r.last_error_at)
+                               r.last_error_at, r.details)
                     for r in s.scalars(select(ComponentStatus).order_by(ComponentStatus.name))]
 
     def imap_state(self, account: str, folder: str) -> ImapMark | None:
