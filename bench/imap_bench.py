@@ -31,7 +31,10 @@ from mailfactory import make_mail  # noqa: E402
 from proctree import PeakRss  # noqa: E402
 
 from conftest import intake_env, write_config  # noqa: E402
-from intake.store import RECEIVED, Store  # noqa: E402
+from intake.db import Store  # noqa: E402
+from intake.states import InboundState  # noqa: E402
+
+RECEIVED = InboundState.RECEIVED
 
 BASE = tempfile.mkdtemp(prefix="intake-bench-")  # every installation of this run; removed at the end
 
@@ -74,11 +77,12 @@ def bench_drain(server: Dovecot, n: int) -> None:
     memory = PeakRss(proc.pid)
     _wait("INBOX drained", lambda: server.count("INBOX") == 0, 1800, poll=0.25)
     t_edge = time.monotonic() - t0
-    _wait("every case", lambda: store.count_inbound() >= n and store.count_inbound(RECEIVED) == 0, 3600, poll=0.25)
+    _wait("every case", lambda: _count(store) >= n and _count(store, RECEIVED) == 0, 3600, poll=0.25)
     t_cases = time.monotonic() - t0
     memory.stop()
     _stop(proc)
-    cases = len(store.list_cases())
+    with store.read() as tx:
+        cases = len(tx.cases.list())
     store.close()
     print(f"drain of {n} messages (serve start included):")
     print(f"  stored and moved (edge):  {t_edge:7.1f} s  {n / t_edge:7.0f} msgs/s")
@@ -90,11 +94,12 @@ def bench_drain(server: Dovecot, n: int) -> None:
 def bench_edge_only(server: Dovecot, n: int) -> None:
     """The IMAP side alone: one drain in this process, nothing processed meanwhile."""
     from intake.app import open_app
+    from intake.config import load_config
     from intake.edges.imap import ImapPoller
 
     folder = Path(tempfile.mkdtemp(dir=BASE))
     os.environ.update(password_env(server))
-    app = open_app(write_config(folder, imap_toml(server, batch_size=100)))
+    app = open_app(load_config(write_config(folder, imap_toml(server, batch_size=100))), create=True)
     server.maildir_deliver([make_mail(subject=f"Edge {i}") for i in range(n)])
     poller = ImapPoller(app.store, app.cfg.imap[0])
     t0 = time.monotonic()
@@ -114,7 +119,8 @@ def bench_idle(server: Dovecot, n: int) -> None:
 
     def idle() -> bool:
         try:
-            return any(s.name == "imap:billing" and s.state == "idle" for s in store.statuses())
+            with store.read() as tx:
+                return any(s.name == "imap:billing" and s.state == "idle" for s in tx.ops.statuses())
         except Exception:  # noqa: BLE001 - tables appear after serve migrated
             return False
 
@@ -124,7 +130,7 @@ def bench_idle(server: Dovecot, n: int) -> None:
     for i in range(n):
         client.append("INBOX", make_mail(subject=f"Idle {i}", to="billing@example.com"))
         t0 = time.monotonic()
-        _wait(f"case {i + 1}", lambda i=i: store.count_inbound() > i and store.count_inbound(RECEIVED) == 0, 60,
+        _wait(f"case {i + 1}", lambda i=i: _count(store) > i and _count(store, RECEIVED) == 0, 60,
               poll=0.005)
         latencies.append(time.monotonic() - t0)
     client.logout()
@@ -152,5 +158,11 @@ def main() -> None:
         shutil.rmtree(BASE, ignore_errors=True)
 
 
+def _count(store: Store, state: str | None = None) -> int:
+    with store.read() as tx:
+        return tx.inbound.count(state)
+
+
 if __name__ == "__main__":
     main()
+

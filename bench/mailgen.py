@@ -28,7 +28,7 @@ def _legacy_japanese(msg: EmailMessage, text: str, charset: str, codec: str, cte
 
 
 def make(n: int, rng: random.Random, earlier: list[str]) -> tuple[bytes, str]:
-    """Mail number ``n``; returns (raw bytes, its Message-ID)."""
+    """Mail number ``n``; returns (raw bytes, its Message-ID). ``earlier``: ids it may reply to."""
     kind = rng.random()
     mid = f"<bench-{n}-{rng.getrandbits(40):x}@customer{n % 97}.example.org>"
     msg = EmailMessage(policy=SMTP)
@@ -62,14 +62,15 @@ def make(n: int, rng: random.Random, earlier: list[str]) -> tuple[bytes, str]:
     return msg.as_bytes(), mid
 
 
-def generate(folder: Path, count: int, seed: int = 1) -> None:
-    """Write ``count`` mails as ``NNNNNN.eml`` into ``folder``."""
+def generate(folder: Path, count: int, seed: int = 1, replies: bool = True) -> None:
+    """Write ``count`` mails as ``NNNNNN.eml`` into ``folder`` (``replies=False``: every one a new case)."""
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
     earlier: list[str] = []
     for n in range(count):
         raw, mid = make(n, rng, earlier)
-        earlier.append(mid)
+        if replies:
+            earlier.append(mid)
         if len(earlier) > 200:
             earlier.pop(0)
         (folder / f"{n:06d}.eml").write_bytes(raw)

@@ -25,8 +25,10 @@ from aiosmtpd.controller import Controller  # noqa: E402
 from conftest import write_config  # noqa: E402
 from mailfactory import make_mail  # noqa: E402
 
-from intake import store as st  # noqa: E402
 from intake.app import open_app  # noqa: E402
+from intake.config import load_config  # noqa: E402
+from intake.db import utcnow  # noqa: E402
+from intake.db.outbox import NewMail  # noqa: E402
 from intake.notify import sample_context  # noqa: E402
 from intake.edges.outbox_sender import build_mime, deliver_due  # noqa: E402
 from intake.templates import SHIPPED, TemplateSet  # noqa: E402
@@ -59,7 +61,7 @@ def bench_render(n: int) -> None:
 
 def bench_process(cases: int) -> None:
     with tempfile.TemporaryDirectory() as d:
-        app = open_app(write_config(Path(d)))
+        app = open_app(load_config(write_config(Path(d))), create=True)
         ids = [app.store.receive(make_mail(subject=f"質問 {i}", sender=f"user{i}@client{i}.example",
                                            body="請求書が届きません。\n"), channel="email",
                                  mailbox="support@example.com", envelope_to=["support@example.com"])
@@ -83,9 +85,10 @@ def bench_process(cases: int) -> None:
         for i in ids[1:]:
             proc.process(i)
         total = (time.perf_counter() - start) / (cases - 1)
-        queued = len(st.list_outbox(app.store))
+        with app.store.read() as tx:
+            queued = len(tx.outbox.list())
+            item = tx.outbox.list(limit=1)[0]
         per_case = spent[0] / (cases - 1)
-        item = st.list_outbox(app.store, limit=1)[0]
         t = per_call(lambda: build_mime(item), 300)
         app.close()
     print(f"build MIME of one queued mail (7bit):     {t * 1e6:8.0f} µs (at delivery time)")
@@ -106,20 +109,24 @@ def bench_delivery(mails: int) -> None:
     try:
         for conns in (1, 4):
             with tempfile.TemporaryDirectory() as d:
-                app = open_app(write_config(Path(d), f'mode = "smtp"\nhost = "127.0.0.1"\nport = {port}\n'))
+                app = open_app(load_config(write_config(Path(d), f'mode = "smtp"\nhost = "127.0.0.1"\nport = {port}\n')),
+                               create=True)
                 rid = app.store.receive(make_mail(subject="請求書", body="届きません\n"), channel="email",
                                         mailbox="support@example.com", envelope_to=["support@example.com"])
                 app.processor.process(rid)
-                template = st.list_outbox(app.store)[-1]
-                with app.store.session() as s:
-                    row = s.get(st.OutboxRow, template.id)
-                    fields = {c.name: getattr(row, c.name) for c in st.OutboxRow.__table__.columns if c.name != "id"}
-                    s.add_all([st.OutboxRow(**{**fields, "message_id": f"bench-{i}-{fields['message_id']}"})
-                               for i in range(mails)])
+                with app.store.transaction() as tx:
+                    t = tx.outbox.list()[-1]
+                    for i in range(mails):
+                        tx.outbox.add(NewMail(
+                            case_id=t.case_id, message_row_id=None, inbound_id=None, at=t.created_at,
+                            template=t.template, audience=t.audience, auto_submitted=t.auto_submitted, language="ja",
+                            mail_from=t.mail_from, recipient=t.recipient, recipients=t.recipients,
+                            message_id=f"bench-{i}-{t.message_id}", headers=t.headers, subject=t.subject,
+                            text=t.text, html=t.html, give_up_at=t.give_up_at))
                 before = relay.count
                 cfg = replace(app.cfg, outbound=replace(app.cfg.outbound, connections=conns))
                 start = time.perf_counter()
-                report = deliver_due(cfg, app.store, st.utcnow())
+                report = deliver_due(cfg, app.store, utcnow())
                 elapsed = time.perf_counter() - start
                 assert relay.count - before == report.sent, (relay.count - before, report)
                 print(f"deliver {report.sent} mails over {conns} connection(s):  {report.sent / elapsed:8.0f} msgs/s "

@@ -126,14 +126,15 @@ class Intake:
                                      stdout=self.log, stderr=self.log, env=env, cwd=str(folder))
         wait_listening(port, self.proc)
         sys.path.insert(0, str(ROOT))
-        from intake.store import Store
+        from intake.db import Store
 
         self.store = Store(f"sqlite:///{self.db}")
 
     def counts(self) -> tuple[int, int]:
         """(stored messages, not yet processed): the spool's waiting messages count in both."""
         spooled = self.store.spool_backlog()
-        return self.store.count_inbound() + spooled, self.store.count_inbound("received") + spooled
+        with self.store.read() as tx:
+            return tx.inbound.count() + spooled, tx.inbound.count("received") + spooled
 
     def stop(self) -> int:
         self.store.close()

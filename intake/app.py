@@ -2,57 +2,74 @@
 
 from __future__ import annotations
 
-import logging
-import os
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-from intake.config import Config, load_config
-from intake.flow import Processor
-from intake.rules import RuleSet, load_rules
-from intake.store import Store
+from intake.config import Config
+from intake.db import Store
+from intake.rules import RuleSet, RulesError, load_rules
+
+if TYPE_CHECKING:
+    from intake.flow import Processor
 
 
 @dataclass
 class App:
-    """One opened installation: its config, store and current rules."""
+    """One opened installation: its config, store and current rules.
+
+    ``rules_error`` says why the rule files on disk are refused (``file:line: reason``);
+    ``ruleset`` then stays the last good set (empty when none ever loaded).
+    """
 
     cfg: Config
     store: Store
     ruleset: RuleSet = field(default_factory=RuleSet)
+    rules_error: str | None = None
     # True under `serve`, whose processor and outbox sender run continuously (the scheduler
     # need not sweep for them).
     processing_in_serve: bool = False
-    _processor: Processor | None = field(default=None, repr=False)
+    _processor: "Processor | None" = field(default=None, repr=False)
 
     @property
-    def processor(self) -> Processor:
+    def processor(self) -> "Processor":
         """The processor, made once; it reads ``ruleset`` at each message, so reloads apply."""
         if self._processor is None:
+            from intake.flow import Processor
+
             self._processor = Processor(self.cfg, self.store, lambda: self.ruleset)
         return self._processor
+
+    def load_rules(self) -> bool:
+        """Load the rule files; False (and ``rules_error`` set) when they are refused."""
+        try:
+            self.ruleset = load_rules(self.cfg.rules_path)
+        except RulesError as exc:
+            self.rules_error = str(exc)
+            return False
+        self.rules_error = None
+        return True
 
     def close(self) -> None:
         self.store.close()
 
 
-def open_app(config_path: str | Path | None, *, upgrade_sqlite: bool = True, load_rule_files: bool = True) -> App:
-    """Load the config, open the database (upgrading SQLite) and load the rules."""
-    cfg = load_config(config_path or os.environ.get("INTAKE_CONFIG") or None)
+def open_app(cfg: Config, *, create: bool = False, rules: bool = True) -> App:
+    """Open the installation of ``cfg``.
+
+    ``create``: make or upgrade a SQLite database (``serve``, ``ingest``); otherwise the
+    database must exist at this code's revision (``NoDatabase`` says what to run).
+    ``rules``: load the rule files (a refusal is kept in ``rules_error``, not raised).
+    """
     store = Store(cfg.database_url)
-    if upgrade_sqlite and store.is_sqlite:
-        store.upgrade()
-    ruleset = load_rules(cfg.path(cfg.rules.path)) if load_rule_files else RuleSet()
-    return App(cfg=cfg, store=store, ruleset=ruleset)
-
-
-def setup_logging(level: str = "INFO") -> None:
-    """One line per event on standard error."""
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    logging.getLogger("imapclient").setLevel(logging.WARNING)  # it logs every connect/close at INFO
+    try:
+        if create and store.is_sqlite:
+            store.upgrade()
+        else:
+            store.check()
+    except BaseException:
+        store.close()
+        raise
+    app = App(cfg=cfg, store=store)
+    if rules:
+        app.load_rules()
+    return app

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_type_hints
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from intake.mail.addresses import base_address
+
 if TYPE_CHECKING:
     from intake.business_hours import BusinessHours
 
@@ -129,7 +131,8 @@ class ProcessingConfig:
 
 @dataclass(frozen=True)
 class RulesConfig:
-    path: str = "routing_rules"
+    # "" = ./routing_rules, or the shipped examples while that folder does not exist.
+    path: str = ""
 
 
 @dataclass(frozen=True)
@@ -199,6 +202,32 @@ class Config:
         return p if p.is_absolute() else self.base_dir / p
 
     @property
+    def rules_path(self) -> Path:
+        """The rules folder: ``[rules] path``; without one ``./routing_rules``, and the shipped
+        example rules while that folder does not exist (so that a first start routes)."""
+        if self.rules.path:
+            return self.path(self.rules.path)
+        own = self.path("routing_rules")
+        if own.exists():
+            return own
+        from intake.shipped import ROUTING_RULES
+
+        return ROUTING_RULES
+
+    @property
+    def templates_path(self) -> Path:
+        """The templates folder (the shipped templates fill in what it lacks)."""
+        return self.path(self.templates.path)
+
+    def with_smtp_listen(self, listen: str) -> "Config":
+        """This config with the SMTP listener on ``listen`` (``intake serve --smtp-listen``)."""
+        from dataclasses import replace
+
+        if listen and not _LISTEN.match(listen.strip()):
+            raise ConfigError(f"--smtp-listen: expected host:port (e.g. 127.0.0.1:2525), got {listen!r}")
+        return replace(self, smtp=replace(self.smtp, listen=listen.strip()))
+
+    @property
     def database_url(self) -> str:
         """The database URL with a relative SQLite path anchored at ``base_dir``."""
         url = self.database.url
@@ -243,12 +272,7 @@ def _calendar(bh: BusinessHoursConfig, default_tz: str) -> "BusinessHours":
                                        holidays=bh.holidays, closed=bh.closed)
 
 
-def base_address(address: str) -> str:
-    """``Support+c12-x@Example.com`` → ``support@example.com`` (lower case, no plus part)."""
-    local, at, domain = address.lower().partition("@")
-    return local.split("+", 1)[0] + at + domain
-
-
+_LISTEN = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):\d{1,5}$")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]?)i?b?\s*$", re.I)
 
 
@@ -288,13 +312,43 @@ def _build(cls: type, data: Any, where: str) -> Any:
         if key not in known:
             close = difflib.get_close_matches(key, list(known), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"{where}: unknown key '{key}'{hint}")
-        kwargs[key] = _coerce(hints[key], value, f"{where}.{key}")
+            raise ConfigError(f"{_join(where, key)}: unknown key{hint}")
+        kwargs[key] = _coerce(hints[key], value, _join(where, key))
     try:
         return cls(**kwargs)
     except TypeError as exc:
         missing = re.findall(r"'(\w+)'", str(exc))
         raise ConfigError(f"{where}: missing required key {', '.join(missing)}") from None
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+_PATH_PART = re.compile(r"^(\w+)(?:\[(\d+)\])?$")
+_HEADER = re.compile(r"^\s*\[\[?\s*([\w.-]+)\s*\]\]?")
+
+
+def _line_of(text: str, key: str) -> int:
+    """The line of a TOML file that sets ``key`` (``smtp.listen``, ``mailbox[1].address``), so
+    that an error reads ``file:line: reason``; 1 when it cannot be told."""
+    parts = [_PATH_PART.match(part) for part in key.split(".")]
+    if not parts or not all(parts):
+        return 1
+    table, index = parts[0].group(1), int(parts[0].group(2) or 0)  # type: ignore[union-attr]
+    name = parts[1].group(1) if len(parts) > 1 else None  # type: ignore[union-attr]
+    current, seen = None, -1
+    for n, line in enumerate(text.splitlines(), 1):
+        header = _HEADER.match(line)
+        if header:
+            current = header.group(1)
+            seen += current == table
+            if current == table and seen == index and name is None:
+                return n
+            continue
+        if current == table and seen == index and name and re.match(rf"^\s*{re.escape(name)}\s*=", line):
+            return n
+    return 1
 
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:
@@ -329,7 +383,11 @@ def load_config(path: str | Path | None = None) -> Config:
         raise ConfigError(f"{p}: cannot read: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: {exc}") from None
-    cfg = _build(Config, data, str(p))
+    try:
+        cfg = _build(Config, data, "")
+    except ConfigError as exc:
+        key = str(exc).split(":", 1)[0]
+        raise ConfigError(f"{p}:{_line_of(p.read_text(encoding='utf-8'), key)}: {exc}") from None
     cfg = _replace(cfg, base_dir=p.resolve().parent, source=str(p))
     _validate(cfg, str(p))
     return cfg
@@ -387,7 +445,7 @@ def _validate(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: outbound.connections and outbound.batch_size must be at least 1")
     if cfg.smtp.protocol not in ("smtp", "lmtp"):
         raise ConfigError(f"{where}: smtp.protocol must be 'smtp' or 'lmtp'")
-    if cfg.smtp.listen and not re.match(r"^(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):\d{1,5}$", cfg.smtp.listen.strip()):
+    if cfg.smtp.listen and not _LISTEN.match(cfg.smtp.listen.strip()):
         raise ConfigError(f"{where}: smtp.listen: expected host:port (e.g. 127.0.0.1:2525), got {cfg.smtp.listen!r}")
     if bool(cfg.smtp.tls_cert) != bool(cfg.smtp.tls_key):
         raise ConfigError(f"{where}: smtp.tls_cert and smtp.tls_key go together (STARTTLS needs both)")

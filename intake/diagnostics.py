@@ -12,7 +12,7 @@ from datetime import datetime, tzinfo
 from typing import Any
 
 from intake.mail.classify import classify
-from intake.mail.parse import ParsedMail, parse
+from intake.mail.parse import parse
 
 
 def parse_report(raw: bytes, *, own_addresses: Collection[str], agents: Collection[str]) -> dict[str, Any]:
@@ -48,10 +48,32 @@ def parse_report(raw: bytes, *, own_addresses: Collection[str], agents: Collecti
     }
 
 
-def parsed_summary(mail: ParsedMail) -> str:
-    """One line: who, what, how big."""
-    sender = mail.from_.address if mail.from_ else "(no sender)"
-    return f"{sender}: {mail.subject!r}, {len(mail.text)} chars of text, {len(mail.attachments)} attachment(s)"
+def parse_lines(report: dict[str, Any]) -> list[str]:
+    """``intake parse`` for a terminal: the report of :func:`parse_report` as lines."""
+
+    def addrs(items: list[dict[str, str]]) -> str:
+        return ", ".join(f"{a['name']} <{a['address']}>" if a["name"] else a["address"] for a in items) or "-"
+
+    cls = report["classification"]
+    out = [
+        f"Message-ID  <{report['message_id']}>" + (" (synthesised)" if report["message_id_synthesised"] else ""),
+        f"Date        {report['date'] or '-'}",
+        f"From        {addrs([report['from']] if report['from'] else [])}",
+        f"To          {addrs(report['to'])}",
+        f"Cc          {addrs(report['cc'])}",
+        f"Reply-To    {addrs(report['reply_to'])}",
+        f"Subject     {report['subject']}",
+        f"Language    {report['language']}",
+        f"Charsets    {', '.join(report['charsets']) or '-'}",
+        f"Class       sender {cls['sender']}, kind {cls['kind']}"
+        + (f" ({'; '.join(cls['reasons'])})" if cls["reasons"] else ""),
+    ]
+    for a in report["attachments"]:
+        inline = ", inline" if a["inline"] else ""
+        name = a["filename"] or "(no name: " + a["content_type"] + ")"
+        out.append(f"Attachment  {name} ({a['content_type']}, {a['size']} bytes{inline})")
+    out += [f"Defect      {d}" for d in report["defects"]]
+    return [*out, "", report["text"].rstrip()]
 
 
 def _describe(entry: dict[str, Any]) -> str:

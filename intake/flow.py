@@ -1,8 +1,9 @@
-"""The one place that runs the flow of DESIGN.md 3 over stored inbound records.
+"""The processor: the flow of DESIGN.md 3 over stored inbound records.
 
-parse → classify → thread → route → store → notify. The steps themselves are pure
-(``parse``, ``classify``, ``matching``, ``rules``); this module gathers their evidence from
-the store and writes their outcome. A batch of records is processed in two phases:
+parse → classify → thread → route → case operations (→ notify). The steps are pure
+(``intake.mail``, ``intake.threads``, ``intake.rules``, ``intake.assignment``'s pickers);
+every change to a case is a case operation (``intake.cases``). A batch of records is
+processed in two phases:
 
 1. **prepare**, outside any write transaction: read the raw bytes, parse and classify
    (the costly pure work, which so never holds SQLite's one writer slot);
@@ -16,29 +17,32 @@ dropped, automated) are return values.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 import os
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from typing import Any
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
-from intake import store as st
-from intake.mail.classify import AGENT, AUTOMATED, BOUNCE, CUSTOMER, MESSAGE, OWN, Classification, classify
-from intake.config import Config, MailboxConfig, base_address
-from intake.flowstore import CaseRec, ContactRef, FlowTx, InboundWork
-from intake.threads import Evidence, Match, case_tokens, clean_subject, decide, parse_reply_address
-from intake.notify import Notified, Notifier, Trigger, choose_language, dsn_report
+from intake import assignment, threads
+from intake.cases import CaseEnv, CaseOps, Incoming
+from intake.config import Config, MailboxConfig
+from intake.db import InboundWork, Store, utcnow
+from intake.db.cases import CaseRec
+from intake.mail.classify import AGENT, BOUNCE, MESSAGE, OWN, Classification, classify
 from intake.mail.parse import ParsedMail, parse
-from intake.rules import Decision, RuleContext, RuleSet, evaluate, pick_least_open, pick_round_robin
+from intake.mail.quotes import strip_reply
+from intake.notify import Notifier, Trigger, choose_language
+from intake.rules import Decision, RuleSet, evaluate, rule_context
+from intake.states import InboundState, Priority
+
+if TYPE_CHECKING:
+    from intake.db import Tx
 
 log = logging.getLogger("intake.flow")
 
 Clock = Callable[[], datetime]
-
 
 NOT_WAITING = "not waiting for processing"
 
@@ -80,7 +84,7 @@ class _Run:
 class Processor:
     """Turns stored inbound records into cases and comments."""
 
-    def __init__(self, cfg: Config, store: st.Store, rules: Callable[[], RuleSet], clock: Clock = st.utcnow) -> None:
+    def __init__(self, cfg: Config, store: Store, rules: Callable[[], RuleSet], clock: Clock = utcnow) -> None:
         self.cfg = cfg
         self.store = store
         self.rules = rules
@@ -92,7 +96,7 @@ class Processor:
     def notifier(self) -> Notifier:
         """Renders the mails a change causes into the outbox (same transaction)."""
         if self._notifier is None:
-            self._notifier = Notifier.for_config(self.cfg, self.rules, lambda: self.secret)
+            self._notifier = Notifier.for_config(self.cfg, lambda: self.rules().team, lambda: self.secret)
         return self._notifier
 
     @property
@@ -100,6 +104,11 @@ class Processor:
         if self._secret is None:
             self._secret = os.environ.get("INTAKE_SECRET") or self.store.secret()
         return self._secret
+
+    def case_env(self, ruleset: RuleSet | None = None) -> CaseEnv:
+        """What case operations need: the team of ``ruleset`` (else the current rules) and the notifier."""
+        team = (lambda: ruleset.team) if ruleset is not None else (lambda: self.rules().team)
+        return CaseEnv(self.cfg, team, self.notifier)
 
     # -- entry points -------------------------------------------------------------------
 
@@ -114,7 +123,8 @@ class Processor:
         after = 0
         while limit is None or done < limit:
             size = batch if limit is None else min(batch, limit - done)
-            ids = self.store.pending_inbound(limit=size, after_id=after)
+            with self.store.read() as tx:
+                ids = tx.inbound.pending(limit=size, after_id=after)
             if not ids:
                 break
             self.process_batch(ids)
@@ -135,9 +145,11 @@ class Processor:
         database cannot be used (nothing of the transaction that met it is written).
         """
         _ = self.secret  # read (or made) outside the processing transaction
-        records = self.store.load_inbound(inbound_ids)
+        # Read without locking, outside the write transaction: parsing never holds SQLite's writer slot.
+        with self.store.read() as tx:
+            records = tx.inbound.load(inbound_ids)
         ruleset = self.rules()
-        runs = {i: self._prepare(rec, ruleset) for i, rec in records.items() if rec.state == st.RECEIVED}
+        runs = {i: self._prepare(rec, ruleset) for i, rec in records.items() if rec.state == InboundState.RECEIVED}
         try:
             outcomes = self._apply_batch(inbound_ids, records, runs)
         except Exception as exc:  # noqa: BLE001 - the batch failed outside any one message's savepoint
@@ -147,10 +159,10 @@ class Processor:
                 return [o for i in inbound_ids for o in self.process_batch([i])]
             error = f"{type(exc).__name__}: {exc}"
             self.store.quarantine(inbound_ids[0], error, traceback.format_exc())
-            outcomes = {inbound_ids[0]: Outcome(st.QUARANTINED, reason=error)}
+            outcomes = {inbound_ids[0]: Outcome(InboundState.QUARANTINED, reason=error)}
         for i in inbound_ids:
             o = outcomes[i]
-            if o.state == st.QUARANTINED:
+            if o.state == InboundState.QUARANTINED:
                 log.warning("inbound quarantined id=%s error=%s", i, o.reason)
             else:
                 log.info("inbound %s case=%s message_id=<%s> %s", o.state, o.case_number or "-", o.message_id,
@@ -160,21 +172,21 @@ class Processor:
     def _apply_batch(self, inbound_ids: list[int], records: dict[int, InboundWork],
                      runs: dict[int, _Run]) -> dict[int, Outcome]:
         outcomes: dict[int, Outcome] = {}
-        with self.store.flow() as tx:
+        with self.store.transaction() as tx:
             # Locked (PostgreSQL) and read again: another process may have taken a record since.
-            current = tx.inbound_states(list(runs))
+            current = tx.inbound.lock_states(list(runs))
             done: list[InboundWork] = []
             for i in inbound_ids:
                 run, now = runs.get(i), current.get(i)
-                if run is None or now is None or now[0] != st.RECEIVED:
+                if run is None or now is None or now[0] != InboundState.RECEIVED:
                     state = now[0] if now else records[i].state if i in records else "missing"
                     outcomes[i] = Outcome(state, reason=NOT_WAITING)
                     continue
                 run.rec.log, run.rec.attempts = now[1], now[2]
                 outcomes[i] = self._apply(tx, run)
-                if outcomes[i].state != st.QUARANTINED:  # a quarantined one is written by tx.quarantine
+                if outcomes[i].state != InboundState.QUARANTINED:  # a quarantined one is written by quarantine()
                     done.append(run.rec)
-            tx.save_inbound(done)
+            tx.inbound.save(done)
         return outcomes
 
     # -- prepare (pure, outside the write transaction) --------------------------------------
@@ -186,14 +198,14 @@ class Processor:
             if rec.raw is None:
                 raise ValueError("raw bytes are no longer stored (retention) and cannot be processed")
             run.mail = parse(rec.raw)
-            run.cls = classify(run.mail, own_addresses=self.cfg.own_addresses, agents=ruleset.agent_addresses)
+            run.cls = classify(run.mail, own_addresses=self.cfg.own_addresses, agents=ruleset.team.addresses)
         except Exception as exc:  # noqa: BLE001 - quarantined in the apply phase, with its traceback
             run.error, run.error_traceback = exc, traceback.format_exc()
         return run
 
     # -- apply (in the batch's transaction) --------------------------------------------------
 
-    def _apply(self, tx: FlowTx, run: _Run) -> Outcome:
+    def _apply(self, tx: "Tx", run: _Run) -> Outcome:
         """One message in a savepoint of its own: its outcome, or quarantine when it raises."""
         try:
             with tx.savepoint():
@@ -205,10 +217,10 @@ class Processor:
                 raise
             error = f"{type(exc).__name__}: {exc}"
             tb = run.error_traceback if exc is run.error else traceback.format_exc()
-            tx.quarantine(run.rec.id, error, tb, run.now)
-            return Outcome(st.QUARANTINED, reason=error)
+            tx.inbound.quarantine(run.rec.id, error, tb, run.now)
+            return Outcome(InboundState.QUARANTINED, reason=error)
 
-    def _process(self, tx: FlowTx, run: _Run) -> Outcome:
+    def _process(self, tx: "Tx", run: _Run) -> Outcome:
         mail, cls, rec = run.mail, run.cls, run.rec
         assert mail is not None and cls is not None
         rec.message_id = mail.message_id
@@ -219,8 +231,8 @@ class Processor:
                  subject=mail.subject, **{"from": mail.from_.address if mail.from_ else None},
                  charsets=mail.charsets, defects=mail.defects, attachments=len(mail.attachments))
         run.step("classified", sender=cls.sender, kind=cls.kind, reasons=list(cls.reasons))
-
-        outcome = self._duplicate(tx, run) or self._flow(tx, run)
+        ops = CaseOps(tx, self.case_env(run.ruleset), run.now, on_step=run.step)
+        outcome = self._duplicate(tx, ops, run) or self._flow(tx, ops, run)
         rec.state = outcome.state
         rec.processed_at = run.now
         rec.error = None
@@ -228,104 +240,66 @@ class Processor:
                                         "case": outcome.case_number, "reason": outcome.reason}]
         return outcome
 
-    def _duplicate(self, tx: FlowTx, run: _Run) -> Outcome | None:
+    def _duplicate(self, tx: "Tx", ops: CaseOps, run: _Run) -> Outcome | None:
         """The same message again (another mailbox, an SMTP retry, an IMAP re-poll)."""
         assert run.mail is not None
         key = run.mail.message_id
-        if tx.claim_message_key(key, run.rec.id):
+        if tx.inbound.claim_key(key, run.rec.id):
             return None
-        owner = tx.message_key_owner(key)
+        owner = tx.inbound.key_owner(key)
         assert owner is not None
         first_inbound, first_case = owner
         run.rec.duplicate_of = first_inbound
-        case = tx.case_by_id(first_case) if first_case else None
+        case = tx.cases.by_id(first_case) if first_case else None
         run.rec.case_id = case.id if case else None
-        label = case.label if case else None
         if case is not None:
-            tx.add_event(case.id, "duplicate", {"message_id": key, "mailbox": run.rec.mailbox,
-                                                "channel": run.rec.channel, "inbound_id": run.rec.id},
-                         inbound_id=run.rec.id, at=run.now)
-        reason = f"same Message-ID as inbound #{first_inbound}"
-        run.step("duplicate", of=first_inbound, case=label)
-        return Outcome(st.DUPLICATE, label, reason, key)
+            ops.record_duplicate(case, message_id=key, mailbox=run.rec.mailbox, channel=run.rec.channel,
+                                 inbound_id=run.rec.id)
+        run.step("duplicate", of=first_inbound, case=case.label if case else None)
+        return Outcome(InboundState.DUPLICATE, case.label if case else None, f"same Message-ID as inbound #{first_inbound}",
+                       key)
 
-    def _flow(self, tx: FlowTx, run: _Run) -> Outcome:
+    def _flow(self, tx: "Tx", ops: CaseOps, run: _Run) -> Outcome:
         mail, cls = run.mail, run.cls
         assert mail is not None and cls is not None
         if cls.kind == BOUNCE:
-            return self._bounce(tx, run)
-
-        match = self._thread(tx, run)
+            return self._bounce(tx, ops, run)
+        match = threads.decide(self.evidence(tx, run))
         run.step("threaded", method=match.method, reason=match.reason,
                  case=f"{self.cfg.cases.prefix}-{match.case_number}" if match.case_number else None)
-
         if match.case_number is not None:
-            case = tx.case_by_number(match.case_number)
+            case = tx.cases.by_number(match.case_number)
             assert case is not None
-            return self._comment(tx, run, case, match)
-
+            return self._comment(tx, ops, run, case, match)
         if not cls.opens_case:
             reason = "automated mail does not open a case: " + "; ".join(cls.reasons)
             run.step("dropped", reason=reason)
-            return Outcome(st.DROPPED, None, reason, mail.message_id)
-
+            return Outcome(InboundState.DROPPED, None, reason, mail.message_id)
         decision = self._route(tx, run)
         if decision.drop:
             reason = "dropped by rule " + ", ".join(t.get("rule", "?") for t in decision.trace if t.get("matched"))
             run.step("dropped", reason=reason)
-            return Outcome(st.DROPPED, None, reason, mail.message_id)
-        case = self._new_case(tx, run, decision, match)
-        return Outcome(st.PROCESSED, case.label, "new case", mail.message_id)
+            return Outcome(InboundState.DROPPED, None, reason, mail.message_id)
+        case = self._new_case(tx, ops, run, decision, match.mentions)
+        return Outcome(InboundState.PROCESSED, case.label, "new case", mail.message_id)
 
     # -- thread -------------------------------------------------------------------------
 
-    def _thread(self, tx: FlowTx, run: _Run) -> Match:
-        mail, cls = run.mail, run.cls
-        assert mail is not None and cls is not None
-        prefixes = {self.cfg.cases.prefix}
-        ev: dict[str, Any] = {}
-        for rcpt in [*run.rec.envelope_to, *(a.address for a in mail.to), *(a.address for a in mail.cc)]:
-            signed = parse_reply_address(rcpt, self.secret)
-            if signed:
-                ev["signed"] = signed
-                ev["signed_case_exists"] = tx.case_by_number(signed[1]) is not None
-                break
-        found = tx.case_by_message_ids([*mail.in_reply_to, *reversed(mail.references)])
-        if found:
-            ev["by_message_id"], ev["by_message_id_ref"] = found[0].number, found[1]
-        thread_index = _thread_index_prefix(mail)
-        if thread_index and "by_message_id" not in ev:
-            case = tx.case_by_thread_index(thread_index)
-            if case:
-                ev["by_thread_index"] = case.number
-        tokens = tuple(n for _, n in case_tokens(mail.subject, prefixes))
-        if tokens:
-            sender = mail.from_.key if mail.from_ else ""
-            token_cases: dict[int, bool] = {}
-            for n in tokens:
-                case = tx.case_by_number(n)
-                if case is None:
-                    continue
-                members = tx.participant_addresses(case.id)
-                same_org = bool(case.organization and mail.from_ and mail.from_.domain == case.organization)
-                token_cases[n] = sender in members or same_org or cls.sender == AGENT
-            ev["tokens"], ev["token_cases"] = tokens, token_cases
-        return decide(Evidence(**ev))
+    def evidence(self, tx: "Tx", run: _Run) -> threads.Evidence:
+        """What the store knows about the message's case (``intake rules explain`` shows it too)."""
+        assert run.mail is not None and run.cls is not None
+        return threads.gather(tx.cases, run.mail, recipients=run.rec.envelope_to, secret=self.secret,
+                              prefixes={self.cfg.cases.prefix}, sender_is_agent=run.cls.sender == AGENT)
 
     # -- route --------------------------------------------------------------------------
 
-    def _route(self, tx: FlowTx, run: _Run) -> Decision:
+    def _route(self, tx: "Tx", run: _Run) -> Decision:
         """Evaluate the rules for a new case and count each matched rule's hit."""
         mail, cls = run.mail, run.cls
         assert mail is not None and cls is not None
-        ctx = RuleContext(
-            mail=mail, classification=cls, mailbox=run.mailbox.address,
-            recipients=tuple(run.rec.envelope_to or ()), channel=run.rec.channel, now=run.now,
-            organization=organization_domain(self.cfg, mail.from_.address if mail.from_ else ""),
-            calendar=self.cfg.calendar,
-        )
-        decision = evaluate(run.ruleset, ctx)
-        tx.record_rule_hits(decision.matched, run.now)
+        decision = evaluate(run.ruleset, rule_context(self.cfg, mail, cls, run.mailbox, run.rec.envelope_to,
+                                                      run.rec.channel, run.now))
+        tx.ops.record_rule_hits(decision.matched, run.now)
         actions = {k: v for k, v in (("priority", decision.priority), ("category", decision.category),
                                      ("assign", decision.assign), ("language", decision.language),
                                      ("ack", decision.ack)) if v is not None}
@@ -337,97 +311,93 @@ class Processor:
                  default_queue=decision.queue is None, actions=actions)
         return decision
 
-    def _assign(self, tx: FlowTx, run: _Run, case: CaseRec, decision: Decision) -> None:
-        """Apply ``assign`` (a rule's, else the queue's method) and record who and why."""
-        ruleset = run.ruleset
-        queue = ruleset.queues.get(case.queue or "")
-        method = decision.assign or (queue.assign if queue else "none")
-        rule = decision.set_by.get("assign") if decision.assign else None
-        why = f"rule {rule}" if rule else f"queue {case.queue} assigns {method}"
-        if method == "none":
-            return
-        agent: str | None
-        if method in ("round_robin", "least_open"):
-            order = list(queue.agents) if queue else []
-            available = [a for a in order if not (ruleset.agents.get(a) and ruleset.agents[a].away)]
-            if method == "round_robin":
-                agent = pick_round_robin(order, available, tx.rotation_last(case.queue or "") if available else None)
-                if agent:
-                    tx.set_rotation_last(case.queue or "", agent, run.now)
-            else:
-                agent = pick_least_open(order, available, tx.open_case_counts(available))
-            if agent is None:
-                reason = (f"queue {case.queue} is not defined in the rules" if queue is None else
-                          f"no agent of queue {case.queue} is available (all away or none listed)")
-                tx.add_event(case.id, "note", {"text": f"not assigned: {reason}", "rule": rule}, at=run.now)
-                run.step("assigned", assignee=None, method=method, rule=rule, reason=reason)
-                return
-        else:
-            agent = method
-            method = "rule"
-        tx.update_case(case, assignee=agent)
-        data: dict[str, Any] = {"from": None, "to": agent, "method": method, "rule": rule, "queue": case.queue,
-                                "reason": why}
-        if ruleset.agents.get(agent) and ruleset.agents[agent].away:
-            data["away"] = True
-        tx.add_event(case.id, "assignee", data, inbound_id=run.rec.id, at=run.now)
-        run.step("assigned", assignee=agent, method=method, rule=rule, reason=why)
+    # -- cases --------------------------------------------------------------------------
 
-    # -- store --------------------------------------------------------------------------
-
-    def _contact(self, tx: FlowTx, address: str, name: str) -> ContactRef:
-        return tx.contact(address, name, organization_domain(self.cfg, address))
-
-    def _new_case(self, tx: FlowTx, run: _Run, decision: Decision, match: Match) -> CaseRec:
+    def _new_case(self, tx: "Tx", ops: CaseOps, run: _Run, decision: Decision, mentions: tuple[int, ...],
+                  follow_up_of: CaseRec | None = None) -> CaseRec:
         mail, rec = run.mail, run.rec
         assert mail is not None
-        requester = self._contact(tx, mail.from_.address, mail.from_.name) if mail.from_ else None
+        requester = ops.contact(mail.from_.address, mail.from_.name) if mail.from_ else None
         language, language_from = choose_language(
             rule=decision.language, contact=requester.language if requester else None,
             message_text=f"{mail.subject}\n{mail.text}", mailbox=run.mailbox.language or None,
             default=self.cfg.templates.default_language)
-        case = tx.create_case(
-            prefix=self.cfg.cases.prefix,
-            subject=clean_subject(mail.subject),
-            requester=requester,
-            status="new",
-            priority=decision.priority or "medium",
-            queue=decision.queue or run.mailbox.queue,
-            category=decision.category,
-            channel=rec.channel,
-            mailbox=run.mailbox.address,
-            brand=run.mailbox.brand or None,
-            language=language,
-            tags=list(decision.tags),
-            created_at=run.now,
-        )
-        self._attach_to_case(tx, run, case)
-        tx.add_event(case.id, "created", {"queue": case.queue, "priority": case.priority, "mailbox": case.mailbox,
-                                          "channel": case.channel}, inbound_id=rec.id, at=run.now)
-        if requester:
-            tx.add_participant(case.id, requester, "requester")
-        self._add_cc_participants(tx, run, case)
-        row = self._store_message(tx, run, case, visibility="public")
-        tx.add_event(case.id, "message", message_row=row, inbound_id=rec.id, at=run.now)
-        for t in decision.trace:
-            if t.get("matched"):
-                tx.add_event(case.id, "rule", dict(t), inbound_id=rec.id, at=run.now)
-        self._assign(tx, run, case, decision)
-        for number in match.mentions:
-            tx.add_event(case.id, "note", {"text": f"subject names {self.cfg.cases.prefix}-{number}, "
-                                                   "but the sender is not its participant"}, at=run.now)
-        run.step("stored", case=case.label, created=True, language=language, language_from=language_from)
-        # notify: same transaction as the new case (DESIGN 3)
-        self._notified(run, self.notifier.new_case(tx, case, self._trigger(run), decision.ack))
+        queue = decision.queue or run.mailbox.queue
+        opening: dict[str, Any] = dict(
+            actor=_actor(mail), message=self._incoming(run), requester=requester, queue=queue,
+            priority=decision.priority or Priority.MEDIUM, category=decision.category, channel=rec.channel,
+            mailbox=run.mailbox, language=language, tags=decision.tags,
+            rules=[t for t in decision.trace if t.get("matched")],
+            assignment=assignment.choose(tx, run.ruleset.team, queue, decision, run.now), ack=decision.ack,
+            mentions=mentions, trigger=self._trigger(run), language_from=language_from)
+        case = ops.follow_up(follow_up_of, **opening) if follow_up_of else ops.open(**opening)
+        self._belongs(tx, run, case)
         return case
 
-    def _attach_to_case(self, tx: FlowTx, run: _Run, case: CaseRec) -> None:
+    def _comment(self, tx: "Tx", ops: CaseOps, run: _Run, case: CaseRec, match: threads.Match) -> Outcome:
+        """Add the message to an existing case, reopening it as DESIGN 5 says."""
+        mail, cls = run.mail, run.cls
+        assert mail is not None and cls is not None
+        person = cls.kind == MESSAGE and cls.sender != OWN
+        if person and cls.sender != AGENT and ops.needs_follow_up(case):
+            follow = self._new_case(tx, ops, run, self._route(tx, run), (), follow_up_of=case)
+            return Outcome(InboundState.PROCESSED, follow.label, f"follow-up of closed {case.label}", mail.message_id)
+        message, actor = self._incoming(run), _actor(mail)
+        if cls.sender == AGENT and match.internal:
+            ops.internal_message(case, message, actor=actor, threading=match.method)
+        elif cls.sender == AGENT and cls.kind == MESSAGE:
+            ops.agent_reply(case, message, actor=actor, threading=match.method, text=strip_reply(mail.text),
+                            trigger=self._trigger(run))
+        else:
+            ops.customer_comment(case, message, actor=actor, person=person,
+                                 threading=match.method, trigger=self._trigger(run))
+        self._belongs(tx, run, case)
+        return Outcome(InboundState.PROCESSED, case.label, f"comment ({match.method})", mail.message_id)
+
+    def _bounce(self, tx: "Tx", ops: CaseOps, run: _Run) -> Outcome:
+        mail, cls = run.mail, run.cls
+        assert mail is not None and cls is not None and cls.report is not None
+        found = tx.cases.by_message_ids(cls.report.message_ids)
+        if found is None:
+            # No Message-ID we know: the signed envelope sender (Return-Path) of our mail names the case.
+            for rcpt in [*run.rec.envelope_to, *(a.address for a in mail.to)]:
+                signed = threads.parse_reply_address(rcpt, self.secret)
+                case_ = tx.cases.by_number(signed[1]) if signed else None
+                if case_ is not None:
+                    found = (case_, "")
+                    break
+        if found is None:
+            reason = "bounce that names none of our messages"
+            run.step("dropped", reason=reason)
+            return Outcome(InboundState.DROPPED, None, reason, mail.message_id)
+        case, ref = found
+        marked = ops.record_bounce(case, self._incoming(run), cls.report, ref or None)
+        self._belongs(tx, run, case)
+        run.step("bounce", case=case.label, bounced=ref or None, permanent=cls.report.permanent, outbox=marked)
+        return Outcome(InboundState.PROCESSED, case.label, f"bounce of <{ref or 'signed return path'}>",
+                       mail.message_id)
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _belongs(self, tx: "Tx", run: _Run, case: CaseRec) -> None:
         """The inbound record and its Message-ID now belong to ``case``."""
         assert run.mail is not None
         run.rec.case_id = case.id
-        tx.set_message_key_case(run.mail.message_id, case.id)
+        tx.inbound.set_key_case(run.mail.message_id, case.id)
 
-    def _trigger(self, run: _Run) -> Trigger:
+    @staticmethod
+    def _incoming(run: _Run) -> Incoming:
+        mail = run.mail
+        assert mail is not None
+        return Incoming(
+            message_id=mail.message_id, from_address=mail.from_.address if mail.from_ else None,
+            from_name=mail.from_.name if mail.from_ else "", to=[(a.address, a.name) for a in mail.to],
+            cc=[(a.address, a.name) for a in mail.cc], subject=mail.subject, text=mail.text, html=mail.html,
+            sent_at=mail.date, thread_index=threads.thread_index_prefix(mail), attachments=mail.attachments,
+            inbound_id=run.rec.id)
+
+    @staticmethod
+    def _trigger(run: _Run) -> Trigger:
         mail, cls = run.mail, run.cls
         assert mail is not None and cls is not None
         refs = [*mail.references, *(i for i in mail.in_reply_to if i not in mail.references)]
@@ -435,130 +405,7 @@ class Processor:
                        sender=mail.from_.key if mail.from_ else None, sender_name=mail.from_.name if mail.from_ else "",
                        sender_class=cls.sender, kind=cls.kind, subject=mail.subject, text=mail.text)
 
-    def _notified(self, run: _Run, done: Notified) -> None:
-        if done.queued or done.skipped:
-            run.step("notify", **done.as_log())
 
-    def _add_cc_participants(self, tx: FlowTx, run: _Run, case: CaseRec) -> None:
-        assert run.mail is not None
-        own = self.cfg.own_addresses
-        sender = run.mail.from_.key if run.mail.from_ else ""
-        for a in [*run.mail.to, *run.mail.cc]:
-            if base_address(a.key) in own or a.key == sender or self.cfg.mailbox_for(a.key) is not None:
-                continue
-            tx.add_participant(case.id, self._contact(tx, a.address, a.name), "cc")
-
-    def _store_message(self, tx: FlowTx, run: _Run, case: CaseRec, visibility: str) -> int:
-        mail = run.mail
-        assert mail is not None
-        return tx.add_message(
-            case.id, direction="in", visibility=visibility, message_id=mail.message_id,
-            from_address=mail.from_.address if mail.from_ else None, from_name=mail.from_.name if mail.from_ else None,
-            to=[a.address for a in mail.to], cc=[a.address for a in mail.cc], subject=mail.subject, text=mail.text,
-            html=mail.html, sent_at=mail.date, inbound_id=run.rec.id, thread_index=_thread_index_prefix(mail),
-            attachments=mail.attachments,
-        )
-
-    def _comment(self, tx: FlowTx, run: _Run, case: CaseRec, match: Match) -> Outcome:
-        """Add the message to an existing case, reopening it as DESIGN 5 says."""
-        mail, cls = run.mail, run.cls
-        assert mail is not None and cls is not None
-        if case.status == "closed" and cls.kind != AUTOMATED and cls.sender not in (AGENT, OWN):
-            closed_at = case.closed_at or case.updated_at
-            if run.now - closed_at > timedelta(days=self.cfg.cases.reopen_days):
-                follow = self._follow_up(tx, run, case)
-                return Outcome(st.PROCESSED, follow.label, f"follow-up of closed {case.label}", mail.message_id)
-        visibility = "internal" if match.internal else "public"
-        row = self._store_message(tx, run, case, visibility=visibility)
-        tx.add_event(case.id, "message", {"threading": match.method}, message_row=row, inbound_id=run.rec.id,
-                     at=run.now)
-        status_change: tuple[str, str] | None = None
-        changes: dict[str, Any] = {"updated_at": run.now}
-        if cls.sender == AGENT:
-            if case.first_response_at is None and visibility == "public":
-                changes["first_response_at"] = run.now
-        elif cls.kind != AUTOMATED and cls.sender != OWN:
-            if mail.from_:
-                tx.add_participant(case.id, self._contact(tx, mail.from_.address, mail.from_.name), "cc")
-            self._add_cc_participants(tx, run, case)
-            if case.status in ("resolved", "closed", "pending"):
-                status_change = (case.status, "open")
-                self._set_status(tx, case, "open", run, "customer replied")
-        tx.update_case(case, **changes)
-        self._attach_to_case(tx, run, case)
-        run.step("stored", case=case.label, created=False, visibility=visibility)
-        # notify: same transaction as the comment. An internal note (the `n` address) reaches
-        # no customer; automated mail causes no mail at all.
-        if cls.kind == MESSAGE:
-            if cls.sender == AGENT and visibility == "public":
-                self._notified(run, self.notifier.agent_reply(tx, case, self._trigger(run)))
-            elif cls.sender == CUSTOMER:
-                self._notified(run, self.notifier.customer_comment(tx, case, self._trigger(run), status_change))
-        return Outcome(st.PROCESSED, case.label, f"comment ({match.method})", mail.message_id)
-
-    def _follow_up(self, tx: FlowTx, run: _Run, old: CaseRec) -> CaseRec:
-        decision = self._route(tx, run)
-        case = self._new_case(tx, run, decision, Match(None, "follow-up", ""))
-        tx.update_case(case, linked_case_id=old.id)
-        tx.add_event(case.id, "note", {"text": f"follow-up of {old.label}, closed more than "
-                                               f"{self.cfg.cases.reopen_days} days ago", "linked": old.label},
-                     at=run.now)
-        tx.add_event(old.id, "note", {"text": f"customer wrote again: follow-up {case.label}", "linked": case.label},
-                     at=run.now)
-        return case
-
-    def _set_status(self, tx: FlowTx, case: CaseRec, status: str, run: _Run, why: str) -> None:
-        old = case.status
-        tx.update_case(case, status=status)
-        tx.add_event(case.id, "status", {"from": old, "to": status, "reason": why}, at=run.now)
-        run.step("status", case=case.label, **{"from": old, "to": status})
-
-    # -- bounces ------------------------------------------------------------------------
-
-    def _bounce(self, tx: FlowTx, run: _Run) -> Outcome:
-        mail, cls = run.mail, run.cls
-        assert mail is not None and cls is not None
-        found = tx.case_by_message_ids(list(cls.bounced_message_ids))
-        if found is None:
-            # No Message-ID we know: the signed envelope sender (Return-Path) of our mail names the case.
-            for rcpt in [*run.rec.envelope_to, *(a.address for a in mail.to)]:
-                signed = parse_reply_address(rcpt, self.secret)
-                case_ = tx.case_by_number(signed[1]) if signed else None
-                if case_ is not None:
-                    found = (case_, "")
-                    break
-        if found is None:
-            reason = "bounce that names none of our messages"
-            run.step("dropped", reason=reason)
-            return Outcome(st.DROPPED, None, reason, mail.message_id)
-        case, ref = found
-        row = self._store_message(tx, run, case, visibility="internal")
-        permanent, failed = dsn_report(run.rec.raw or b"")
-        failed = list(dict.fromkeys([*(a.lower() for a in cls.failed_recipients), *failed]))
-        marked = self.notifier.bounce(tx, case, self._trigger(run), [ref] if ref else [], failed, permanent)
-        tx.add_event(case.id, "bounce", {"bounced_message_id": ref or None, "recipients": failed,
-                                         "permanent": permanent, "outbox": marked},
-                     message_row=row, inbound_id=run.rec.id, at=run.now)
-        self._attach_to_case(tx, run, case)
-        run.step("bounce", case=case.label, bounced=ref or None, permanent=permanent, outbox=marked)
-        return Outcome(st.PROCESSED, case.label, f"bounce of <{ref or 'signed return path'}>", mail.message_id)
-
-
-def organization_domain(cfg: Config, address: str) -> str | None:
-    """The organization (mail domain) of an address; free-mail domains make none."""
-    domain = address.rpartition("@")[2].lower()
-    if not domain or domain in cfg.cases.free_mail_domains:
-        return None
-    return domain
-
-
-def _thread_index_prefix(mail: ParsedMail) -> str | None:
-    """The conversation part of Outlook's Thread-Index (first 22 bytes, base64)."""
-    value = mail.header("Thread-Index")
-    if not value:
-        return None
-    try:
-        raw = base64.b64decode(value.strip() + "==", validate=False)
-    except (binascii.Error, ValueError):
-        return None
-    return base64.b64encode(raw[:22]).decode() if len(raw) >= 22 else None
+def _actor(mail: ParsedMail) -> str:
+    """Who acted by sending this mail: its sender's address."""
+    return mail.from_.key if mail.from_ else "unknown"

@@ -34,6 +34,8 @@ def _process_received(app: "App", now: datetime) -> str:
     """Fallback sweep: records left ``received`` (a crash, a database outage) are processed."""
     if app.processing_in_serve:
         return "processed continuously by serve's processor"
+    if app.rules_error is not None:
+        return "waiting: the rule files are refused (intake rules check shows why)"
     return f"{app.processor.process_pending()} received message(s) processed"
 
 
@@ -42,7 +44,8 @@ def _retention(app: "App", now: datetime) -> str:
     days = app.cfg.cases.retention_days
     if days <= 0:
         return "retention off (retention_days = 0)"
-    purged = app.store.purge_raw(now - timedelta(days=days))
+    with app.store.transaction() as tx:
+        purged = tx.inbound.purge_raw(now - timedelta(days=days), now)
     return f"{purged} raw message(s) older than {days} days removed"
 
 
@@ -50,16 +53,16 @@ def _deliver_outbox(app: "App", now: datetime) -> str:
     """Outbox delivery (``tick``; under ``serve`` a worker delivers continuously)."""
     if app.processing_in_serve:
         return "delivered continuously by serve's outbox sender"
-    from intake.edges.outbox_sender import deliver_job
+    from intake.edges.outbox_sender import deliver_due
 
-    return deliver_job(app, now)
+    return str(deliver_due(app.cfg, app.store, now))
 
 
 def _poll_imap(app: "App", now: datetime) -> str:
     """Drain every [[imap]] account once (under `serve`: only those without a running poller)."""
     from intake.edges.imap import poll_accounts
 
-    return poll_accounts(app, now)
+    return poll_accounts(app.cfg, app.store, now)
 
 
 # The job table, in the order `intake tick` runs them. Each capability adds its row here.

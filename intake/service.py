@@ -13,9 +13,14 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
+from pathlib import Path
 
 from intake.app import App
+from intake.db import Store, StoreUnavailable, utcnow
+from intake.db.ops import RULES_STATE_KEY
 from intake.rules import RuleSet, RulesError, compile_rules, rule_files
+from intake.states import InboundState
 from intake.workers import Processing
 
 log = logging.getLogger("intake.service")
@@ -45,9 +50,17 @@ class Service:
         self.exit_code = 1
         self.stopping.set()
 
+    @property
+    def store(self) -> Store:
+        return self.app.store
+
     def notify_received(self) -> None:
         """Called by an edge after it committed messages: process them now."""
         self.processing.wake()
+
+    def edge_waiting(self) -> AbstractContextManager[None]:
+        """Around an edge's commit: the processors start no transaction meanwhile."""
+        return self.processing.edges.waiting()
 
     def rules_changed(self, ruleset: RuleSet) -> None:
         """Called when a new rule set was installed: the processor takes it too."""
@@ -73,9 +86,9 @@ class Service:
                 pass
 
     def _report_backlog(self, last: tuple[float, int]) -> tuple[float, int]:
-        from intake.store import RECEIVED
-
-        backlog = self.app.store.count_inbound(RECEIVED) + self.app.store.spool_backlog()
+        with self.store.read() as tx:
+            backlog = tx.inbound.count(InboundState.RECEIVED)
+        backlog += self.store.spool_backlog()
         now = time.monotonic()
         if backlog == last[1] and now - last[0] < 30:
             return last
@@ -83,8 +96,6 @@ class Service:
         return (now, backlog)
 
     def _report(self, name: str, state: str, error: str | None = None) -> None:
-        from intake.store import StoreUnavailable
-
         try:
             self.app.store.report_status(name, state, error=error)
         except StoreUnavailable:
@@ -109,7 +120,6 @@ class Service:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, _on_signal)
         from intake.scheduler import run_scheduler
-        from intake.store import utcnow
 
         self.app.processing_in_serve = True  # the scheduler's fallback sweeps are not needed here
         self._tasks = [asyncio.create_task(self.processing.run(self.stopping)),
@@ -140,24 +150,31 @@ class RulesWatcher:
     def __init__(self, app: App, interval: float = 1.0) -> None:
         self.app = app
         self.interval = interval
-        self.folder = app.cfg.path(app.cfg.rules.path)
         self._stamp = self._stat()
         self._seen = app.ruleset.fingerprint
         self._loaded_at = utcnow_iso()
         self.on_change: Callable[[RuleSet], None] | None = None  # told of every installed set
 
-    def _stat(self) -> tuple[tuple[str, int, int], ...]:
+    @property
+    def folder(self) -> Path:
+        """Resolved at each look: a ./routing_rules made after the start replaces the shipped examples."""
+        return self.app.cfg.rules_path
+
+    def _stat(self) -> tuple[object, ...]:
         try:
-            files = sorted(self.folder.glob("*.yaml"))
-            return tuple((f.name, st.st_mtime_ns, st.st_size) for f in files for st in [f.stat()])
+            folder = self.folder
+            files = sorted(folder.glob("*.yaml"))
+            return (str(folder), *((f.name, st.st_mtime_ns, st.st_size) for f in files for st in [f.stat()]))
         except OSError:
             return ()
 
     def record(self, state: str, **extra: object) -> None:
         try:
-            self.app.store.set_rules_state({"state": state, "at": utcnow_iso(), "loaded_at": self._loaded_at,
-                                            "fingerprint": self.app.ruleset.fingerprint,
-                                            "summary": self.app.ruleset.summary(), **extra})
+            with self.app.store.transaction() as tx:
+                tx.ops.set_json_setting(RULES_STATE_KEY, {
+                    "state": state, "at": utcnow_iso(), "loaded_at": self._loaded_at,
+                    "fingerprint": self.app.ruleset.fingerprint, "summary": self.app.ruleset.summary(),
+                    "folder": str(self.folder), **extra})
         except Exception:  # noqa: BLE001 - the state is informative; routing goes on
             log.exception("could not record the rules state")
 
@@ -188,6 +205,7 @@ class RulesWatcher:
                 self.record("ok")
             return False
         self.app.ruleset = ruleset  # one reference swap: a message sees the old or the new set
+        self.app.rules_error = None
         if self.on_change is not None:
             self.on_change(ruleset)
         self._seen = ruleset.fingerprint
@@ -199,7 +217,12 @@ class RulesWatcher:
     async def __call__(self, service: "Service") -> None:
         loop = asyncio.get_running_loop()
         self.on_change = service.rules_changed
-        await loop.run_in_executor(None, self.record, "ok")
+        if self.app.rules_error:
+            log.error("rules refused at start; mail is received and stored, and processed once they load: %s",
+                      " | ".join(self.app.rules_error.splitlines()))
+            await loop.run_in_executor(None, lambda: self.record("refused", error=self.app.rules_error))
+        else:
+            await loop.run_in_executor(None, self.record, "ok")
         while not service.stopping.is_set():
             try:
                 await loop.run_in_executor(None, self.check)
@@ -211,13 +234,11 @@ class RulesWatcher:
                 pass
 
 
-def _fingerprint(stamp: tuple[tuple[str, int, int], ...]) -> str:
+def _fingerprint(stamp: tuple[object, ...]) -> str:
     return "stat:" + repr(stamp)
 
 
 def utcnow_iso() -> str:
-    from intake.store import utcnow
-
     return utcnow().isoformat()
 
 

@@ -33,6 +33,8 @@ from jinja2 import (
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from markupsafe import Markup, escape
 
+from intake.shipped import TEMPLATES
+
 #: The templates intake sends (DESIGN 6 "Templates").
 TEMPLATE_NAMES = (
     "ack",
@@ -50,7 +52,7 @@ TEMPLATE_NAMES = (
 LOOKUP_TTL = 2.0
 
 #: Shipped templates, used for any template the configured folder does not have.
-SHIPPED = Path(__file__).resolve().parent / "shipped" / "templates"
+SHIPPED = TEMPLATES
 
 _PLAIN = (str, int, float, bool, type(None), datetime, date)
 

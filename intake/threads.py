@@ -1,38 +1,26 @@
-"""Which case a message belongs to (DESIGN.md 5), and the subject clean-up. Pure.
+"""Which case a message belongs to (DESIGN.md 5). Pure decisions over gathered evidence.
 
-The store gathers the evidence (cases known by Message-ID, the case named by a subject
-token and its participants); ``decide`` applies the order of DESIGN 5 to it and says why.
+:func:`gather` asks a :class:`CaseLookup` (the store's case repository) what it knows about a
+message: the case of a signed recipient, of a Message-ID it refers to, of its Outlook
+Thread-Index, and the cases its subject tokens name with their participants.
+:func:`decide` applies the order of DESIGN 5 to that evidence, the rule "may this sender
+use this case" included, and says why. The processor and ``intake rules explain`` call
+both, so that the dry run shows exactly what processing would do.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import functools
 import hashlib
 import hmac
 import re
-from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-# Reply/forward prefixes in the languages our customers write, with counted forms
-# (Re[2]:, Re^2:, RE(3):) and full-width colons.
-_PREFIX = re.compile(
-    r"^\s*(?:re|fwd?|aw|wg|sv|vs|antw|r|tr|rv|enc|res|odp|fs|回复|转发|返信|転送|答复)"
-    r"\s*(?:\[\d+\]|\^\d+|\(\d+\))?\s*[:：]\s*",
-    re.I,
-)
-_BRACKET_PREFIX = re.compile(r"^\s*\[(?:fwd?|re)\s*[:：]?\s*\]\s*", re.I)
-
-
-def clean_subject(subject: str) -> str:
-    """The case name: the subject without any number of reply/forward prefixes."""
-    s = subject.strip()
-    while True:
-        new = _PREFIX.sub("", s, count=1)
-        new = _BRACKET_PREFIX.sub("", new, count=1)
-        if new == s:
-            return s
-        s = new
+from intake.mail.parse import ParsedMail
 
 
 @functools.lru_cache(maxsize=16)
@@ -46,13 +34,6 @@ def case_tokens(subject: str, prefixes: Collection[str]) -> list[tuple[str, int]
     if not prefixes:
         return []
     return [(m.group(1).upper(), int(m.group(2))) for m in _token_pattern(frozenset(prefixes)).finditer(subject)]
-
-
-def strip_case_token(subject: str, prefixes: Collection[str]) -> str:
-    if not prefixes:
-        return subject
-    alt = "|".join(re.escape(p) for p in prefixes)
-    return re.sub(rf"\s*\[\s*(?:{alt})-\d+\s*\]\s*", " ", subject, flags=re.I).strip()
 
 
 # --- signed reply addresses: support+c1042-k3x9q2@example.com --------------------------
@@ -84,20 +65,43 @@ def parse_reply_address(address: str, secret: str) -> tuple[str, int] | None:
     return kind, number
 
 
-# --- the decision ------------------------------------------------------------------------
+def thread_index_prefix(mail: ParsedMail) -> str | None:
+    """The conversation part of Outlook's Thread-Index (first 22 bytes, base64)."""
+    value = mail.header("Thread-Index")
+    if not value:
+        return None
+    try:
+        raw = base64.b64decode(value.strip() + "==", validate=False)
+    except (binascii.Error, ValueError):
+        return None
+    return base64.b64encode(raw[:22]).decode() if len(raw) >= 22 else None
+
+
+# --- the evidence and the decision ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenCase:
+    """A case a subject token names: who belongs to it."""
+
+    participants: frozenset[str]
+    organization: str | None
 
 
 @dataclass(frozen=True)
 class Evidence:
-    """What the store found for one message."""
+    """What the store knows about one message."""
 
+    sender: str = ""  # lower case
+    sender_domain: str = ""
+    sender_is_agent: bool = False
     signed: tuple[str, int] | None = None  # (kind, case number) from a signed recipient
     signed_case_exists: bool = False
     by_message_id: int | None = None  # case number of a stored/sent Message-ID it refers to
     by_message_id_ref: str | None = None
     by_thread_index: int | None = None
-    token_cases: Mapping[int, bool] = None  # type: ignore[assignment]  # number → sender is participant/org
     tokens: tuple[int, ...] = ()
+    token_cases: Mapping[int, TokenCase] = field(default_factory=dict)  # the tokens' cases that exist
 
 
 @dataclass(frozen=True)
@@ -111,20 +115,77 @@ class Match:
     mentions: tuple[int, ...] = ()
 
 
+def may_use(ev: Evidence, case: TokenCase) -> bool:
+    """DESIGN 5 rule 3: a subject token counts only for a participant of the case (requester,
+    CC, agent) or someone of the same organization."""
+    same_org = bool(case.organization and ev.sender_domain == case.organization)
+    return ev.sender in case.participants or same_org or ev.sender_is_agent
+
+
 def decide(ev: Evidence) -> Match:
     """Apply DESIGN 5 in order; the first rule that applies wins."""
     if ev.signed and ev.signed_case_exists:
         kind, number = ev.signed
-        return Match(number, "signed-address", f"sent to the signed reply address of case {number}", internal=kind == "n")
+        return Match(number, "signed-address", f"sent to the signed reply address of case {number}",
+                     internal=kind == "n")
     if ev.by_message_id is not None:
         return Match(ev.by_message_id, "references", f"In-Reply-To/References name <{ev.by_message_id_ref}>")
     if ev.by_thread_index is not None:
         return Match(ev.by_thread_index, "thread-index", "Outlook Thread-Index continues a stored message")
-    token_cases = ev.token_cases or {}
     for number in ev.tokens:
-        if token_cases.get(number):
+        case = ev.token_cases.get(number)
+        if case is not None and may_use(ev, case):
             return Match(number, "subject-token", f"subject names case {number} and the sender is its participant")
-    strangers = tuple(n for n in ev.tokens if n in token_cases)
+    strangers = tuple(n for n in ev.tokens if n in ev.token_cases)
     if strangers:
         return Match(None, "new", "subject names a case the sender does not belong to: new case", mentions=strangers)
     return Match(None, "new", "no reference to a known case")
+
+
+class _Case(Protocol):
+    id: int
+    number: int
+    organization: str | None
+
+
+class CaseLookup(Protocol):
+    """What :func:`gather` asks the store (``intake.db.cases.CaseRepo`` answers)."""
+
+    def by_number(self, number: int) -> Any: ...
+
+    def by_message_ids(self, ids: Iterable[str]) -> tuple[Any, str] | None: ...
+
+    def by_thread_index(self, prefix: str) -> Any: ...
+
+    def participant_addresses(self, case_id: int) -> set[str]: ...
+
+
+def gather(lookup: CaseLookup, mail: ParsedMail, *, recipients: Iterable[str], secret: str,
+           prefixes: Collection[str], sender_is_agent: bool) -> Evidence:
+    """The evidence for one message: every case it may belong to, and why."""
+    ev: dict[str, Any] = {"sender": mail.from_.key if mail.from_ else "",
+                          "sender_domain": mail.from_.domain if mail.from_ else "",
+                          "sender_is_agent": sender_is_agent}
+    for rcpt in [*recipients, *(a.address for a in mail.to), *(a.address for a in mail.cc)]:
+        signed = parse_reply_address(rcpt, secret)
+        if signed:
+            ev["signed"] = signed
+            ev["signed_case_exists"] = lookup.by_number(signed[1]) is not None
+            break
+    found = lookup.by_message_ids([*mail.in_reply_to, *reversed(mail.references)])
+    if found:
+        ev["by_message_id"], ev["by_message_id_ref"] = found[0].number, found[1]
+    prefix = thread_index_prefix(mail)
+    if prefix and "by_message_id" not in ev:
+        case = lookup.by_thread_index(prefix)
+        if case:
+            ev["by_thread_index"] = case.number
+    tokens = tuple(n for _, n in case_tokens(mail.subject, prefixes))
+    if tokens:
+        token_cases: dict[int, TokenCase] = {}
+        for n in tokens:
+            case = lookup.by_number(n)
+            if case is not None:
+                token_cases[n] = TokenCase(frozenset(lookup.participant_addresses(case.id)), case.organization)
+        ev["tokens"], ev["token_cases"] = tokens, token_cases
+    return Evidence(**ev)

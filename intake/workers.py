@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
-from intake.store import StoreUnavailable
+from intake.db import StoreUnavailable
 
 if TYPE_CHECKING:
     from intake.app import App
@@ -102,13 +102,19 @@ def processing_loop(app: "App", control: LoopControl) -> None:
     batch = app.cfg.processing.batch_size
     unavailable = import_failing = False
     while not control.stopping():
+        if app.rules_error is not None:
+            # No rule set has loaded yet: received mail waits (stored) until one does.
+            if not control.wait(IDLE_POLL):
+                return
+            continue
         # The first processor imports the SMTP spool; each processes its share. A failing
         # import must not keep the records already in the database from being processed.
         imported = 0
         if control.shard[0] == 0:
             imported, import_failing = _import_spool(app, import_failing)
         try:
-            ids = app.store.pending_inbound(limit=PENDING_CHUNK, shard=control.shard)
+            with app.store.read() as tx:
+                ids = tx.inbound.pending(limit=PENDING_CHUNK, shard=control.shard)
             progress = 0
             for start in range(0, len(ids), batch):
                 if control.stopping():
@@ -166,7 +172,7 @@ def _report(app: "App", state: str, error: str | None = None) -> None:
 PROCESSOR, OUTBOX = "processor", "outbox"
 
 
-def worker_main(role: str, cfg: "Config", rule_sources: tuple[tuple[str, bytes], ...], alive: Connection,
+def worker_main(role: str, cfg: "Config", rule_sources: tuple[tuple[str, bytes], ...] | None, alive: Connection,
                 control: Connection, outbox_wake: Connection, edges: Any, log_level: str,
                 shard: tuple[int, int] = (0, 1)) -> None:
     """Entry point of a worker process (``spawn``: everything it needs comes as arguments).
@@ -176,10 +182,11 @@ def worker_main(role: str, cfg: "Config", rule_sources: tuple[tuple[str, bytes],
     stops a worker with SIGTERM. ``outbox_wake``: a processor writes a byte after every
     batch, the outbox sender reads them.
     """
-    from intake.app import App, setup_logging
+    from intake.app import App
+    from intake.logs import setup_logging
+    from intake.db import Store
     from intake.edges.outbox_sender import delivery_loop
     from intake.rules import compile_rules
-    from intake.store import Store
 
     setup_logging(log_level)
     if cfg.processing.nice:
@@ -189,7 +196,11 @@ def worker_main(role: str, cfg: "Config", rule_sources: tuple[tuple[str, bytes],
     # Ctrl-C reaches the whole process group: the serve process decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    app = App(cfg=cfg, store=Store(cfg.database_url), ruleset=compile_rules(rule_sources))
+    app = App(cfg=cfg, store=Store(cfg.database_url))
+    if rule_sources is None:
+        app.rules_error = "the routing rules are refused"  # processing waits for a set from serve
+    else:
+        app.ruleset = compile_rules(rule_sources)
     app.store.before_write = lambda: yield_to_edges(edges)
     name = multiprocessing.current_process().name
     log.info("%s started (pid %d)", name, os.getpid())
@@ -205,6 +216,7 @@ def worker_main(role: str, cfg: "Config", rule_sources: tuple[tuple[str, bytes],
                 try:
                     with open(payload, "rb") as f:
                         app.ruleset = compile_rules(pickle.load(f))
+                    app.rules_error = None
                 except OSError:
                     continue  # serve is stopping (its files are gone)
                 log.info("%s routes with rule set %s from now on", name, app.ruleset.fingerprint)
@@ -238,7 +250,7 @@ def worker_main(role: str, cfg: "Config", rule_sources: tuple[tuple[str, bytes],
 
     try:
         if role == OUTBOX:
-            delivery_loop(app, wait, stopping)
+            delivery_loop(app.cfg, app.store, wait, stopping)
         else:
             os.set_blocking(outbox_wake.fileno(), False)
             processing_loop(app, LoopControl(wait=wait, stopping=stopping, processed=processed, shard=shard))
@@ -366,7 +378,8 @@ class Processing:
         outbox_end = self._outbox_r if role == OUTBOX else self._outbox_w
         process = self._ctx.Process(
             target=worker_main, name=name, daemon=False,
-            args=(role, self.app.cfg, self.app.ruleset.sources, alive_r, control_r, outbox_end, self.edges.shared,
+            args=(role, self.app.cfg, None if self.app.rules_error else self.app.ruleset.sources, alive_r, control_r,
+                  outbox_end, self.edges.shared,
                   self._log_level, shard))
         process.start()
         alive_r.close()  # the worker's ends: once ours are closed, the worker sees our end of life
@@ -386,7 +399,7 @@ class Processing:
                 return not self._stopping.is_set()
             return wait
 
-        sender = threading.Thread(target=delivery_loop, args=(self.app, waiter(self._outbox_event),
+        sender = threading.Thread(target=delivery_loop, args=(self.app.cfg, self.app.store, waiter(self._outbox_event),
                                                               self._stopping.is_set), name="intake-outbox")
         sender.start()
         try:

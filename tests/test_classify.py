@@ -94,5 +94,5 @@ def test_delivery_status_report_is_a_bounce_naming_our_message():
     c = _classify(_dsn("out-1@example.com"))
     assert c.kind == BOUNCE
     assert c.bounced_message_ids == ("out-1@example.com",)
-    assert "gone@customer.example.org" in c.failed_recipients
+    assert "gone@customer.example.org" in c.report.recipients and c.report.permanent
     assert not c.opens_case

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from conftest import case_detail, count_inbound, open_test_app
 from conftest import intake_env
 from mailfactory import make_mail
 
@@ -75,16 +76,16 @@ def test_sigkill_during_ingest_then_restart_processes_every_message_exactly_once
     assert json.loads(run_intake("quarantine", "list", "--json", check=True).stdout) == []
 
     # Every stored record ended processed (first arrival) or duplicate (a retry), none waiting.
-    from intake.app import open_app
-    from intake.store import DUPLICATE, PROCESSED, RECEIVED
+    from intake.states import InboundState
 
-    app = open_app(config_path)
+    DUPLICATE, PROCESSED, RECEIVED = InboundState.DUPLICATE, InboundState.PROCESSED, InboundState.RECEIVED
+    app = open_test_app(config_path)
     try:
-        assert app.store.count_inbound(RECEIVED) == 0
-        assert app.store.count_inbound(PROCESSED) == COUNT
-        assert app.store.count_inbound() == COUNT + app.store.count_inbound(DUPLICATE)
+        assert count_inbound(app, RECEIVED) == 0
+        assert count_inbound(app, PROCESSED) == COUNT
+        assert count_inbound(app) == COUNT + count_inbound(app, DUPLICATE)
         for number in (1, COUNT // 2, COUNT):
-            detail = app.store.case_detail(f"CASE-{number}")
+            detail = case_detail(app, f"CASE-{number}")
             inbound = [e for e in detail["timeline"] if e["type"] == "message" and e["direction"] == "in"]
             assert len(inbound) == 1 and inbound[0]["message_id"] in expected
             # Notifications are written in the processing transaction: exactly one ack too.

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
 from email import message_from_bytes, policy
-from pathlib import Path
 
 import pytest
-from sqlalchemy import update
-from conftest import SIMPLE_TEAM
+from conftest import SIMPLE_TEAM, case_detail, case_ops, list_cases, open_test_app, set_status
+from conftest import outbox_items as outbox
 from conftest import write_config as _write_config
 
 
@@ -22,19 +20,13 @@ def config_path(tmp_path):
     return write_config(tmp_path)
 from mailfactory import make_mail
 
-from intake import store as st
-from intake.app import open_app
-from intake.threads import parse_reply_address
-from intake.notify import (
-    LOOP_TAG,
-    LoopFacts,
-    LoopLimits,
-    choose_language,
-    clean_header,
-    loop_protection,
-    subject_with_token,
-)
+from intake.db.outbox import OutboxMail
 from intake.edges.outbox_sender import build_mime
+from intake.loops import LOOP_TAG, LoopFacts, LoopLimits, loop_protection
+from intake.mail.subjects import clean_header, subject_with_token
+from intake.notify import choose_language
+from intake.states import Status
+from intake.threads import parse_reply_address
 
 
 def ingest(app, raw: bytes, mailbox: str = "support@example.com", envelope_to: list[str] | None = None):
@@ -42,16 +34,17 @@ def ingest(app, raw: bytes, mailbox: str = "support@example.com", envelope_to: l
     return app.processor.process(rid)
 
 
-def outbox(app, **kw) -> list[st.OutboxItem]:
-    return list(reversed(st.list_outbox(app.store, **kw)))
+def outbox_row(app, outbox_id: int) -> OutboxMail:
+    with app.store.read() as tx:
+        return tx.outbox.get(outbox_id)
 
 
-def parsed(item: st.OutboxItem):
+def parsed(item: OutboxMail):
     return message_from_bytes(build_mime(item), policy=policy.default)
 
 
 def timeline(app, label: str) -> list[dict]:
-    return app.store.case_detail(label)["timeline"]
+    return case_detail(app, label)["timeline"]
 
 
 def secret(app) -> str:
@@ -76,7 +69,7 @@ def test_language_of_a_case(kw, expected):
 def test_the_chosen_language_is_stored_and_used_for_the_ack(app):
     ingest(app, make_mail(subject="Printer broken", body="It does not print.\n"))
     ingest(app, make_mail(subject="印刷できません", body="昨日から印刷できません。\n", sender="taro@bigcorp.co.jp"))
-    assert [c.language for c in app.store.list_cases()] == ["en", "ja"]
+    assert [c.language for c in list_cases(app)] == ["en", "ja"]
     acks = outbox(app, state="queued")
     acks = [i for i in acks if i.template == "ack"]
     assert acks[0].subject == "[CASE-1] We have received your request: Printer broken"
@@ -84,12 +77,10 @@ def test_the_chosen_language_is_stored_and_used_for_the_ack(app):
 
 
 def test_the_contacts_stored_language_wins_over_detection(app):
-    with app.store.flow() as tx:
-        tx.contact("alice@customer.example.org", "Alice", None)
-    with app.store.session() as s:
-        s.execute(update(st.Contact).where(st.Contact.address == "alice@customer.example.org").values(language="ja"))
+    with case_ops(app) as ops:
+        ops.set_contact_language("alice@customer.example.org", "ja")
     ingest(app, make_mail(subject="Hello", body="English text\n"))
-    assert app.store.list_cases()[0].language == "ja"
+    assert list_cases(app)[0].language == "ja"
 
 
 # -- headers -----------------------------------------------------------------------------------
@@ -150,7 +141,7 @@ def test_agent_notices_are_auto_generated_in_the_agents_language(app):
     assert parse_reply_address(m["Reply-To"].addresses[0].addr_spec, secret(app)) == ("c", 1)
     body = m.get_body(("plain",)).get_content()
     assert "It does not print." in body
-    assert f"support+n1-" in body  # the internal-note address
+    assert "support+n1-" in body  # the internal-note address
     internal = [e for e in timeline(app, "CASE-1") if e.get("message_id") == notices["ken@example.com"].message_id]
     assert internal[0]["visibility"] == "internal"
 
@@ -209,8 +200,7 @@ def test_an_internal_note_never_reaches_the_customer(app):
 
 def test_a_customer_reply_reopens_and_is_confirmed_to_the_customer(app):
     ingest(app, make_mail(subject="Printer", sender="erin@client.example.net", message_id="<e1@client.example.net>"))
-    with app.store.session() as s:
-        s.execute(update(st.Case).where(st.Case.number == 1).values(status="resolved", resolution="Driver updated."))
+    set_status(app, 1, Status.RESOLVED)
     ingest(app, make_mail(subject="Re: [CASE-1] Printer", sender="erin@client.example.net", body="Still broken.\n"))
     status = [i for i in outbox(app) if i.template == "status_changed"]
     assert len(status) == 1 and status[0].recipient == "erin@client.example.net"
@@ -279,7 +269,7 @@ def test_acknowledgements_per_sender_are_rate_limited(app):
         ingest(app, make_mail(subject=f"Question {i}", sender="hank@client.example.net"))
     acks = [i for i in outbox(app) if i.template == "ack"]
     assert len(acks) == 5
-    assert len(app.store.list_cases()) == 7  # every message still makes its case
+    assert len(list_cases(app)) == 7  # every message still makes its case
     skipped = [e for e in timeline(app, "CASE-6") if e["type"] == "mail_skipped"]
     assert skipped[0]["check"] == "ack-rate" and skipped[0]["to"] == "hank@client.example.net"
 
@@ -299,19 +289,18 @@ def test_a_rule_can_turn_the_ack_off(app, monkeypatch):
     monkeypatch.setattr(pipeline, "evaluate", lambda ruleset, ctx: Decision(ack=False, language="en"))
     ingest(app, make_mail(subject="印刷", sender="ivan@client.example.net", body="日本語\n"))
     assert [i.template for i in outbox(app)] == ["new_case_agent", "new_case_agent"]
-    assert app.store.list_cases()[0].language == "en"  # the rule's language wins over detection
+    assert list_cases(app)[0].language == "en"  # the rule's language wins over detection
 
 
 def test_a_case_exchanging_too_many_mails_is_flagged_and_stops_automated_mail(tmp_path):
     cfg = write_config(tmp_path, "[notify]\nloop_max = 4\n")
-    app = open_app(cfg)
+    app = open_test_app(cfg)
     try:
         ingest(app, make_mail(subject="Printer", sender="judy@client.example.net"))
         for i in range(4):
-            with app.store.session() as s:
-                s.execute(update(st.Case).where(st.Case.number == 1).values(status="resolved"))
+            set_status(app, 1, Status.RESOLVED)
             ingest(app, make_mail(subject="Re: [CASE-1] Printer", sender="judy@client.example.net", body=f"again {i}\n"))
-        case = app.store.list_cases()[0]
+        case = list_cases(app)[0]
         assert LOOP_TAG in case.tags
         events = timeline(app, "CASE-1")
         assert len([e for e in events if e["type"] == "loop"]) == 1
@@ -346,7 +335,7 @@ def test_a_bounce_marks_the_row_bounced_and_suppresses_the_address(app):
     ack = [i for i in outbox(app) if i.template == "ack"][0]
     res = ingest(app, _dsn(ack.message_id, "kim@client.example.net"))
     assert res.case_number == "CASE-1"
-    assert st.outbox_item(app.store, ack.id).state == "bounced"
+    assert outbox_row(app, ack.id).state == "bounced"
     bounce = [e for e in timeline(app, "CASE-1") if e["type"] == "bounce"][0]
     assert bounce["permanent"] is True and bounce["outbox"] == [ack.id]
     # The address gets no further automated mail for the suppression period.
@@ -359,7 +348,7 @@ def test_a_delayed_notice_is_not_a_bounce(app):
     ingest(app, make_mail(subject="Printer", sender="lee@client.example.net"))
     ack = [i for i in outbox(app) if i.template == "ack"][0]
     ingest(app, _dsn(ack.message_id, "lee@client.example.net", action="delayed"))
-    assert st.outbox_item(app.store, ack.id).state == "queued"
+    assert outbox_row(app, ack.id).state == "queued"
     ingest(app, make_mail(subject="Another", sender="lee@client.example.net"))
     assert len([i for i in outbox(app) if i.template == "ack"]) == 2
 
@@ -370,13 +359,13 @@ def test_a_bounce_to_the_signed_return_path_names_the_case(app):
     raw = _dsn("unknown-id@elsewhere.example", "max@client.example.net", to=ack.mail_from)
     res = ingest(app, raw, envelope_to=[ack.mail_from])
     assert res.case_number == "CASE-1"
-    assert st.outbox_item(app.store, ack.id).state == "bounced"
+    assert outbox_row(app, ack.id).state == "bounced"
 
 
 def test_a_broken_template_does_not_block_intake(tmp_path):
     (tmp_path / "templates" / "en").mkdir(parents=True)
     (tmp_path / "templates" / "en" / "ack.txt.j2").write_text("Subject: x\n{{ nope.nope }}\n", "utf-8")
-    app = open_app(write_config(tmp_path))
+    app = open_test_app(write_config(tmp_path))
     try:
         res = ingest(app, make_mail(subject="Printer", body="English\n"))
         assert res.state == "processed" and res.case_number == "CASE-1"

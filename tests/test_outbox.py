@@ -26,10 +26,12 @@ def write_config(folder, extra: str = "", **kw):
 def config_path(tmp_path):
     return write_config(tmp_path)
 from mailfactory import make_mail
-from sqlalchemy import update
 
-from intake import store as st
-from intake.app import open_app
+from intake.db import utcnow
+from intake.db.outbox import OutboxMail
+from intake.edges import outbox_sender
+from conftest import case_detail, open_test_app
+from conftest import outbox_items as rows
 from intake.edges.outbox_sender import deliver_due, next_attempt
 
 
@@ -77,7 +79,7 @@ def start_relay(port: int, relay: Relay, **kw) -> Controller:
 def smtp_app(tmp_path: Path, port: int, extra: str = ""):
     cfg = write_config(tmp_path, f'mode = "smtp"\nhost = "127.0.0.1"\nport = {port}\ntimeout = 10\n'
                                  f'[notify]\nnotify_agents = false\n' + extra)
-    return open_app(cfg)
+    return open_test_app(cfg)
 
 
 def ingest(app, raw: bytes, mailbox: str = "support@example.com"):
@@ -85,8 +87,9 @@ def ingest(app, raw: bytes, mailbox: str = "support@example.com"):
     return app.processor.process(rid)
 
 
-def rows(app) -> list[st.OutboxItem]:
-    return list(reversed(st.list_outbox(app.store)))
+def row(app, outbox_id: int) -> OutboxMail:
+    with app.store.read() as tx:
+        return tx.outbox.get(outbox_id)
 
 
 def test_relay_down_then_4xx_then_250_delivers_exactly_once(tmp_path, relay_port):
@@ -97,7 +100,7 @@ def test_relay_down_then_4xx_then_250_delivers_exactly_once(tmp_path, relay_port
         t0 = item.created_at
         report = deliver_due(app.cfg, app.store, t0)  # nothing listens on the port
         assert (report.sent, report.retry) == (0, 1)
-        item = st.outbox_item(app.store, item.id)
+        item = row(app, item.id)
         assert item.state == "queued" and item.attempts == 1 and "unavailable" in item.last_error
         assert item.next_attempt_at > t0
 
@@ -109,7 +112,7 @@ def test_relay_down_then_4xx_then_250_delivers_exactly_once(tmp_path, relay_port
             assert relay.received == []
             report = deliver_due(app.cfg, app.store, t0 + timedelta(hours=2))
             assert (report.sent, report.retry) == (0, 1)
-            assert "451 4.3.0 Try again later" in st.outbox_item(app.store, item.id).last_error
+            assert "451 4.3.0 Try again later" in row(app, item.id).last_error
             report = deliver_due(app.cfg, app.store, t0 + timedelta(hours=4))
             assert report.sent == 1
             for hours in (8, 24, 40):
@@ -121,7 +124,7 @@ def test_relay_down_then_4xx_then_250_delivers_exactly_once(tmp_path, relay_port
         assert got["to"] == ["taro@bigcorp.co.jp"] and got["from"] == item.mail_from
         m = message_from_bytes(got["data"], policy=policy.default)
         assert m["Message-ID"] == f"<{item.message_id}>"
-        done = st.outbox_item(app.store, item.id)
+        done = row(app, item.id)
         assert done.state == "sent" and done.attempts == 3 and done.sent_at is not None
     finally:
         app.close()
@@ -137,15 +140,15 @@ def test_5xx_fails_the_mail_puts_the_reply_on_the_timeline_and_suppresses_the_ad
         [item] = rows(app)
         report = deliver_due(app.cfg, app.store, item.created_at)
         assert (report.sent, report.failed) == (0, 1)
-        failed = st.outbox_item(app.store, item.id)
+        failed = row(app, item.id)
         assert failed.state == "failed" and "550 5.1.1" in failed.last_error
         assert deliver_due(app.cfg, app.store, item.created_at + timedelta(days=1)).failed == 0  # never retried
-        events = app.store.case_detail("CASE-1")["timeline"]
+        events = case_detail(app, "CASE-1")["timeline"]
         entry = [e for e in events if e["type"] == "mail_failed"][0]
         assert "550 5.1.1" in entry["reply"] and entry["to"] == "nobody@bigcorp.co.jp" and entry["permanent"]
         # No further automated mail to that address.
         ingest(app, make_mail(subject="Again", sender="nobody@bigcorp.co.jp"))
-        skipped = [e for e in app.store.case_detail("CASE-2")["timeline"] if e["type"] == "mail_skipped"]
+        skipped = [e for e in case_detail(app, "CASE-2")["timeline"] if e["type"] == "mail_skipped"]
         assert skipped[0]["check"] == "suppressed"
         assert relay.received == []
     finally:
@@ -161,8 +164,8 @@ def test_temporary_failures_give_up_after_the_configured_time(tmp_path, relay_po
         assert deliver_due(app.cfg, app.store, item.created_at).retry == 1
         report = deliver_due(app.cfg, app.store, item.created_at + timedelta(days=2, hours=1))
         assert report.failed == 1
-        assert "gave up" in st.outbox_item(app.store, item.id).last_error
-        assert any(e["type"] == "mail_failed" for e in app.store.case_detail("CASE-1")["timeline"])
+        assert "gave up" in row(app, item.id).last_error
+        assert any(e["type"] == "mail_failed" for e in case_detail(app, "CASE-1")["timeline"])
     finally:
         app.close()
 
@@ -251,7 +254,7 @@ def test_starttls_and_auth_with_the_relay(tmp_path, relay_port, monkeypatch):
         [item] = rows(app)
         # Without STARTTLS the relay refuses our sender: a temporary failure (configuration), nothing sent.
         assert deliver_due(app.cfg, app.store, item.created_at).sent == 0
-        waiting = st.outbox_item(app.store, item.id)
+        waiting = row(app, item.id)
         assert waiting.state == "queued" and "STARTTLS" in waiting.last_error
         ob = replace(app.cfg.outbound, starttls=True, ca_file=str(ca_file), username="intake",
                      password_env="TEST_RELAY_PASSWORD")
@@ -289,20 +292,19 @@ def test_maildir_mode_writes_one_complete_file_per_mail(run_intake, tmp_path):
     assert res.returncode == 1 and "never sent twice" in res.stdout
 
 
-def test_an_interrupted_delivery_is_not_resent_until_an_operator_says_so(tmp_path, run_intake):
-    app = open_app(write_config(tmp_path))
+def test_an_interrupted_delivery_is_not_resent_until_an_operator_says_so(tmp_path, run_intake, monkeypatch):
+    app = open_test_app(write_config(tmp_path))
     try:
         rid = app.store.receive(make_mail(subject="Crash"), channel="email", mailbox="support@example.com",
                                 envelope_to=["support@example.com"])
         app.processor.process(rid)
-        claimed = st.claim_outbox(app.store, st.utcnow(), 100)  # …and the process dies here
+        claimed = outbox_sender.claim(app.store, utcnow(), 100)  # …and the process dies here
         assert len(claimed) == 3
-        with app.store.session() as s:
-            s.execute(update(st.OutboxRow).values(claimed_at=st.utcnow() - timedelta(hours=1)))
-        report = deliver_due(app.cfg, app.store, st.utcnow())
+        monkeypatch.setattr(outbox_sender, "STALE_AFTER", timedelta(0))  # as if long ago
+        report = deliver_due(app.cfg, app.store, utcnow())
         assert report.interrupted == 3 and report.sent == 0
         assert list((tmp_path / "outbox").glob("*.eml")) == []
-        failed = st.list_outbox(app.store, state="failed")
+        failed = rows(app, state="failed")
         assert len(failed) == 3 and "interrupted" in failed[0].last_error
     finally:
         app.close()

@@ -11,6 +11,7 @@ import pytest
 from intake.business_hours import BusinessHours
 from intake.mail.classify import classify
 from intake.mail.parse import parse
+from intake.assignment import pick_least_open, pick_round_robin
 from intake.rules import (
     Decision,
     RuleContext,
@@ -18,8 +19,6 @@ from intake.rules import (
     compile_rules,
     evaluate,
     load_rules,
-    pick_least_open,
-    pick_round_robin,
 )
 from mailfactory import make_mail
 
@@ -308,7 +307,7 @@ def test_trace_records_each_evaluated_rule_with_the_first_failing_condition():
     assert first["matched"] is False and first["failed"] == 'to: "billing@example.com"'
     assert first["at"] == "20-rules.yaml:6"
     assert nested["failed"].startswith("all: [") and nested["at"] == "20-rules.yaml:13"
-    from intake.rules import Facts
+    from intake.rules.facts import Facts
     from intake.rules.explain import rule_results
 
     ctx = ctx_for(make_mail(sender="a@bigcorp.co.jp", subject="Printer"))
@@ -336,8 +335,8 @@ def test_shipped_example_loads_and_routes(tmp_path):
     from conftest import ROOT
 
     rs = load_rules(ROOT / "intake" / "shipped" / "routing_rules")
-    assert {"support", "support-us", "support-emea", "tier2", "billing", "key-accounts"} <= set(rs.queues)
-    assert rs.agents["sophie@example.com"].away
+    assert {"support", "support-us", "support-emea", "tier2", "billing", "key-accounts"} <= set(rs.team.queues)
+    assert rs.team.agents["sophie@example.com"].away
     d = evaluate(rs, ctx_for(make_mail(sender="山田 <taro@bigcorp.co.jp>", subject="【至急】サーバーが停止しています")))
     assert d.priority == "urgent" and d.queue == "key-accounts" and d.assign == "kenji@example.com"
     assert set(d.tags) == {"urgent", "key-account"}

@@ -9,8 +9,8 @@ import textwrap
 import time
 from pathlib import Path
 
-from conftest import intake_env, write_config
-from intake.store import Store
+from conftest import intake_env, list_cases, rules_state, write_config
+from intake.db import Store
 from mailfactory import make_mail
 
 VALID = """
@@ -45,13 +45,13 @@ def test_serve_reloads_valid_rules_and_keeps_the_last_good_set(tmp_path: Path, r
     try:
         text = lambda: log.read_text("utf-8", "replace")  # noqa: E731
         wait_for(lambda: "serving" in text(), "serve to start")
-        wait_for(lambda: (store.rules_state() or {}).get("state") == "ok", "the initial rules state")
-        first_fingerprint = store.rules_state()["fingerprint"]
+        wait_for(lambda: (rules_state(store) or {}).get("state") == "ok", "the initial rules state")
+        first_fingerprint = rules_state(store)["fingerprint"]
 
         rule_file = tmp_path / "routing_rules" / "20-reload.yaml"
         rule_file.write_text(textwrap.dedent(VALID), "utf-8")
         wait_for(lambda: "rules reloaded" in text(), "the valid change to be loaded")
-        state = store.rules_state()
+        state = rules_state(store)
         assert state["state"] == "ok" and state["fingerprint"] != first_fingerprint
 
         one = tmp_path / "one.eml"
@@ -60,7 +60,7 @@ def test_serve_reloads_valid_rules_and_keeps_the_last_good_set(tmp_path: Path, r
 
         rule_file.write_text(textwrap.dedent(INVALID), "utf-8")
         wait_for(lambda: "rules refused" in text(), "the invalid change to be refused")
-        state = store.rules_state()
+        state = rules_state(store)
         assert state["state"] == "refused"
         assert "routing_rules/20-reload.yaml:7: rule 'hot reload': queue: unknown queue 'hotlines'" in state["error"]
         assert "did you mean 'hotline'" in state["error"]
@@ -73,7 +73,7 @@ def test_serve_reloads_valid_rules_and_keeps_the_last_good_set(tmp_path: Path, r
         assert res.returncode == 0 and "processing deferred" in res.stdout
 
         def landed():
-            return {c.subject: c for c in store.list_cases()} if len(store.list_cases()) == 2 else None
+            return {c.subject: c for c in list_cases(store)} if len(list_cases(store)) == 2 else None
 
         got = wait_for(landed, "serve to process the deferred message")
         assert got["Hot reload one"].queue == "hotline"
@@ -86,7 +86,7 @@ def test_serve_reloads_valid_rules_and_keeps_the_last_good_set(tmp_path: Path, r
         # Fixed again: the state returns to ok.
         rule_file.write_text(textwrap.dedent(VALID).replace("tags: [reloaded]", "tags: [fixed]"), "utf-8")
         wait_for(lambda: text().count("rules reloaded") >= 2, "the fixed set to be loaded")
-        assert store.rules_state()["state"] == "ok"
+        assert rules_state(store)["state"] == "ok"
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

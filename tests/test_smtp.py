@@ -285,6 +285,9 @@ def test_bad_smtp_config_is_refused_at_load(tmp_path):
 def test_intake_status_shows_the_listener(tmp_path):
     cfg = smtp_config(tmp_path)
     srv = IntakeServer(cfg)
+    before = srv.intake("status", "--json")
+    assert before.returncode == 1 and "no database at ./intake.db" in before.stderr
+    assert srv.intake("db", "upgrade").returncode == 0
     before = json.loads(srv.intake("status", "--json").stdout)
     assert [(s["name"], s["state"]) for s in before if s["name"] == "smtp"] == [("smtp", "not started")]
     srv.start()
@@ -298,6 +301,7 @@ def test_intake_status_shows_the_listener(tmp_path):
                 break
             time.sleep(0.3)
         assert line is not None and line["state"] == "listening" and line["last_success_at"]
+        assert len(srv.wait_for_cases(1)) == 1  # processed: nothing waits when serve stops
     finally:
         srv.stop()
     after = {s["name"]: s for s in json.loads(srv.intake("status", "--json").stdout)}

@@ -16,7 +16,7 @@ import pytest
 from mailfactory import make_mail
 from smtp_fixtures import IntakeServer, RawClient, smtp_config
 
-from intake.store import Store
+from intake.db import Store
 
 
 def _spool(cfg: Path) -> Path:

@@ -8,12 +8,15 @@ import os
 import sqlite3
 
 import pytest
+from conftest import count_inbound, inbound_detail, inbound_raw, list_cases, open_test_app, pending_inbound
 from mailfactory import make_mail
 
-from intake import flowstore
-from intake.app import open_app
 from intake.db.spool import open_spool, spool_path
-from intake.store import RECEIVED, utcnow
+from intake.db import utcnow
+from intake.db.ops import OpsRepo
+from intake.states import InboundState
+
+RECEIVED = InboundState.RECEIVED
 
 
 def _meta(rcpt: str = "support@example.com") -> dict:
@@ -28,7 +31,7 @@ def _spooled(path) -> int:
 
 @pytest.fixture
 def app(config_path):
-    a = open_app(config_path)
+    a = open_test_app(config_path)
     yield a
     a.close()
 
@@ -47,17 +50,17 @@ def test_spooled_mail_is_imported_once_and_becomes_cases(app):
     assert app.store.import_spool() == 2
     assert app.store.import_spool() == 0  # the mark moved in the same transaction
     assert app.store.spool_backlog() == 0
-    assert app.store.count_inbound(RECEIVED) == 2
-    detail = app.store.inbound_detail(str(app.store.pending_inbound()[0]))
+    assert count_inbound(app, RECEIVED) == 2
+    detail = inbound_detail(app, str(pending_inbound(app)[0]))
     assert detail["source"]["protocol"] == "smtp" and detail["envelope_from"] == "alice@customer.example.org"
     assert detail["log"][0]["step"] == "received"
 
     assert app.processor.process_pending() == 2
-    assert sorted(c.subject for c in app.store.list_cases()) == ["Printer broken", "請求書の再発行"]
+    assert sorted(c.subject for c in list_cases(app)) == ["Printer broken", "請求書の再発行"]
     # Imported messages leave the spool; the inbound records keep the bytes.
     assert app.store.purge_spool() == 2
     assert _spooled(writer.path) == 0
-    assert app.store.inbound_raw(1) == raws[0]
+    assert inbound_raw(app, 1) == raws[0]
 
 
 def test_an_import_that_fails_imports_nothing_and_the_next_one_everything(app, monkeypatch):
@@ -70,12 +73,12 @@ def test_an_import_that_fails_imports_nothing_and_the_next_one_everything(app, m
         raise RuntimeError("power cut between the insert and the mark")
 
     with monkeypatch.context() as m:
-        m.setattr(flowstore.FlowTx, "set_setting", crash)
+        m.setattr(OpsRepo, "set_setting", crash)
         with pytest.raises(RuntimeError):
             app.store.import_spool()
-    assert app.store.count_inbound() == 0  # rolled back with the mark
+    assert count_inbound(app) == 0  # rolled back with the mark
     assert app.store.import_spool() == 3
-    assert app.store.count_inbound() == 3
+    assert count_inbound(app) == 3
 
 
 def test_a_spool_of_another_database_is_never_read(app, tmp_path):
@@ -89,7 +92,7 @@ def test_a_spool_of_another_database_is_never_read(app, tmp_path):
     assert app.store.spool_path != old
     writer = app.store.spool_writer()
     writer.close()
-    assert app.store.import_spool() == 0 and app.store.count_inbound() == 0
+    assert app.store.import_spool() == 0 and count_inbound(app) == 0
     assert _spooled(old) == 1  # left for an operator to look at
 
 
@@ -138,7 +141,7 @@ def test_undecodable_envelope_bytes_are_stored_not_refused(app):
     writer.sync()
     writer.close()
     assert app.store.import_spool() == 1
-    detail = app.store.inbound_detail(str(app.store.pending_inbound()[0]))
+    detail = inbound_detail(app, str(pending_inbound(app)[0]))
     assert detail["envelope_from"] == "t\ufffdro@例え.jp" and detail["source"]["helo"] == "h\ufffdst"
     assert [c.subject for c in _cases(app)] == ["8-bit envelope"]
 
@@ -157,14 +160,14 @@ def test_what_the_import_records_was_synced_first(app, monkeypatch):
         events.append("sync " + os.readlink(f"/proc/self/fd/{fd}"))
         real_sync(fd)
 
-    real_set = flowstore.FlowTx.set_setting
+    real_set = OpsRepo.set_setting
 
     def set_setting(self, key, value, replace=True):
         events.append(f"record {key}={value}")
         real_set(self, key, value, replace=replace)
 
     monkeypatch.setattr(os, "fdatasync", fdatasync)
-    monkeypatch.setattr(flowstore.FlowTx, "set_setting", set_setting)
+    monkeypatch.setattr(OpsRepo, "set_setting", set_setting)
     assert app.store.import_spool() == 1
     writer.close()
     syncs = [i for i, e in enumerate(events) if e == f"sync {writer.path}-wal"]
@@ -174,7 +177,7 @@ def test_what_the_import_records_was_synced_first(app, monkeypatch):
 
 def _cases(app):
     app.processor.process_pending()
-    return app.store.list_cases()
+    return list_cases(app)
 
 
 def test_tick_processes_what_a_stopped_serve_left_in_the_spool(app, run_intake):
@@ -213,7 +216,7 @@ async def test_a_failed_sync_refuses_that_delivery_and_every_later_one(app):
     import asyncio
 
     from intake.edges.smtp import GroupCommit
-    from intake.store import StoreUnavailable
+    from intake.db import StoreUnavailable
 
     broken: list[str] = []
     committer = GroupCommit(app.store, _DiskFailsOnSync(app.store.spool_writer()), lambda: None,

@@ -13,7 +13,7 @@ beside the database, named after the database's identity (``intake.db`` →
   frame appended to the log, so a synced log holds every commit made before the sync —
   what ``synchronous=FULL`` does at each commit, without holding the loop;
 - the processor moves spooled messages into the database's ``inbound`` table
-  (:meth:`intake.store.Store.import_spool`), recording how far it got in the same
+  (:meth:`intake.db.Store.import_spool`), recording how far it got in the same
   transaction, so a crash at any moment neither loses nor repeats a message. It first
   syncs the spool's log itself (:func:`sync_log`): what it read may have been committed
   but not yet synced, and an id it records must never be given again after a power loss;
@@ -38,7 +38,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from intake.flowstore import Dialect, StoreBusy, StoreUnavailable, db_text
+from intake.db.base import StoreBusy, StoreUnavailable, db_text, sqlite_time
 
 
 class SpoolBroken(StoreUnavailable):
@@ -51,7 +51,6 @@ _SCHEMA = (
     "source TEXT NOT NULL, raw BLOB NOT NULL)",
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
 )
-_SQLITE = Dialect("sqlite")
 log = logging.getLogger("intake.spool")
 
 
@@ -134,7 +133,7 @@ class SpoolWriter:
                 raise StoreBusy(str(exc)) from exc
             raise StoreUnavailable(str(exc)) from exc
         try:
-            at = _SQLITE.ts(now)
+            at = sqlite_time(now)
             ids = []
             for raw, meta in items:
                 cur.execute("INSERT INTO spool (received_at, channel, mailbox, envelope_from, envelope_to, source, raw) "

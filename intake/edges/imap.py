@@ -32,11 +32,11 @@ from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError, LoginError
 
 from intake.config import ImapConfig
-from intake.store import ImapMark, Store, StoreUnavailable
+from intake.config import Config
+from intake.db import ImapMark, Store, StoreUnavailable
 
 if TYPE_CHECKING:
-    from intake.app import App
-    from intake.service import Service
+    from intake.edges import Host
 
 log = logging.getLogger("intake.imap")
 
@@ -519,14 +519,14 @@ _serving: set[str] = set()  # accounts a running poller of this process looks af
 _serving_lock = threading.Lock()
 
 
-def imap_component(acct: ImapConfig, *, connect: Connect = connect) -> Callable[["Service"], Awaitable[None]]:
+def imap_component(acct: ImapConfig, *, connect: Connect = connect) -> Callable[["Host"], Awaitable[None]]:
     """A ``Service`` component running one account's poller in its own thread."""
 
-    async def component(service: "Service") -> None:
+    async def component(service: "Host") -> None:
         loop = asyncio.get_running_loop()
-        poller = ImapPoller(service.app.store, acct, connect=connect,
+        poller = ImapPoller(service.store, acct, connect=connect,
                             notify=lambda: loop.call_soon_threadsafe(service.notify_received),
-                            waiting=service.processing.edges.waiting)
+                            waiting=service.edge_waiting)
         stop = threading.Event()
         with _serving_lock:
             _serving.add(acct.account)
@@ -544,15 +544,15 @@ def imap_component(acct: ImapConfig, *, connect: Connect = connect) -> Callable[
     return component
 
 
-def poll_accounts(app: "App", now: Any = None) -> str:
+def poll_accounts(cfg: Config, store: Store, now: Any = None) -> str:
     """The scheduler's ``imap-poll`` job: drain every account no poller of ours serves."""
     with _serving_lock:
-        todo = [a for a in app.cfg.imap if a.account not in _serving]
+        todo = [a for a in cfg.imap if a.account not in _serving]
     if not todo:
-        return "no IMAP account to poll" if not app.cfg.imap else "every account is served by a running poller"
+        return "no IMAP account to poll" if not cfg.imap else "every account is served by a running poller"
     parts, errors = [], []
     for acct in todo:
-        poller = ImapPoller(app.store, acct)
+        poller = ImapPoller(store, acct)
         try:
             result = poller.poll_once()
             poller._report("polled", success=True, backlog=result.backlog)

@@ -27,18 +27,119 @@ from email import policy
 from email.headerregistry import HeaderRegistry
 from email.message import EmailMessage
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-from intake import store as st
+from intake.cases import CaseEnv, CaseOps
 from intake.config import Config, parse_duration
-
-if TYPE_CHECKING:
-    from intake.app import App
+from intake.db import Store, utcnow
+from intake.db.outbox import OutboxMail
+from intake.states import OutboxState
 
 log = logging.getLogger("intake.outbox")
 
 #: A row left ``sending`` longer than this belongs to a process that stopped.
 STALE_AFTER = timedelta(minutes=15)
+
+
+@dataclass(frozen=True)
+class OutboxOutcome:
+    """The result of one delivery attempt, recorded by :func:`finish`.
+
+    ``state`` is ``sent``, ``queued`` (temporary failure: retry at ``next_attempt_at``)
+    or ``failed``; ``refused`` maps recipients the relay refused permanently to its reply.
+    """
+
+    id: int
+    state: str
+    at: datetime
+    error: str | None = None
+    next_attempt_at: datetime | None = None
+    permanent: bool = False
+    refused: dict[str, str] | None = None
+    suppress_until: datetime | None = None
+
+
+def claim(store: Store, now: datetime, limit: int) -> list[OutboxMail]:
+    """Claim up to ``limit`` due rows for delivery (state ``sending``), oldest first.
+
+    The claim is committed before anything is sent: a row is sent by one process only,
+    and a crash after sending leaves it ``sending``, never ``queued`` (no second copy).
+    """
+    with store.transaction() as tx:
+        return tx.outbox.claim(now, limit)
+
+
+def finish(cfg: Config, store: Store, outcomes: list[OutboxOutcome]) -> None:
+    """Record delivery results in one transaction; failures go on the case timeline."""
+    if not outcomes:
+        return
+    with store.transaction() as tx:
+        rows = tx.outbox.by_ids([o.id for o in outcomes])
+        ops = CaseOps(tx, CaseEnv(cfg), utcnow())
+        for o in outcomes:
+            row = rows.get(o.id)
+            if row is None or row.state != OutboxState.SENDING:
+                continue
+            attempts = row.attempts + 1
+            if o.state == OutboxState.SENT:
+                tx.outbox.mark_sent(row.id, o.at, attempts, o.error)
+                if row.message_row_id:
+                    tx.cases.set_message_sent(row.message_row_id, o.at)
+            elif o.state == OutboxState.QUEUED:
+                tx.outbox.mark_retry(row.id, o.at, attempts, o.next_attempt_at or o.at, o.error or "")
+            else:
+                tx.outbox.mark_failed(row.id, o.at, o.error or "", attempts=attempts, permanent=o.permanent)
+                if row.case_id is not None:
+                    ops.record_mail_failure(row.case_id, message_id=row.message_id, to=row.recipient,
+                                            template=row.template, reply=o.error, permanent=o.permanent)
+                if o.permanent and o.suppress_until:
+                    for addr in row.recipients or [row.recipient]:
+                        tx.outbox.suppress(addr, o.suppress_until, f"outbox #{row.id}: {o.error}", o.at)
+            for addr, reply in (o.refused or {}).items():
+                if row.case_id is not None:
+                    ops.record_mail_failure(row.case_id, message_id=row.message_id, to=addr, template=row.template,
+                                            reply=reply, permanent=True)
+                if o.suppress_until:
+                    tx.outbox.suppress(addr, o.suppress_until, f"outbox #{row.id}: {reply}", o.at)
+
+
+def fail_interrupted(cfg: Config, store: Store, claimed_before: datetime) -> list[int]:
+    """Rows left ``sending`` by a process that stopped: marked failed, never resent by themselves.
+
+    Whether the relay took such a mail is unknown; sending it again could deliver it
+    twice, so an operator decides (``intake outbox retry ID``).
+    """
+    with store.transaction() as tx:
+        rows = tx.outbox.interrupted(claimed_before)
+        now = utcnow()
+        ops = CaseOps(tx, CaseEnv(cfg), now)
+        for row in rows:
+            error = ("delivery was interrupted (the sending process stopped); not resent automatically "
+                     "so that nobody gets it twice: `intake outbox retry %d` sends it" % row.id)
+            tx.outbox.mark_failed(row.id, now, error)
+            if row.case_id is not None:
+                ops.record_mail_failure(row.case_id, message_id=row.message_id, to=row.recipient,
+                                        template=row.template, reply=error, permanent=False)
+        return [r.id for r in rows]
+
+
+def retry(cfg: Config, store: Store, outbox_id: int, now: datetime) -> str | None:
+    """Queue a failed (or still queued) row for delivery now; why not, or None."""
+    give_up_after = timedelta(seconds=parse_duration(cfg.outbound.give_up_after))
+    with store.transaction() as tx:
+        row = tx.outbox.get(outbox_id)
+        if row is None:
+            return "no such outbox row"
+        if row.state in (OutboxState.SENT, OutboxState.BOUNCED):
+            return f"already {row.state} at {row.sent_at.isoformat() if row.sent_at else '?'}; a mail is never sent twice"
+        if row.state == OutboxState.SENDING:
+            return "being sent right now"
+        tx.outbox.requeue(row.id, now, now + give_up_after)
+        case = tx.cases.by_id(row.case_id) if row.case_id is not None else None
+        if case is not None:
+            CaseOps(tx, CaseEnv(cfg), now).note(case, f"outbox #{row.id} queued again by an operator", actor="cli",
+                                                message_id=row.message_id)
+        return None
 
 class _HeaderClasses(HeaderRegistry):
     """The stdlib registry builds a new header class on every lookup; this keeps them (2x faster MIME)."""
@@ -62,7 +163,7 @@ _POLICIES = {
 }
 
 
-def build_mime(item: st.OutboxItem, *, eight_bit: bool = False, linesep: str = "\r\n") -> bytes:
+def build_mime(item: OutboxMail, *, eight_bit: bool = False, linesep: str = "\r\n") -> bytes:
     """The complete message: the stored headers, a UTF-8 text part and the optional HTML part."""
     pol = _POLICIES[(eight_bit, linesep)]
     msg = EmailMessage(policy=pol)
@@ -105,7 +206,7 @@ def next_attempt(now: datetime, attempts: int, initial: float, maximum: float,
 
 
 class Sender(Protocol):
-    def deliver(self, items: list[st.OutboxItem], now: datetime) -> list[st.OutboxOutcome]: ...
+    def deliver(self, items: list[OutboxMail], now: datetime) -> list[OutboxOutcome]: ...
 
     def close(self) -> None: ...
 
@@ -121,11 +222,11 @@ class _Policy:
         return cls(parse_duration(cfg.outbound.retry_initial), parse_duration(cfg.outbound.retry_max),
                    timedelta(seconds=parse_duration(cfg.notify.suppress_after_failure)))
 
-    def temporary(self, item: st.OutboxItem, now: datetime, error: str) -> st.OutboxOutcome:
+    def temporary(self, item: OutboxMail, now: datetime, error: str) -> OutboxOutcome:
         when = next_attempt(now, item.attempts + 1, self.initial, self.maximum)
         if when > item.give_up_at:
-            return st.OutboxOutcome(item.id, st.OUT_FAILED, now, f"gave up after temporary failures: {error}")
-        return st.OutboxOutcome(item.id, st.OUT_QUEUED, now, error, next_attempt_at=when)
+            return OutboxOutcome(item.id, OutboxState.FAILED, now, f"gave up after temporary failures: {error}")
+        return OutboxOutcome(item.id, OutboxState.QUEUED, now, error, next_attempt_at=when)
 
 
 class MaildirSender:
@@ -139,9 +240,9 @@ class MaildirSender:
         self.folder = folder
         self.policy = policy_
 
-    def deliver(self, items: list[st.OutboxItem], now: datetime) -> list[st.OutboxOutcome]:
+    def deliver(self, items: list[OutboxMail], now: datetime) -> list[OutboxOutcome]:
         tmp_dir = self.folder / ".tmp"
-        out: list[st.OutboxOutcome] = []
+        out: list[OutboxOutcome] = []
         written: list[int] = []  # indexes in ``out`` of files renamed into place
         try:
             tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -151,7 +252,7 @@ class MaildirSender:
             try:
                 self._write(tmp_dir, item)
                 written.append(len(out))
-                out.append(st.OutboxOutcome(item.id, st.OUT_SENT, now))
+                out.append(OutboxOutcome(item.id, OutboxState.SENT, now))
             except OSError as exc:
                 out.append(self.policy.temporary(item, now, f"cannot write {self.folder}: {exc.strerror or exc}"))
         if written:
@@ -167,7 +268,7 @@ class MaildirSender:
                     out[i] = self.policy.temporary(items[i], now, f"cannot sync {self.folder}: {exc.strerror or exc}")
         return out
 
-    def _write(self, tmp_dir: Path, item: st.OutboxItem) -> None:
+    def _write(self, tmp_dir: Path, item: OutboxMail) -> None:
         name = f"{item.created_at:%Y%m%dT%H%M%S}-{item.id:08d}-{(item.case or 'none').lower()}-{item.template}.eml"
         tmp = tmp_dir / name
         with open(tmp, "wb") as f:
@@ -225,8 +326,8 @@ class SmtpSender:
         self.connect = connect
         self.conn: smtplib.SMTP | None = None
 
-    def deliver(self, items: list[st.OutboxItem], now: datetime) -> list[st.OutboxOutcome]:
-        out: list[st.OutboxOutcome] = []
+    def deliver(self, items: list[OutboxMail], now: datetime) -> list[OutboxOutcome]:
+        out: list[OutboxOutcome] = []
         for i, item in enumerate(items):
             if self.conn is None:
                 try:
@@ -242,7 +343,7 @@ class SmtpSender:
             out.append(self._send_one(item, now))
         return out
 
-    def _send_one(self, item: st.OutboxItem, now: datetime) -> st.OutboxOutcome:
+    def _send_one(self, item: OutboxMail, now: datetime) -> OutboxOutcome:
         conn = self.conn
         assert conn is not None
         eight_bit = conn.has_extn("8bitmime")
@@ -255,7 +356,7 @@ class SmtpSender:
             replies = {a: (code, _reply(code, msg)) for a, (code, msg) in exc.recipients.items()}
             if all(500 <= code < 600 for code, _ in replies.values()):
                 text = "; ".join(f"{a}: {r}" for a, (_, r) in replies.items())
-                return st.OutboxOutcome(item.id, st.OUT_FAILED, now, text, permanent=True, suppress_until=suppress)
+                return OutboxOutcome(item.id, OutboxState.FAILED, now, text, permanent=True, suppress_until=suppress)
             return self.policy.temporary(item, now, "; ".join(r for _, r in replies.values()))
         except smtplib.SMTPSenderRefused as exc:
             # Refusing our own sender (530 STARTTLS/AUTH required, relay denied) is about our
@@ -266,7 +367,7 @@ class SmtpSender:
         except smtplib.SMTPDataError as exc:
             text = _reply(exc.smtp_code, exc.smtp_error)
             if 500 <= exc.smtp_code < 600:
-                return st.OutboxOutcome(item.id, st.OUT_FAILED, now, text, permanent=True)
+                return OutboxOutcome(item.id, OutboxState.FAILED, now, text, permanent=True)
             return self.policy.temporary(item, now, text)
         except (OSError, smtplib.SMTPException) as exc:
             # Disconnected or timed out before the relay's final 250: it did not take the mail.
@@ -275,9 +376,9 @@ class SmtpSender:
         if refused:
             perm = {a: _reply(c, m) for a, (c, m) in refused.items() if 500 <= c < 600}
             log.warning("outbox #%d: some recipients refused: %s", item.id, refused)
-            return st.OutboxOutcome(item.id, st.OUT_SENT, now, "; ".join(f"{a}: {r}" for a, r in perm.items()) or None,
+            return OutboxOutcome(item.id, OutboxState.SENT, now, "; ".join(f"{a}: {r}" for a, r in perm.items()) or None,
                                     refused=perm, suppress_until=suppress)
-        return st.OutboxOutcome(item.id, st.OUT_SENT, now)
+        return OutboxOutcome(item.id, OutboxState.SENT, now)
 
     def _drop(self) -> None:
         if self.conn is not None:
@@ -313,11 +414,11 @@ class DeliveryReport:
     failed: int = 0
     interrupted: int = 0
 
-    def add(self, outcomes: list[st.OutboxOutcome]) -> None:
+    def add(self, outcomes: list[OutboxOutcome]) -> None:
         for o in outcomes:
-            if o.state == st.OUT_SENT:
+            if o.state == OutboxState.SENT:
                 self.sent += 1
-            elif o.state == st.OUT_QUEUED:
+            elif o.state == OutboxState.QUEUED:
                 self.retry += 1
             else:
                 self.failed += 1
@@ -327,44 +428,44 @@ class DeliveryReport:
         return text + (f", {self.interrupted} interrupted earlier (marked failed)" if self.interrupted else "")
 
 
-def _worker(store: st.Store, sender: Sender, now: datetime, batch: int, report: DeliveryReport,
+def _worker(cfg: Config, store: Store, sender: Sender, now: datetime, batch: int, report: DeliveryReport,
             lock: threading.Lock, should_stop: Callable[[], bool], limit: int | None) -> None:
     try:
         while not should_stop():
             with lock:
                 if limit is not None and report.sent + report.retry + report.failed >= limit:
                     return
-            items = st.claim_outbox(store, now, batch)
+            items = claim(store, now, batch)
             if not items:
                 return
             outcomes = sender.deliver(items, now)
-            st.finish_outbox(store, outcomes)
+            finish(cfg, store, outcomes)
             for item, o in zip(items, outcomes):
                 log.info("outbox %s #%d case=%s to=%s message_id=<%s>%s", o.state, item.id, item.case or "-",
                          item.recipient, item.message_id, f" error={o.error}" if o.error else "")
             with lock:
                 report.add(outcomes)
-            if any(o.state == st.OUT_QUEUED for o in outcomes) and all(o.state != st.OUT_SENT for o in outcomes):
+            if any(o.state == OutboxState.QUEUED for o in outcomes) and all(o.state != OutboxState.SENT for o in outcomes):
                 return  # the relay is failing: wait for the next pass rather than spin
     finally:
         sender.close()
 
 
-def deliver_due(cfg: Config, store: st.Store, now: datetime, *, connections: int | None = None,
+def deliver_due(cfg: Config, store: Store, now: datetime, *, connections: int | None = None,
                 should_stop: Callable[[], bool] = lambda: False, limit: int | None = None,
                 sender_factory: Callable[[Config], Sender] = make_sender) -> DeliveryReport:
     """Deliver every due row (one pass); ``connections`` workers each reuse one relay connection."""
     report = DeliveryReport()
-    report.interrupted = len(st.fail_interrupted_outbox(store, st.utcnow() - STALE_AFTER))
+    report.interrupted = len(fail_interrupted(cfg, store, utcnow() - STALE_AFTER))
     n = max(1, connections or cfg.outbound.connections)
     if cfg.outbound.mode != "smtp":
         n = 1
     lock = threading.Lock()
     batch = cfg.outbound.batch_size
     if n == 1:
-        _worker(store, sender_factory(cfg), now, batch, report, lock, should_stop, limit)
+        _worker(cfg, store, sender_factory(cfg), now, batch, report, lock, should_stop, limit)
         return report
-    threads = [threading.Thread(target=_worker, args=(store, sender_factory(cfg), now, batch, report, lock,
+    threads = [threading.Thread(target=_worker, args=(cfg, store, sender_factory(cfg), now, batch, report, lock,
                                                       should_stop, limit), name=f"outbox-{i}", daemon=True)
                for i in range(n)]
     for t in threads:
@@ -374,19 +475,13 @@ def deliver_due(cfg: Config, store: st.Store, now: datetime, *, connections: int
     return report
 
 
-def deliver_job(app: "App", now: datetime) -> str:
-    """The scheduler's outbox job (``intake tick`` delivers once)."""
-    return str(deliver_due(app.cfg, app.store, now))
-
-
-def delivery_loop(app: "App", wait: Callable[[float], bool], stopping: Callable[[], bool]) -> None:
+def delivery_loop(cfg: Config, store: Store, wait: Callable[[float], bool], stopping: Callable[[], bool]) -> None:
     """The outbox sender of ``serve``: a delivery pass whenever the processor queued mail
     (``wait`` returns early), else every ``[outbound] interval`` seconds for retries;
     ``wait`` returning False means stop."""
-    cfg = app.cfg
     while not stopping():
         try:
-            report = deliver_due(cfg, app.store, st.utcnow(), should_stop=stopping)
+            report = deliver_due(cfg, store, utcnow(), should_stop=stopping)
             if report.sent or report.retry or report.failed:
                 log.info("outbox pass: %s", report)
         except Exception:  # noqa: BLE001 - the store or the disk may be down; keep serving

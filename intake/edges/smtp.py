@@ -27,12 +27,11 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from intake.config import Config, parse_size
 
-from intake.store import StoreBusy, StoreUnavailable, utcnow
+from intake.db import Store, StoreBusy, StoreUnavailable, utcnow
 
 if TYPE_CHECKING:
-    from intake.service import Service
     from intake.db.spool import SpoolWriter
-    from intake.store import Store
+    from intake.edges import Host
 
 log = logging.getLogger("intake.smtp")
 
@@ -393,7 +392,7 @@ class _StatusReporter:
     """``intake status`` for the listener: its state, when it last stored a message, its
     last failed commit; written on change, else every 30 s, off the loop."""
 
-    def __init__(self, service: "Service", name: str, committer: GroupCommit) -> None:
+    def __init__(self, service: "Host", name: str, committer: GroupCommit) -> None:
         self._service, self._name, self._committer = service, name, committer
         self._lock = threading.Lock()  # a write still in its thread must not follow "stopped"
         self._stopped = False
@@ -430,7 +429,7 @@ class _StatusReporter:
                 return
             self._stopped = final
             try:
-                self._service.app.store.report_status(self._name, state, error=error, success=success)
+                self._service.store.report_status(self._name, state, error=error, success=success)
             except StoreUnavailable:
                 log.debug("status of the %s listener not recorded (database busy)", self._name)
 
@@ -557,16 +556,16 @@ class Listener:
     limits: _Limits
 
 
-def smtp_component(cfg: Config, *, on_listening: Callable[[Listener], None] | None = None) -> Callable[["Service"], Any]:
+def smtp_component(cfg: Config, *, on_listening: Callable[[Listener], None] | None = None) -> Callable[["Host"], Any]:
     """The ``Service.add`` component that runs the listener configured in ``[smtp]``."""
 
-    async def component(service: "Service") -> None:
+    async def component(service: "Host") -> None:
         await run_listener(service, cfg, on_listening=on_listening)
 
     return component
 
 
-async def run_listener(service: "Service", cfg: Config, *,
+async def run_listener(service: "Host", cfg: Config, *,
                        on_listening: Callable[[Listener], None] | None = None) -> None:
     """Serve SMTP/LMTP until ``service.stopping``; then stop accepting, let the transactions
     in flight finish (bounded), close idle sessions with ``421`` and commit what is queued."""
@@ -585,11 +584,11 @@ async def run_listener(service: "Service", cfg: Config, *,
     logging.getLogger("mail.log").setLevel(logging.WARNING)
     loop = asyncio.get_running_loop()
     try:  # blocking: the spool file may be created, the database's identity read or made
-        spool = await loop.run_in_executor(None, service.app.store.spool_writer)
+        spool = await loop.run_in_executor(None, service.store.spool_writer)
     except Exception as exc:  # noqa: BLE001 - a listener that cannot store must not listen
         service.fail(f"SMTP listener: cannot open its store: {type(exc).__name__}: {exc}")
         return
-    committer = GroupCommit(service.app.store, spool, service.notify_received, on_broken=service.fail)
+    committer = GroupCommit(service.store, spool, service.notify_received, on_broken=service.fail)
     handler = SmtpHandler(cfg=cfg, committer=committer, hostname=hostname, protocol=sc.protocol,
                           max_recipients=sc.max_recipients)
     limits = _Limits(sc.max_connections)

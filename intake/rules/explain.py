@@ -9,26 +9,25 @@ from __future__ import annotations
 
 import os
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
-from intake.mail.classify import classify
-from intake.config import Config
-from intake.mail.parse import parse
-from intake.rules import Decision, Facts, RuleContext, RuleSet, evaluate, facts_of, load_rules
+from intake import threads
+from intake.config import Config, MailboxConfig
+from intake.mail.classify import AGENT, Classification, classify
+from intake.mail.parse import ParsedMail, parse
+from intake.rules.evaluate import evaluate, facts_of, rule_context
+from intake.rules.facts import Facts
+from intake.rules.loader import load_rules
+from intake.rules.model import Decision, RuleContext, RuleSet
 
 
 def explain(cfg: Config, raw: bytes, *, mailbox: str, channel: str, now: datetime) -> dict[str, Any]:
     """The explanation as plain data (``intake rules explain --json`` prints it as is)."""
-    ruleset = load_rules(cfg.path(cfg.rules.path))
+    ruleset = load_rules(cfg.rules_path)
     mail = parse(raw)
-    cls = classify(mail, own_addresses=cfg.own_addresses, agents=ruleset.agent_addresses)
+    cls = classify(mail, own_addresses=cfg.own_addresses, agents=ruleset.team.addresses)
     mb = cfg.mailbox_for(mailbox) or cfg.mailbox[0]
-    from intake.flow import organization_domain
-
-    ctx = RuleContext(mail=mail, classification=cls, mailbox=mb.address, recipients=(mb.address,), channel=channel,
-                      now=now, organization=organization_domain(cfg, mail.from_.address if mail.from_ else ""),
-                      calendar=cfg.calendar)
+    ctx = rule_context(cfg, mail, cls, mb, [mb.address], channel, now)
     decision = evaluate(ruleset, ctx)
     return {
         "message_id": mail.message_id,
@@ -36,7 +35,7 @@ def explain(cfg: Config, raw: bytes, *, mailbox: str, channel: str, now: datetim
         "at": now.astimezone(cfg.tz).isoformat(),
         "facts": facts_of(ctx),
         "classification": {**cls.as_dict(), "opens_case": cls.opens_case},
-        "threading": _threading(cfg, ruleset, raw, mail, cls, mb, channel, now),
+        "threading": _threading(cfg, mail, cls, mb),
         "rules": rule_results(ruleset, decision, ctx),
         "decision": _decision(ruleset, decision, mb.queue),
         "files": list(ruleset.files),
@@ -70,9 +69,10 @@ def rule_results(ruleset: RuleSet, decision: Decision, ctx: RuleContext) -> list
 
 def _decision(ruleset: RuleSet, d: Decision, default_queue: str) -> dict[str, Any]:
     queue = d.queue or default_queue
-    q = ruleset.queues.get(queue)
+    team = ruleset.team
+    q = team.queue(queue)
     assign = d.assign or (q.assign if q else "none")
-    candidates = [{"agent": a, "away": bool(ruleset.agents.get(a) and ruleset.agents[a].away)} for a in (q.agents if q else ())]
+    candidates = [{"agent": a, "away": team.is_away(a)} for a in (q.agents if q else ())]
     return {
         "queue": queue, "queue_from": f"rule {d.set_by['queue']}" if d.queue else "mailbox default",
         "priority": d.priority or "medium", "category": d.category, "assign": assign,
@@ -83,29 +83,23 @@ def _decision(ruleset: RuleSet, d: Decision, default_queue: str) -> dict[str, An
     }
 
 
-def _threading(cfg: Config, ruleset: RuleSet, raw: bytes, mail: Any, cls: Any, mb: Any, channel: str,
-               now: datetime) -> dict[str, Any]:
+def _threading(cfg: Config, mail: ParsedMail, cls: Classification, mb: MailboxConfig) -> dict[str, Any]:
     """The threading decision against the database, read-only; skipped when there is none."""
-    url = cfg.database_url
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
-        return {"method": None, "reason": "not checked: no database yet"}
-    from intake import store as st
-    from intake.flow import Processor, _Run
+    from intake.db import NoDatabase, Store
 
-    store = st.Store(url)
+    store = Store(cfg.database_url)
     try:
-        if not st.current_revision(store.engine):
-            return {"method": None, "reason": "not checked: database not initialised"}
-        proc = Processor(cfg, store, lambda: ruleset)
+        store.check()
         # A secret only ever exists once intake has issued reply addresses; never make one here.
-        proc._secret = os.environ.get("INTAKE_SECRET") or store.setting("secret") or os.urandom(16).hex()
-        rec = st.InboundWork(id=0, raw=raw, state=st.RECEIVED, channel=channel, mailbox=mb.address,
-                             envelope_to=[mb.address], source={}, log=[], attempts=0)
-        run = _Run(rec=rec, mail=mail, cls=cls, mailbox=mb, now=now, ruleset=ruleset)
-        with store.flow(write=False) as tx:
-            match = proc._thread(tx, run)
+        secret = os.environ.get("INTAKE_SECRET") or store.setting("secret") or os.urandom(16).hex()
+        with store.read() as tx:
+            ev = threads.gather(tx.cases, mail, recipients=[mb.address], secret=secret,
+                                prefixes={cfg.cases.prefix}, sender_is_agent=cls.sender == AGENT)
+        match = threads.decide(ev)
         case = f"{cfg.cases.prefix}-{match.case_number}" if match.case_number else None
         return {"method": match.method, "reason": match.reason, "case": case}
+    except NoDatabase as exc:
+        return {"method": None, "reason": f"not checked: {exc}"}
     except Exception as exc:  # noqa: BLE001 - a dry run reports what it could not check
         return {"method": None, "reason": f"not checked: {type(exc).__name__}: {exc}"}
     finally:

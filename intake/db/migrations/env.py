@@ -1,11 +1,11 @@
-"""Alembic environment: runs on the connection that ``intake.store.upgrade`` passes in."""
+"""Alembic environment: runs on the connection that ``intake.db.engine.upgrade`` passes in."""
 
 from alembic import context
 from sqlalchemy import create_engine
 
-from intake.store import Base
+from intake.db.schema import metadata
 
-target_metadata = Base.metadata
+target_metadata = metadata
 
 
 def _run(connection) -> None:  # type: ignore[no-untyped-def]

@@ -7,7 +7,7 @@ Create Date: 2026-11-22 14:01:14.024877
 
 from alembic import op
 import sqlalchemy as sa
-import intake.store
+import intake.db.schema
 
 
 revision = '0001'
@@ -36,7 +36,7 @@ def upgrade() -> None:
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('domain', sa.String(length=255), nullable=False),
     sa.Column('name', sa.String(length=255), nullable=False),
-    sa.Column('created_at', intake.store.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', intake.db.schema.UTCDateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('domain')
     )
@@ -51,7 +51,7 @@ def upgrade() -> None:
     sa.Column('name', sa.String(length=255), nullable=False),
     sa.Column('organization_id', sa.Integer(), nullable=True),
     sa.Column('language', sa.String(length=10), nullable=True),
-    sa.Column('created_at', intake.store.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', intake.db.schema.UTCDateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['organization_id'], ['organizations.id'], ),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('address')
@@ -75,13 +75,13 @@ def upgrade() -> None:
     sa.Column('resolution', sa.Text(), nullable=True),
     sa.Column('tags', sa.JSON(), nullable=False),
     sa.Column('escalation_level', sa.Integer(), nullable=False),
-    sa.Column('first_response_due', intake.store.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('resolution_due', intake.store.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('created_at', intake.store.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('updated_at', intake.store.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('first_response_at', intake.store.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('resolved_at', intake.store.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('closed_at', intake.store.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('first_response_due', intake.db.schema.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('resolution_due', intake.db.schema.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('created_at', intake.db.schema.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('updated_at', intake.db.schema.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('first_response_at', intake.db.schema.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('resolved_at', intake.db.schema.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('closed_at', intake.db.schema.UTCDateTime(timezone=True), nullable=True),
     sa.Column('linked_case_id', sa.Integer(), nullable=True),
     sa.ForeignKeyConstraint(['linked_case_id'], ['cases.id'], ),
     sa.ForeignKeyConstraint(['organization_id'], ['organizations.id'], ),
@@ -95,7 +95,7 @@ def upgrade() -> None:
 
     op.create_table('inbound',
     sa.Column('id', sa.Integer(), nullable=False),
-    sa.Column('received_at', intake.store.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('received_at', intake.db.schema.UTCDateTime(timezone=True), nullable=False),
     sa.Column('channel', sa.String(length=20), nullable=False),
     sa.Column('mailbox', sa.String(length=320), nullable=False),
     sa.Column('envelope_from', sa.String(length=998), nullable=True),
@@ -110,7 +110,7 @@ def upgrade() -> None:
     sa.Column('subject', sa.Text(), nullable=True),
     sa.Column('case_id', sa.Integer(), nullable=True),
     sa.Column('duplicate_of', sa.Integer(), nullable=True),
-    sa.Column('processed_at', intake.store.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('processed_at', intake.db.schema.UTCDateTime(timezone=True), nullable=True),
     sa.Column('attempts', sa.Integer(), nullable=False),
     sa.Column('error', sa.Text(), nullable=True),
     sa.Column('traceback', sa.Text(), nullable=True),
@@ -154,8 +154,8 @@ def upgrade() -> None:
     sa.Column('subject', sa.Text(), nullable=False),
     sa.Column('text', sa.Text(), nullable=False),
     sa.Column('html', sa.Text(), nullable=True),
-    sa.Column('sent_at', intake.store.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('created_at', intake.store.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('sent_at', intake.db.schema.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('created_at', intake.db.schema.UTCDateTime(timezone=True), nullable=False),
     sa.Column('thread_index', sa.String(length=64), nullable=True),
     sa.ForeignKeyConstraint(['case_id'], ['cases.id'], ),
     sa.ForeignKeyConstraint(['inbound_id'], ['inbound.id'], ),
@@ -184,7 +184,7 @@ def upgrade() -> None:
     op.create_table('events',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('case_id', sa.Integer(), nullable=False),
-    sa.Column('at', intake.store.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('at', intake.db.schema.UTCDateTime(timezone=True), nullable=False),
     sa.Column('type', sa.String(length=30), nullable=False),
     sa.Column('message_row_id', sa.Integer(), nullable=True),
     sa.Column('inbound_id', sa.Integer(), nullable=True),

@@ -7,7 +7,7 @@ Create Date: 2026-11-22 14:20:00
 
 from alembic import op
 import sqlalchemy as sa
-import intake.store
+import intake.db.schema
 
 
 revision = '0003'
@@ -20,11 +20,11 @@ def upgrade() -> None:
     op.create_table('component_status',
     sa.Column('name', sa.String(length=200), nullable=False),
     sa.Column('state', sa.String(length=40), nullable=False),
-    sa.Column('updated_at', intake.store.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('last_success_at', intake.store.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('updated_at', intake.db.schema.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('last_success_at', intake.db.schema.UTCDateTime(timezone=True), nullable=True),
     sa.Column('backlog', sa.Integer(), nullable=True),
     sa.Column('last_error', sa.Text(), nullable=True),
-    sa.Column('last_error_at', intake.store.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('last_error_at', intake.db.schema.UTCDateTime(timezone=True), nullable=True),
     sa.PrimaryKeyConstraint('name')
     )
     op.create_table('imap_state',
@@ -32,7 +32,7 @@ def upgrade() -> None:
     sa.Column('folder', sa.String(length=500), nullable=False),
     sa.Column('uidvalidity', sa.BigInteger(), nullable=False),
     sa.Column('last_uid', sa.BigInteger(), nullable=False),
-    sa.Column('updated_at', intake.store.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('updated_at', intake.db.schema.UTCDateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('account', 'folder')
     )
 

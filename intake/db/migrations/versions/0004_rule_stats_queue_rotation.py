@@ -6,7 +6,7 @@ Revises: 0003
 
 from alembic import op
 import sqlalchemy as sa
-import intake.store
+import intake.db.schema
 
 
 revision = "0004"
@@ -20,15 +20,15 @@ def upgrade() -> None:
         "rule_stats",
         sa.Column("name", sa.String(length=200), nullable=False),
         sa.Column("hits", sa.BigInteger(), nullable=False),
-        sa.Column("first_hit_at", intake.store.UTCDateTime(timezone=True), nullable=True),
-        sa.Column("last_hit_at", intake.store.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("first_hit_at", intake.db.schema.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("last_hit_at", intake.db.schema.UTCDateTime(timezone=True), nullable=True),
         sa.PrimaryKeyConstraint("name"),
     )
     op.create_table(
         "queue_rotation",
         sa.Column("queue", sa.String(length=100), nullable=False),
         sa.Column("last_agent", sa.String(length=320), nullable=True),
-        sa.Column("updated_at", intake.store.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("updated_at", intake.db.schema.UTCDateTime(timezone=True), nullable=True),
         sa.PrimaryKeyConstraint("queue"),
     )
 

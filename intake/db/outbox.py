@@ -1,0 +1,260 @@
+"""The outbox: rendered outgoing mail and its delivery state, and suppressed addresses.
+
+States: queued → sending → sent | failed | bounced. A row is claimed (committed as
+``sending``) before anything is sent, and its result committed after, so that it is sent by
+one process only.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.engine import Connection
+from sqlalchemy import bindparam, func, select, update
+
+from intake.db import schema as s
+from intake.db.base import utcnow
+from intake.db.cases import parse_case_label
+from intake.db.sql import Sql, Statement
+from intake.states import OutboxState
+
+
+o = s.outbox
+
+
+@dataclass(frozen=True)
+class NewMail:
+    """One rendered mail to queue (every column of a new outbox row, by name)."""
+
+    case_id: int | None
+    message_row_id: int | None
+    inbound_id: int | None
+    at: datetime
+    template: str
+    audience: str
+    auto_submitted: str
+    language: str
+    mail_from: str
+    recipient: str
+    recipients: list[str]
+    message_id: str
+    headers: list[list[str]]
+    subject: str
+    text: str
+    html: str | None
+    give_up_at: datetime
+
+
+@dataclass(frozen=True)
+class OutboxMail:
+    """One outbox row as delivery, bounces and ``intake outbox list`` see it."""
+
+    id: int
+    case_id: int | None
+    case: str | None  # its label, CASE-12
+    message_row_id: int | None
+    template: str
+    audience: str
+    auto_submitted: str
+    mail_from: str
+    recipient: str
+    recipients: list[str]
+    message_id: str
+    headers: list[list[str]]
+    subject: str
+    text: str
+    html: str | None
+    state: str
+    attempts: int
+    created_at: datetime
+    next_attempt_at: datetime
+    give_up_at: datetime
+    sent_at: datetime | None
+    last_error: str | None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "case": self.case, "template": self.template, "audience": self.audience,
+            "to": self.recipient, "recipients": list(self.recipients), "subject": self.subject,
+            "message_id": self.message_id, "state": self.state, "attempts": self.attempts,
+            "created_at": self.created_at.isoformat(), "next_attempt_at": self.next_attempt_at.isoformat(),
+            "sent_at": self.sent_at.isoformat() if self.sent_at else None, "last_error": self.last_error,
+        }
+
+
+@dataclass(frozen=True)
+class Suppression:
+    """An address our automated mail is not sent to (it bounced), and until when."""
+
+    address: str
+    until: datetime
+    reason: str
+
+
+_COLUMNS = (o.c.id, o.c.case_id, s.cases.c.prefix, s.cases.c.number, o.c.message_row_id, o.c.template, o.c.audience,
+            o.c.auto_submitted, o.c.mail_from, o.c.recipient, o.c.recipients, o.c.message_id, o.c.headers,
+            o.c.subject, o.c.text, o.c.html, o.c.state, o.c.attempts, o.c.created_at, o.c.next_attempt_at,
+            o.c.give_up_at, o.c.sent_at, o.c.last_error)
+
+
+def _select() -> Any:
+    return select(*_COLUMNS).select_from(o.outerjoin(s.cases, s.cases.c.id == o.c.case_id))
+
+
+def _mail(r: Sequence[Any]) -> OutboxMail:
+    (rid, case_id, prefix, number, message_row_id, template, audience, auto, mail_from, recipient, recipients,
+     message_id, headers, subject, text, html, state, attempts, created, next_at, give_up, sent, error) = r
+    return OutboxMail(rid, case_id, f"{prefix}-{number}" if number is not None else None, message_row_id, template,
+                      audience, auto, mail_from, recipient, list(recipients or []), message_id,
+                      [list(h) for h in headers or []], subject, text, html, state, attempts or 0, created, next_at,
+                      give_up, sent, error)
+
+
+_ADD = Statement(lambda k: k.insert(o).values(
+    **{n: bindparam(n) for n in ("case_id", "message_row_id", "inbound_id", "template", "audience", "auto_submitted",
+                                 "language", "mail_from", "recipient", "recipients", "message_id", "headers",
+                                 "subject", "text", "html", "give_up_at")},
+    created_at=bindparam("at"), updated_at=bindparam("at"), next_attempt_at=bindparam("at"),
+    state=OutboxState.QUEUED, attempts=0, permanent=False).returning(o.c.id))
+_BY_ID = Statement(lambda k: _select().where(o.c.id == bindparam("rid")))
+_BY_MESSAGE_ID = Statement(lambda k: _select().where(o.c.message_id == bindparam("mid")))
+_SUPPRESSION = Statement(lambda k: select(s.suppressions.c.address, s.suppressions.c.until, s.suppressions.c.reason)
+                         .where(s.suppressions.c.address == bindparam("address")))
+
+
+def _suppress(k: Any) -> Any:
+    ins = k.insert(s.suppressions).values(address=bindparam("address"), until=bindparam("until"),
+                                          reason=bindparam("reason"), created_at=bindparam("at"))
+    # An existing later date stays.
+    return ins.on_conflict_do_update(index_elements=["address"],
+                                     set_={"until": ins.excluded.until, "reason": ins.excluded.reason},
+                                     where=s.suppressions.c.until < ins.excluded.until)
+
+
+_SUPPRESS = Statement(_suppress)
+
+
+@functools.lru_cache(maxsize=32)
+def _count(filters: tuple[str, ...]) -> Statement:
+    # One compiled statement per combination of filters (few combinations exist).
+    return Statement(lambda k: select(func.count(o.c.id)).where(
+        o.c.created_at >= bindparam("since"), *(o.c[f] == bindparam(f) for f in filters)))
+
+
+class OutboxRepo:
+    """Outbox rows and suppressions inside one transaction."""
+
+    def __init__(self, sql: Sql, conn: Connection) -> None:
+        self.sql = sql
+        self.conn = conn
+
+    # -- queueing ------------------------------------------------------------------------
+
+    def add(self, mail: NewMail) -> int:
+        """Queue one rendered mail; the row's id."""
+        values = {k: getattr(mail, k) for k in mail.__dataclass_fields__}
+        return int(self.sql.one(_ADD, values)[0])
+
+    def count(self, *, since: datetime, template: str | None = None, recipient: str | None = None,
+              case_id: int | None = None, audience: str | None = None) -> int:
+        """How many mails were queued since ``since`` (any state), by template/recipient/case/audience."""
+        given = {k: v for k, v in (("template", template), ("recipient", recipient.lower() if recipient else None),
+                                   ("case_id", case_id), ("audience", audience)) if v is not None}
+        return int(self.sql.scalar(_count(tuple(given)), {"since": since, **given}))
+
+    # -- reading -------------------------------------------------------------------------
+
+    def get(self, outbox_id: int) -> OutboxMail | None:
+        row = self.sql.one(_BY_ID, {"rid": outbox_id})
+        return _mail(row) if row else None
+
+    def by_ids(self, ids: Sequence[int]) -> dict[int, OutboxMail]:
+        return {m.id: m for m in (self.get(i) for i in dict.fromkeys(ids)) if m is not None}
+
+    def by_message_ids(self, ids: Sequence[str]) -> list[OutboxMail]:
+        """Rows whose Message-ID is one of ``ids`` (bounces name them)."""
+        return [_mail(r) for mid in dict.fromkeys(ids) for r in self.sql.all(_BY_MESSAGE_ID, {"mid": mid})]
+
+    def for_case(self, case_id: int, *, states: Sequence[str]) -> list[OutboxMail]:
+        """A case's rows in the given states, newest first."""
+        q = _select().where(o.c.case_id == case_id, o.c.state.in_(list(states))).order_by(o.c.id.desc())
+        return [_mail(r) for r in self.conn.execute(q)]
+
+    def list(self, *, state: str | None = None, case: str | None = None, limit: int | None = None) -> list[OutboxMail]:
+        """Rows, newest first (``intake outbox list``)."""
+        q = _select().order_by(o.c.id.desc())
+        if state:
+            q = q.where(o.c.state == state)
+        if case:
+            q = q.where(s.cases.c.number == (parse_case_label(case) or -1))
+        if limit:
+            q = q.limit(limit)
+        return [_mail(r) for r in self.conn.execute(q)]
+
+    # -- delivery ------------------------------------------------------------------------
+
+    def claim(self, now: datetime, limit: int) -> list[OutboxMail]:
+        """Claim up to ``limit`` due rows (state ``sending``), oldest first; on PostgreSQL rows
+        another process holds are skipped."""
+        q = (select(o.c.id).where(o.c.state == OutboxState.QUEUED, o.c.next_attempt_at <= now)
+             .order_by(o.c.next_attempt_at, o.c.id).limit(limit))
+        if self.sql.kit.pg:
+            q = q.with_for_update(skip_locked=True)
+        ids = list(self.conn.scalars(q))
+        if not ids:
+            return []
+        wall = utcnow()
+        self.conn.execute(update(o).where(o.c.id.in_(ids)).values(state=OutboxState.SENDING, claimed_at=wall,
+                                                                       updated_at=wall))
+        rows = self.conn.execute(_select().where(o.c.id.in_(ids)).order_by(o.c.next_attempt_at, o.c.id))
+        return [_mail(r) for r in rows]
+
+    def interrupted(self, claimed_before: datetime) -> list[OutboxMail]:
+        """Rows left ``sending`` by a process that stopped before ``claimed_before``."""
+        q = _select().where(o.c.state == OutboxState.SENDING, o.c.claimed_at < claimed_before).order_by(o.c.id)
+        return [_mail(r) for r in self.conn.execute(q)]
+
+    def _set(self, outbox_id: int, **values: Any) -> None:
+        self.conn.execute(update(o).where(o.c.id == outbox_id).values(**values))
+
+    def mark_sent(self, outbox_id: int, at: datetime, attempts: int, note: str | None = None) -> None:
+        self._set(outbox_id, state=OutboxState.SENT, attempts=attempts, sent_at=at, finished_at=at, updated_at=at,
+                  last_error=note)
+
+    def mark_retry(self, outbox_id: int, at: datetime, attempts: int, next_attempt_at: datetime, error: str) -> None:
+        self._set(outbox_id, state=OutboxState.QUEUED, attempts=attempts, next_attempt_at=next_attempt_at,
+                  updated_at=at, last_error=error)
+
+    def mark_failed(self, outbox_id: int, at: datetime, error: str, *, attempts: int | None = None,
+                    permanent: bool = False) -> None:
+        values: dict[str, Any] = {"state": OutboxState.FAILED, "finished_at": at, "updated_at": at,
+                                  "last_error": error, "permanent": permanent}
+        if attempts is not None:
+            values["attempts"] = attempts
+        self._set(outbox_id, **values)
+
+    def mark_bounced(self, outbox_id: int, at: datetime, error: str) -> None:
+        self._set(outbox_id, state=OutboxState.BOUNCED, finished_at=at, updated_at=at, permanent=True,
+                  last_error=error)
+
+    def requeue(self, outbox_id: int, now: datetime, give_up_at: datetime) -> None:
+        """Queue a row for delivery now (an operator's retry)."""
+        self._set(outbox_id, state=OutboxState.QUEUED, next_attempt_at=now, give_up_at=give_up_at, permanent=False,
+                  finished_at=None, updated_at=now)
+
+    # -- suppressions --------------------------------------------------------------------
+
+    def suppression(self, address: str, now: datetime) -> Suppression | None:
+        """The active suppression of an address, if any."""
+        row = self.sql.one(_SUPPRESSION, {"address": address.lower()})
+        if row is None or row[1] <= now:
+            return None
+        return Suppression(row[0], row[1], row[2])
+
+    def suppress(self, address: str, until: datetime, reason: str, at: datetime) -> None:
+        """No automated mail to ``address`` until ``until`` (an existing later date stays)."""
+        self.sql.run(_SUPPRESS, {"address": address.lower(), "until": until, "reason": reason, "at": at})

@@ -1,0 +1,310 @@
+"""The schema, written once: SQLAlchemy table metadata.
+
+The Alembic migrations build exactly this (``tests/test_migrations.py`` compares them), the
+command line's queries are Core statements over these tables, and the hot path compiles
+its statements from them once per dialect (``intake.db.sql``). ``REVISION`` is the
+migration this code expects, so that a read command can check a database with one query
+and without importing Alembic.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+from sqlalchemy.types import TypeDecorator
+
+#: The newest migration (``intake/db/migrations/versions``); a test keeps the two equal.
+REVISION = "0006"
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timestamps are stored in UTC and always come back time-zone aware."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+metadata = MetaData()
+
+
+def _ts(name: str, nullable: bool = False, **kw: Any) -> Column[Any]:
+    return Column(name, UTCDateTime(), nullable=nullable, **kw)
+
+
+# -- inbound records (DESIGN 4: committed before anything is decided about them) ----------
+
+inbound = Table(
+    "inbound", metadata,
+    Column("id", Integer, primary_key=True),
+    _ts("received_at", index=True),
+    Column("channel", String(20), nullable=False),
+    Column("mailbox", String(320), nullable=False),
+    Column("envelope_from", String(998)),
+    Column("envelope_to", JSON, nullable=False),
+    Column("source", JSON, nullable=False),
+    Column("raw", LargeBinary),
+    Column("raw_sha256", String(64), nullable=False),
+    Column("size", Integer, nullable=False),
+    Column("state", String(20), nullable=False),
+    Column("message_id", String(998), index=True),
+    Column("from_address", String(320)),
+    Column("subject", Text),
+    Column("case_id", Integer, ForeignKey("cases.id")),
+    Column("duplicate_of", Integer, ForeignKey("inbound.id")),
+    _ts("processed_at", nullable=True),
+    Column("attempts", Integer, nullable=False),
+    Column("error", Text),
+    Column("traceback", Text),
+    Column("log", JSON, nullable=False),
+    Index("ix_inbound_state", "state", "id"),
+)
+
+#: The first inbound record of each Message-ID: the duplicate rule's single source.
+message_keys = Table(
+    "message_keys", metadata,
+    Column("key", String(998), primary_key=True),
+    Column("inbound_id", Integer, ForeignKey("inbound.id"), nullable=False),
+    Column("case_id", Integer, ForeignKey("cases.id")),
+)
+
+# -- cases and what belongs to them ------------------------------------------------------
+
+organizations = Table(
+    "organizations", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("domain", String(255), nullable=False, unique=True),
+    Column("name", String(255), nullable=False),
+    _ts("created_at"),
+)
+
+contacts = Table(
+    "contacts", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("address", String(320), nullable=False, unique=True),
+    Column("name", String(255), nullable=False),
+    Column("organization_id", Integer, ForeignKey("organizations.id")),
+    Column("language", String(10)),
+    _ts("created_at"),
+)
+
+cases = Table(
+    "cases", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("number", BigInteger, nullable=False, unique=True),
+    Column("prefix", String(20), nullable=False),
+    Column("subject", Text, nullable=False),
+    Column("requester_id", Integer, ForeignKey("contacts.id")),
+    Column("organization_id", Integer, ForeignKey("organizations.id")),
+    Column("status", String(20), nullable=False, index=True),
+    Column("priority", String(10), nullable=False),
+    Column("queue", String(100), index=True),
+    Column("assignee", String(320)),
+    Column("category", String(100)),
+    Column("channel", String(20), nullable=False),
+    Column("mailbox", String(320)),
+    Column("brand", String(100)),
+    Column("language", String(10)),
+    Column("resolution", Text),
+    Column("tags", JSON, nullable=False),
+    Column("escalation_level", Integer, nullable=False),
+    _ts("first_response_due", nullable=True),
+    _ts("resolution_due", nullable=True),
+    _ts("created_at"),
+    _ts("updated_at"),
+    _ts("first_response_at", nullable=True),
+    _ts("resolved_at", nullable=True),
+    _ts("closed_at", nullable=True),
+    Column("linked_case_id", Integer, ForeignKey("cases.id")),
+)
+
+participants = Table(
+    "participants", metadata,
+    Column("case_id", Integer, ForeignKey("cases.id"), primary_key=True),
+    Column("contact_id", Integer, ForeignKey("contacts.id"), primary_key=True),
+    Column("role", String(20), nullable=False),  # requester | cc | agent
+)
+
+#: A message on a case's timeline, incoming or outgoing.
+messages = Table(
+    "messages", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("case_id", Integer, ForeignKey("cases.id"), nullable=False, index=True),
+    Column("inbound_id", Integer, ForeignKey("inbound.id")),
+    Column("direction", String(3), nullable=False),
+    Column("visibility", String(10), nullable=False),
+    Column("message_id", String(998), nullable=False, index=True),
+    Column("from_address", String(320)),
+    Column("from_name", String(255)),
+    Column("to", JSON, nullable=False),
+    Column("cc", JSON, nullable=False),
+    Column("subject", Text, nullable=False),
+    Column("text", Text, nullable=False),
+    Column("html", Text),
+    _ts("sent_at", nullable=True),
+    _ts("created_at"),
+    Column("thread_index", String(64)),
+)
+
+#: Attachment content, stored once per SHA-256.
+blobs = Table(
+    "blobs", metadata,
+    Column("sha256", String(64), primary_key=True),
+    Column("size", Integer, nullable=False),
+    Column("data", LargeBinary, nullable=False),
+)
+
+attachments = Table(
+    "attachments", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("message_row_id", Integer, ForeignKey("messages.id"), nullable=False, index=True),
+    Column("sha256", String(64), ForeignKey("blobs.sha256"), nullable=False),
+    Column("filename", Text),
+    Column("content_type", String(255), nullable=False),
+    Column("size", Integer, nullable=False),
+    Column("inline", Boolean, nullable=False),
+    Column("content_id", String(998)),
+)
+
+#: One entry of a case's timeline (the audit trail), with who caused it.
+events = Table(
+    "events", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("case_id", Integer, ForeignKey("cases.id"), nullable=False, index=True),
+    _ts("at"),
+    Column("type", String(30), nullable=False),
+    Column("actor", String(320)),
+    Column("message_row_id", Integer, ForeignKey("messages.id")),
+    Column("inbound_id", Integer, ForeignKey("inbound.id")),
+    Column("data", JSON, nullable=False),
+)
+
+# -- the outbox ------------------------------------------------------------------------
+
+#: One rendered outgoing mail, stored in the transaction of the change that caused it. The
+#: MIME bytes are built at delivery, because the transfer encoding depends on the relay.
+outbox = Table(
+    "outbox", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("case_id", Integer, ForeignKey("cases.id"), index=True),
+    Column("message_row_id", Integer, ForeignKey("messages.id")),
+    Column("inbound_id", Integer, ForeignKey("inbound.id")),
+    _ts("created_at"),
+    _ts("updated_at"),
+    Column("template", String(50), nullable=False),
+    Column("audience", String(10), nullable=False),
+    Column("auto_submitted", String(20), nullable=False),
+    Column("language", String(10), nullable=False),
+    Column("mail_from", String(320), nullable=False),  # envelope sender (the signed case address)
+    Column("recipient", String(320), nullable=False),  # primary recipient, lower case
+    Column("recipients", JSON, nullable=False),  # envelope RCPT TO
+    Column("message_id", String(998), nullable=False, index=True),
+    Column("headers", JSON, nullable=False),  # [[name, value], ...] in order
+    Column("subject", Text, nullable=False),
+    Column("text", Text, nullable=False),
+    Column("html", Text),
+    Column("state", String(10), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    _ts("next_attempt_at"),
+    _ts("give_up_at"),
+    _ts("claimed_at", nullable=True),
+    _ts("sent_at", nullable=True),
+    _ts("finished_at", nullable=True),
+    Column("permanent", Boolean, nullable=False),
+    Column("last_error", Text),
+    Index("ix_outbox_due", "state", "next_attempt_at"),
+    Index("ix_outbox_recipient", "recipient", "created_at"),
+)
+
+#: An address that gets no automated mail until ``until`` (after a bounce or a 5xx).
+suppressions = Table(
+    "suppressions", metadata,
+    Column("address", String(320), primary_key=True),
+    _ts("until"),
+    Column("reason", Text, nullable=False),
+    _ts("created_at"),
+)
+
+# -- operations state ------------------------------------------------------------------
+
+#: Named sequences that work alike everywhere (PostgreSQL numbers cases from a sequence).
+counters = Table(
+    "counters", metadata,
+    Column("name", String(50), primary_key=True),
+    Column("value", BigInteger, nullable=False),
+)
+
+settings = Table(
+    "settings", metadata,
+    Column("key", String(100), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+#: How often each routing rule matched (``intake rules stats``).
+rule_stats = Table(
+    "rule_stats", metadata,
+    Column("name", String(200), primary_key=True),
+    Column("hits", BigInteger, nullable=False),
+    _ts("first_hit_at", nullable=True),
+    _ts("last_hit_at", nullable=True),
+)
+
+#: Round-robin position of a queue: the agent assigned last.
+queue_rotation = Table(
+    "queue_rotation", metadata,
+    Column("queue", String(100), primary_key=True),
+    Column("last_agent", String(320)),
+    _ts("updated_at", nullable=True),
+)
+
+#: What each running part (listener, poller, processor) last reported: ``intake status``.
+component_status = Table(
+    "component_status", metadata,
+    Column("name", String(200), primary_key=True),
+    Column("state", String(40), nullable=False),
+    _ts("updated_at"),
+    _ts("last_success_at", nullable=True),
+    Column("backlog", Integer),
+    Column("last_error", Text),
+    _ts("last_error_at", nullable=True),
+    Column("details", JSON),  # e.g. the SMTP listener's refusals by reason
+)
+
+#: Where an IMAP poller stands in one folder: every UID up to ``last_uid`` is stored.
+imap_state = Table(
+    "imap_state", metadata,
+    Column("account", String(200), primary_key=True),
+    Column("folder", String(500), primary_key=True),
+    Column("uidvalidity", BigInteger, nullable=False),
+    Column("last_uid", BigInteger, nullable=False),
+    _ts("updated_at"),
+)

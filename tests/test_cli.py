@@ -1,0 +1,113 @@
+"""The command line as a newcomer and an admin meet it: where the database is, broken rules,
+options after the command, exit codes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import run_cli, write_config
+from mailfactory import make_mail
+
+
+def _eml(folder: Path, raw: bytes, name: str = "m.eml") -> str:
+    path = folder / name
+    path.write_bytes(raw)
+    return str(path)
+
+
+def test_reading_in_the_wrong_folder_says_there_is_no_database_and_creates_none(tmp_path):
+    for args in (["cases", "list"], ["cases", "show", "CASE-1"], ["messages", "list"], ["outbox", "list"],
+                 ["quarantine", "list"], ["status"], ["rules", "stats"], ["tick"]):
+        res = run_cli(args, cwd=tmp_path)
+        assert res.returncode == 1, args
+        assert ("no database at ./intake.db: run intake serve, intake ingest or intake db upgrade first, "
+                "or pass --config") in res.stderr, args
+    assert list(tmp_path.iterdir()) == []  # nothing was made
+
+
+def test_only_serve_ingest_and_db_upgrade_make_the_database(tmp_path):
+    res = run_cli(["ingest", _eml(tmp_path, make_mail(subject="Hello"))], cwd=tmp_path)
+    assert res.returncode == 0 and (tmp_path / "intake.db").exists()
+    listed = json.loads(run_cli(["cases", "list", "--json"], cwd=tmp_path).stdout)
+    assert [c["subject"] for c in listed] == ["Hello"]
+    other = tmp_path / "other"
+    other.mkdir()
+    res = run_cli(["db", "upgrade"], cwd=other)
+    assert res.returncode == 0 and "database at revision" in res.stdout and (other / "intake.db").exists()
+    assert json.loads(run_cli(["cases", "list", "--json"], cwd=other).stdout) == []
+
+
+def test_config_is_accepted_before_and_after_the_command(tmp_path):
+    cfg = write_config(tmp_path)
+    run_cli(["--config", str(cfg), "ingest", _eml(tmp_path, make_mail(subject="Where am I"))], cwd=tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    before = run_cli(["--config", str(cfg), "cases", "list", "--json"], cwd=elsewhere)
+    after = run_cli(["cases", "list", "--json", "--config", str(cfg)], cwd=elsewhere)
+    assert before.returncode == after.returncode == 0
+    assert [c["subject"] for c in json.loads(before.stdout)] == ["Where am I"]
+    assert json.loads(before.stdout) == json.loads(after.stdout)
+    # A bad file named after the command is refused with its name and reason.
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[smtp]\nlisten = 25\n", "utf-8")
+    res = run_cli(["status", "--config", str(bad)], cwd=elsewhere)
+    assert res.returncode == 1 and f"{bad}:2: smtp.listen: expected str, got int" in res.stderr
+
+
+def test_serve_refuses_a_listen_address_that_is_not_host_and_port(tmp_path):
+    res = run_cli(["serve", "--smtp-listen", "localhost"], cwd=tmp_path)
+    assert res.returncode == 64 and "--smtp-listen: expected host:port" in res.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_diagnostics_work_while_the_rules_are_broken_and_say_so_in_one_line(tmp_path):
+    cfg = write_config(tmp_path)
+    run_cli(["--config", str(cfg), "ingest", _eml(tmp_path, make_mail(subject="Before the typo"))], cwd=tmp_path)
+    (tmp_path / "routing_rules" / "20-typo.yaml").write_text("rules:\n  - name: x\n    when: {form: a@b.c}\n"
+                                                             "    then: {queue: support}\n", "utf-8")
+    stored = run_cli(["--config", str(cfg), "ingest", _eml(tmp_path, make_mail(subject="After the typo"), "2.eml")],
+                     cwd=tmp_path)
+    assert stored.returncode == 0 and "processing deferred" in stored.stdout
+
+    def run(*args: str):
+        return run_cli(["--config", str(cfg), *args], cwd=tmp_path)
+
+    listed = run("messages", "list", "--json")
+    assert listed.returncode == 0
+    assert [m["state"] for m in json.loads(listed.stdout)] == ["processed", "received"]
+    for args in (["cases", "list"], ["outbox", "list"], ["quarantine", "list"], ["cases", "show", "CASE-1"],
+                 ["messages", "show", "2"]):
+        assert run(*args).returncode == 0, args
+    parsed = run("parse", str(tmp_path / "2.eml"))
+    assert parsed.returncode == 0 and "After the typo" in parsed.stdout
+    warning = [line for line in parsed.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "20-typo.yaml:3: rule 'x': unknown condition 'form'" in warning[0]
+    ticked = run("tick")
+    assert ticked.returncode == 0
+    assert "process-received: waiting: the rule files are refused" in ticked.stdout
+    assert [line for line in ticked.stderr.splitlines() if line.startswith("warning:")] == [
+        "warning: the routing rules are refused (intake rules check shows every error): "
+        f"{Path('routing_rules') / '20-typo.yaml'}:3: rule 'x': unknown condition 'form' (did you mean 'from'?)"]
+    status = {s["name"]: s for s in json.loads(run("status", "--json").stdout)}
+    assert status["rules"]["state"] == "refused" and "unknown condition 'form'" in status["rules"]["last_error"]
+    # Fixed: the waiting message is processed by the next tick.
+    (tmp_path / "routing_rules" / "20-typo.yaml").unlink()
+    assert "1 received message(s) processed" in run("tick").stdout
+    assert [c["subject"] for c in json.loads(run("cases", "list", "--json").stdout)] == ["Before the typo",
+                                                                                        "After the typo"]
+
+
+def test_a_bad_status_is_a_usage_error(tmp_path):
+    cfg = write_config(tmp_path)
+    run_cli(["--config", str(cfg), "db", "upgrade"], cwd=tmp_path)
+    res = run_cli(["--config", str(cfg), "cases", "list", "--status", "bogus"], cwd=tmp_path)
+    assert res.returncode == 64 and "'bogus' is not one of" in res.stderr
+
+
+def test_the_real_entry_point_keeps_the_mta_exit_codes(tmp_path):
+    res = run_cli(["ingest", str(tmp_path / "missing.eml")], cwd=tmp_path, in_process=False)
+    assert res.returncode == 64 and "no such file" in res.stderr
+    res = run_cli(["ingest", "--mailbox", "nobody@example.com", _eml(tmp_path, make_mail())], cwd=tmp_path,
+                  in_process=False)
+    assert res.returncode == 64 and "is not one of our mailboxes" in res.stderr
