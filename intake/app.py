@@ -60,6 +60,7 @@ def open_app(cfg: Config, *, create: bool = False, rules: bool = True) -> App:
     database must exist at this code's revision (``NoDatabase`` says what to run).
     ``rules``: load the rule files (a refusal is kept in ``rules_error``, not raised).
     """
+    cfg.check_calendar()
     store = Store(cfg.database_url)
     try:
         if create and store.is_sqlite:

@@ -33,8 +33,12 @@ class BusinessHours:
     closed_yearly: frozenset[tuple[int, int]] = frozenset()
 
     @classmethod
-    def from_settings(cls, *, time_zone: str, days: Any, hours: Any, holidays: str, closed: Any) -> "BusinessHours":
-        """Build from config values; raises ``ValueError`` with a readable reason."""
+    def from_settings(cls, *, time_zone: str, days: Any, hours: Any, holidays: str, closed: Any,
+                      check_country: bool = True) -> "BusinessHours":
+        """Build from config values; raises ``ValueError`` with a readable reason.
+
+        ``check_country=False`` leaves the holiday country unchecked (loading the holiday
+        tables takes a tenth of a second: a command that reads cases need not pay it)."""
         try:
             ZoneInfo(time_zone)
         except (ZoneInfoNotFoundError, ValueError):
@@ -55,7 +59,7 @@ class BusinessHours:
             if m1 > 59 or m2 > 59 or start >= 24 * 60 or end > 24 * 60 or end <= start:
                 raise ValueError(f"not a time range: {h!r} (start before end, within 00:00-24:00)")
             ranges.append((start, end))
-        if holidays:
+        if holidays and check_country:
             _country_holidays(holidays)  # an unknown country fails here, at load
         dates, yearly = set(), set()
         for c in closed:

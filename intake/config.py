@@ -263,6 +263,14 @@ class Config:
         """The business calendar of ``[business_hours]`` (validated at load)."""
         return _calendar(self.business_hours, self.cases.time_zone)
 
+    def check_calendar(self) -> None:
+        """Refuse a holiday country with no calendar (checked by the commands that route mail:
+        loading holiday tables is too slow for every command)."""
+        try:
+            self.calendar
+        except ValueError as exc:
+            raise ConfigError(f"{self.source}: business_hours: {exc}") from None
+
 
 @lru_cache(maxsize=16)
 def _calendar(bh: BusinessHoursConfig, default_tz: str) -> "BusinessHours":
@@ -458,7 +466,11 @@ def _validate(cfg: Config, where: str) -> None:
         ZoneInfo(cfg.cases.time_zone)
     except (ZoneInfoNotFoundError, ValueError):
         raise ConfigError(f"{where}: cases.time_zone: unknown time zone {cfg.cases.time_zone!r}") from None
+    from intake.business_hours import BusinessHours
+
+    bh = cfg.business_hours
     try:
-        cfg.calendar
+        BusinessHours.from_settings(time_zone=bh.time_zone or cfg.cases.time_zone, days=bh.days, hours=bh.hours,
+                                    holidays=bh.holidays, closed=bh.closed, check_country=False)
     except ValueError as exc:
         raise ConfigError(f"{where}: business_hours: {exc}") from None

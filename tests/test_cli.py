@@ -111,3 +111,13 @@ def test_the_real_entry_point_keeps_the_mta_exit_codes(tmp_path):
     res = run_cli(["ingest", "--mailbox", "nobody@example.com", _eml(tmp_path, make_mail())], cwd=tmp_path,
                   in_process=False)
     assert res.returncode == 64 and "is not one of our mailboxes" in res.stderr
+
+
+def test_the_table_shows_a_page_of_the_newest_cases_and_says_how_many_there_are(tmp_path):
+    for n in range(3):
+        run_cli(["ingest", _eml(tmp_path, make_mail(subject=f"case {n}"), f"{n}.eml")], cwd=tmp_path)
+    page = run_cli(["cases", "list", "--limit", "2"], cwd=tmp_path).stdout.splitlines()
+    assert [line.split()[0] for line in page[2:-1]] == ["CASE-2", "CASE-3"]
+    assert page[-1] == "2 of 3 case(s), the newest; --limit N or --all for more"
+    assert run_cli(["cases", "list"], cwd=tmp_path).stdout.splitlines()[-1] == "3 case(s)"
+    assert len(json.loads(run_cli(["cases", "list", "--json", "--limit", "2"], cwd=tmp_path).stdout)) == 2

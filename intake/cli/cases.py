@@ -10,6 +10,9 @@ import click
 from intake.cli.common import config, config_option, dumps, local, parse_time, printable, reading, table
 from intake.states import Status
 
+#: Cases the table shows unless told otherwise (the newest).
+PAGE = 100
+
 
 @click.group()
 def cases() -> None:
@@ -26,27 +29,35 @@ def cases() -> None:
 @click.option("--channel")
 @click.option("--search", help="Text in the subject or a message.")
 @click.option("--since", help="Created at or after this ISO 8601 date/time (UTC unless given).")
-@click.option("--limit", type=click.IntRange(min=1))
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@click.option("--limit", type=click.IntRange(min=1), help="At most N cases (the table shows the newest "
+              f"{PAGE} by default).")
+@click.option("--all", "all_", is_flag=True, help="The table shows every case that matches.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array (every case that matches, or --limit).")
 @config_option
 @click.pass_context
 def cases_list(ctx: click.Context, queue: str | None, status: str | None, assignee: str | None,
                requester: str | None, organization: str | None, category: str | None, channel: str | None,
-               search: str | None, since: str | None, limit: int | None, as_json: bool) -> None:
-    """List cases, oldest first."""
+               search: str | None, since: str | None, limit: int | None, all_: bool, as_json: bool) -> None:
+    """List cases, oldest first; the table shows the newest ones (--limit N, --all)."""
     cfg = config(ctx)
+    filters = dict(queue=queue, status=status, assignee=assignee, requester=requester, organization=organization,
+                   category=category, channel=channel, search=search, since=parse_time(since, "--since"))
     with reading(ctx, cfg) as tx:
-        found = tx.cases.list(queue=queue, status=status, assignee=assignee, requester=requester,
-                              organization=organization, category=category, channel=channel, search=search,
-                              since=parse_time(since, "--since"), limit=limit)
-    if as_json:
-        click.echo(dumps([c.as_json() for c in found]))
-        return
+        if as_json:
+            click.echo(dumps([c.as_json() for c in tx.cases.list(limit=limit, **filters)]))
+            return
+        # Nobody reads ten thousand lines: a page of the newest, and how many there are.
+        page = None if all_ else (limit or PAGE)
+        found = tx.cases.list(limit=page, newest=True, **filters)
+        total = tx.cases.count(**filters) if page is not None and len(found) == page else len(found)
     tz = cfg.tz
     rows = [(c.label, c.status, c.priority, c.queue, c.assignee or "-",
              c.requester.address if c.requester else "-", local(c.created_at, tz), c.subject) for c in found]
     click.echo(table(["case", "status", "priority", "queue", "assignee", "requester", "created", "subject"], rows))
-    click.echo(f"{len(found)} case(s)")
+    if len(found) < total:
+        click.echo(f"{len(found)} of {total} case(s), the newest; --limit N or --all for more")
+    else:
+        click.echo(f"{total} case(s)")
 
 
 @cases.command("show")

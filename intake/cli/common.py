@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-import unicodedata
+from unicodedata import east_asian_width
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone, tzinfo
@@ -82,12 +82,15 @@ def open_app(ctx: click.Context, *, create: bool = False, rules: bool = True, cf
     """The installation with its rules (for commands that process or route mail). Refused
     rules are reported in one line; the command goes on without them where it can."""
     from intake.app import open_app as _open
+    from intake.config import ConfigError
     from intake.db import NoDatabase, StoreUnavailable
 
     try:
         app = _open(cfg or config(ctx), create=create, rules=rules)
     except (NoDatabase, StoreUnavailable) as exc:
         raise _fail(exc) from None
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
     ctx.call_on_close(app.close)
     if app.rules_error:
         warn(f"the routing rules are refused (intake rules check shows every error): "
@@ -131,31 +134,36 @@ def _width(text: str) -> int:
     """Columns a text takes in a terminal: wide (CJK) characters take two."""
     if text.isascii():
         return len(text)
-    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+    return sum(2 if east_asian_width(ch) in "WF" else 1 for ch in text)
 
 
-def _cut(text: str, limit: int) -> str:
-    if _width(text) <= limit:
-        return text
+def _cell(value: Any, limit: int) -> tuple[str, int]:
+    """A table cell: one line, printable, cut to ``limit`` columns; and its width."""
+    text = "" if value is None else str(value)
+    if not text.isprintable():
+        text = printable(text).replace("\n", " ").replace("\t", " ")
+    width = _width(text)
+    if width <= limit:
+        return text, width
     out, w = "", 0
     for ch in text:
         cw = _width(ch)
         if w + cw > limit - 1:
-            return out + "…"
+            break
         out, w = out + ch, w + cw
-    return out
+    return out + "…", w + 1
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], max_width: int = 50) -> str:
     """A plain-text table that lines up Japanese (double-width) text too."""
-    cells = [[_cut(printable("" if v is None else str(v)).replace("\n", " ").replace("\t", " "), max_width)
-              for v in r] for r in rows]
-    widths = [max([_width(h)] + [_width(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    cells = [[_cell(v, max_width) for v in r] for r in rows]
+    widths = [max([_width(h)] + [r[i][1] for r in cells]) for i, h in enumerate(headers)]
 
-    def line(values: Sequence[str]) -> str:
-        return "  ".join(v + " " * (widths[i] - _width(v)) for i, v in enumerate(values)).rstrip()
+    def line(values: Sequence[tuple[str, int]]) -> str:
+        return "  ".join(text + " " * (widths[i] - w) for i, (text, w) in enumerate(values)).rstrip()
 
-    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in cells)])
+    head = [(h, _width(h)) for h in headers]
+    return "\n".join([line(head), line([("-" * w, w) for w in widths]), *(line(r) for r in cells)])
 
 
 def local(value: datetime | str | None, tz: tzinfo, fmt: str = "%Y-%m-%d %H:%M") -> str:

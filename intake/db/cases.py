@@ -153,13 +153,16 @@ def _case_select() -> Select[Any]:
                          .outerjoin(ro, ro.c.id == ct.c.organization_id)))
 
 
+_TAGS = [col.name for col in _CASE_COLUMNS].index("tags")
+
+
 def case_of(row: Sequence[Any]) -> CaseRec:
-    """A ``CaseRec`` from a row of :func:`_case_select`."""
-    vals = dict(zip((col.name for col in _CASE_COLUMNS), row[:_N]))
-    vals["tags"] = list(vals["tags"] or [])
+    """A ``CaseRec`` from a row of :func:`_case_select` (its columns are in CaseRec's order)."""
+    values = list(row[:_N])
+    values[_TAGS] = list(values[_TAGS] or [])
     rid, raddr, rname, rorg, rlang, rdomain = row[_N + 1:_N + 7]
     requester = ContactRef(rid, raddr, rname or "", rorg, rlang, rdomain) if rid is not None else None
-    return CaseRec(**vals, organization=row[_N], requester=requester)
+    return CaseRec(*values, row[_N], requester)
 
 
 _BY_NUMBER = Statement(lambda k: _case_select().where(c.c.number == bindparam("n")))
@@ -403,32 +406,23 @@ class CaseRepo:
 
     # -- reading (the command line) ----------------------------------------------------------
 
-    def list(self, *, queue: str | None = None, status: str | None = None, assignee: str | None = None,
-             requester: str | None = None, organization: str | None = None, category: str | None = None,
-             channel: str | None = None, search: str | None = None, since: datetime | None = None,
-             limit: int | None = None) -> list[CaseRec]:
-        """Cases, oldest first, filtered (``intake cases list``)."""
-        q = _case_select().order_by(c.c.number)
-        for col, value in ((c.c.queue, queue), (c.c.status, status), (c.c.category, category),
-                           (c.c.channel, channel)):
-            if value:
-                q = q.where(col == value)
-        if assignee:
-            q = q.where(c.c.assignee.is_(None)) if assignee == "none" else q.where(func.lower(c.c.assignee)
-                                                                                 == assignee.lower())
-        if requester:
-            q = q.where(ct.c.address == requester.lower())
-        if organization:
-            q = q.where(org.c.domain == organization.lower())
-        if since:
-            q = q.where(c.c.created_at >= since)
-        if search:
-            like = f"%{search.lower()}%"
-            inside = select(m.c.case_id).where(func.lower(m.c.text).like(like))
-            q = q.where(or_(func.lower(c.c.subject).like(like), c.c.id.in_(inside)))
+    def list(self, *, limit: int | None = None, newest: bool = False, **filters: Any) -> list[CaseRec]:
+        """Cases, oldest first, filtered (``intake cases list``); with ``newest`` the last
+        ``limit`` of them (still oldest first)."""
+        q = _filtered(_case_select(), **filters)
+        if newest and limit:
+            q = q.order_by(c.c.number.desc()).limit(limit)
+            return [case_of(r) for r in reversed(self.sql.query(q))]
+        q = q.order_by(c.c.number)
         if limit:
             q = q.limit(limit)
-        return [case_of(r) for r in self.conn.execute(q)]
+        return [case_of(r) for r in self.sql.query(q)]
+
+    def count(self, **filters: Any) -> int:
+        """How many cases the filters of :meth:`list` select."""
+        q = _filtered(select(func.count(c.c.id)).select_from(
+            c.outerjoin(org, org.c.id == c.c.organization_id).outerjoin(ct, ct.c.id == c.c.requester_id)), **filters)
+        return int(self.sql.query(q)[0][0])
 
     def timeline(self, case_id: int) -> list[dict[str, Any]]:
         """Every timeline entry of a case with its message and attachments (DESIGN 6 JSON)."""
@@ -489,6 +483,29 @@ class CaseRepo:
              .where(a.c.id == attachment_id))
         r = self.conn.execute(q).first()
         return (AttachmentView(*r[:10]), int(r[10]), bytes(r[11])) if r else None
+
+
+def _filtered(q: Any, *, queue: str | None = None, status: str | None = None, assignee: str | None = None,
+              requester: str | None = None, organization: str | None = None, category: str | None = None,
+              channel: str | None = None, search: str | None = None, since: datetime | None = None) -> Any:
+    """``q`` restricted by the filters of ``intake cases list`` (DESIGN 6)."""
+    for col, value in ((c.c.queue, queue), (c.c.status, status), (c.c.category, category), (c.c.channel, channel)):
+        if value:
+            q = q.where(col == value)
+    if assignee:
+        q = q.where(c.c.assignee.is_(None)) if assignee == "none" else q.where(func.lower(c.c.assignee)
+                                                                             == assignee.lower())
+    if requester:
+        q = q.where(ct.c.address == requester.lower())
+    if organization:
+        q = q.where(org.c.domain == organization.lower())
+    if since:
+        q = q.where(c.c.created_at >= since)
+    if search:
+        like = f"%{search.lower()}%"
+        inside = select(m.c.case_id).where(func.lower(m.c.text).like(like))
+        q = q.where(or_(func.lower(c.c.subject).like(like), c.c.id.in_(inside)))
+    return q
 
 
 def parse_case_label(label: str) -> int | None:

@@ -63,7 +63,7 @@ class _Compiled:
     positional: bool
     # (name, processor, default) of each parameter, in the order of a positional statement
     params: tuple[tuple[str, Processor, Any], ...]
-    results: tuple[Processor, ...]
+    results: tuple[tuple[int, Callable[[Any], Any]], ...]  # (column index, conversion) where one is needed
 
     @classmethod
     def of(cls, stmt: Executable, dialect: Dialect) -> "_Compiled":
@@ -79,7 +79,8 @@ class _Compiled:
             columns: Iterable[Any] = stmt.selected_columns
         else:
             columns = getattr(stmt, "exported_columns", ()) or ()
-        results = tuple(c.type.dialect_impl(dialect).result_processor(dialect, None) for c in columns)
+        procs = [c.type.dialect_impl(dialect).result_processor(dialect, None) for c in columns]
+        results = tuple((i, p) for i, p in enumerate(procs) if p is not None)
         return cls(compiled.string, bool(compiled.positional), tuple(params), results)
 
     def bind(self, values: Mapping[str, Any]) -> Sequence[Any] | dict[str, Any]:
@@ -93,7 +94,11 @@ class _Compiled:
     def row(self, raw: Sequence[Any]) -> tuple[Any, ...]:
         if not self.results:
             return tuple(raw)
-        return tuple(p(v) if p is not None else v for p, v in zip(self.results, raw))
+        out = list(raw)
+        for i, convert in self.results:
+            if out[i] is not None:
+                out[i] = convert(out[i])
+        return tuple(out)
 
 
 class Sql:
@@ -126,6 +131,13 @@ class Sql:
         """Every row (converted)."""
         c = self.kit.compiled(stmt)
         self.cur.execute(c.sql, c.bind(values or {}))
+        return [c.row(r) for r in self.cur.fetchall()]
+
+    def query(self, stmt: Executable) -> list[tuple[Any, ...]]:
+        """Every row of a statement built for this call (compiled now, not kept): the command
+        line's filtered reads, where SQLAlchemy's row objects would cost more than the query."""
+        c = _Compiled.of(stmt, self.kit.dialect)
+        self.cur.execute(c.sql, c.bind({}))
         return [c.row(r) for r in self.cur.fetchall()]
 
     def scalar(self, stmt: Statement, values: Mapping[str, Any] | None = None) -> Any:
