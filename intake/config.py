@@ -12,7 +12,7 @@ import difflib
 import re
 import tomllib
 from dataclasses import dataclass, field, fields, is_dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_type_hints
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -244,7 +244,7 @@ class Config:
                 return mb
         return None
 
-    @property
+    @cached_property
     def own_addresses(self) -> frozenset[str]:
         """Every address intake receives for (without plus parts)."""
         return frozenset(mb.address.lower() for mb in self.mailbox)

@@ -71,6 +71,7 @@ class _Run:
     now: datetime
     # One rule set for the whole message, even if a hot reload swaps it meanwhile.
     ruleset: RuleSet
+    env: CaseEnv
     mail: ParsedMail | None = None
     cls: Classification | None = None
     error: Exception | None = None  # raised by a pure step: quarantines the message
@@ -149,7 +150,9 @@ class Processor:
         with self.store.read() as tx:
             records = tx.inbound.load(inbound_ids)
         ruleset = self.rules()
-        runs = {i: self._prepare(rec, ruleset) for i, rec in records.items() if rec.state == InboundState.RECEIVED}
+        env = self.case_env(ruleset)
+        runs = {i: self._prepare(rec, ruleset, env) for i, rec in records.items()
+                if rec.state == InboundState.RECEIVED}
         try:
             outcomes = self._apply_batch(inbound_ids, records, runs)
         except Exception as exc:  # noqa: BLE001 - the batch failed outside any one message's savepoint
@@ -191,9 +194,9 @@ class Processor:
 
     # -- prepare (pure, outside the write transaction) --------------------------------------
 
-    def _prepare(self, rec: InboundWork, ruleset: RuleSet) -> _Run:
+    def _prepare(self, rec: InboundWork, ruleset: RuleSet, env: CaseEnv) -> _Run:
         mailbox = self.cfg.mailbox_for(rec.mailbox) or self.cfg.mailbox[0]
-        run = _Run(rec=rec, mailbox=mailbox, now=self.clock(), ruleset=ruleset)
+        run = _Run(rec=rec, mailbox=mailbox, now=self.clock(), ruleset=ruleset, env=env)
         try:
             if rec.raw is None:
                 raise ValueError("raw bytes are no longer stored (retention) and cannot be processed")
@@ -231,7 +234,7 @@ class Processor:
                  subject=mail.subject, **{"from": mail.from_.address if mail.from_ else None},
                  charsets=mail.charsets, defects=mail.defects, attachments=len(mail.attachments))
         run.step("classified", sender=cls.sender, kind=cls.kind, reasons=list(cls.reasons))
-        ops = CaseOps(tx, self.case_env(run.ruleset), run.now, on_step=run.step)
+        ops = CaseOps(tx, run.env, run.now, on_step=run.step)
         outcome = self._duplicate(tx, ops, run) or self._flow(tx, ops, run)
         rec.state = outcome.state
         rec.processed_at = run.now

@@ -213,6 +213,8 @@ _INBOUND_SINCE = Statement(lambda k: select(func.count(m.c.id)).where(
     m.c.case_id == bindparam("case_id"), m.c.direction == "in", m.c.created_at >= bindparam("since")))
 _EVENT = Statement(lambda k: k.insert(ev).values(
     **{n: bindparam(n) for n in ("case_id", "at", "type", "actor", "message_row_id", "inbound_id", "data")}))
+_OPEN_COUNT = Statement(lambda k: select(func.count(c.c.id)).where(
+    c.c.assignee == bindparam("agent"), or_(*(c.c.status == st.value for st in OPEN_STATUSES))))
 _SENT = Statement(lambda k: update(m).where(m.c.id == bindparam("mid")).values(sent_at=bindparam("at")))
 
 
@@ -309,12 +311,7 @@ class CaseRepo:
 
     def open_counts(self, agents: Sequence[str]) -> dict[str, int]:
         """Open (not resolved or closed) cases per assignee, across all queues."""
-        if not agents:
-            return {}
-        q = (select(c.c.assignee, func.count(c.c.id)).where(c.c.assignee.in_(list(agents)),
-                                                            c.c.status.in_(list(OPEN_STATUSES)))
-             .group_by(c.c.assignee))
-        return {a: int(n) for a, n in self.conn.execute(q)}
+        return {a: int(self.sql.scalar(_OPEN_COUNT, {"agent": a})) for a in dict.fromkeys(agents)}
 
     # -- contacts and participants -------------------------------------------------------
 
