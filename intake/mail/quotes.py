@@ -38,9 +38,9 @@ work stays linear in the size of the mail, whatever it holds.
 from __future__ import annotations
 
 import re
-from bisect import bisect_right
+from bisect import bisect_left
 from dataclasses import dataclass
-from html.parser import HTMLParser
+from html import unescape
 
 from intake.mail.parse import html_to_text
 
@@ -466,123 +466,162 @@ _QUOTE_CLASSES = frozenset({
 })  # fmt: skip
 # Markers after which everything is quoted (Outlook puts the quoted mail beside them).
 _CUT_IDS = ("divrplyfwdmsg", "appendonsend", "mail-editor-reference-message-container", "stopspelling")
+_CUT_CLASSES = frozenset({"ms-outlook-mobile-reference-message"})
 # Signatures written by the client, before the quote: dropped wherever they are.
 _SIGNATURE_CLASSES = frozenset({"gmail_signature", "moz-signature"})
+# Cheap test before any parsing: HTML without these words has no structure we know.
+_HTML_MARKERS = (
+    "gmail_", "yahoo_quoted", "moz-", "protonmail_quote", "zmail_extra", "outlookmessageheader",
+    "divrplyfwdmsg", "appendonsend", "reference-message", "stopspelling", "cite", "border-top",
+    "signature",
+)  # fmt: skip
 _OUTLOOK_BOX = re.compile(r"(?i)border-top\s*:\s*solid")
 _FIELD_START = re.compile(r"(?i)\s*(?:" + _FROM_NAMES + r")\s*[:：]")
-_VOID = frozenset({"br", "hr", "img", "meta", "link", "input", "wbr", "col", "area", "base", "source"})
+# Only these elements can be marks (or hide text); other tags are skipped as text markup.
+# The alternatives start differently and none crosses a "<" it did not open, so a failed
+# match costs no more than the text up to the next "<": the scan stays linear.
+_TOKEN = re.compile(
+    r"<!--.*?(?:-->|\Z)"
+    r"|<(script|style|head|title)\b[^<>]*>.*?(?:</\1\s*>|\Z)"
+    r"|<(/?)(div|blockquote|hr|pre)\b((?:[^<>\"']|\"[^<\"]*\"|'[^<']*')*)>",
+    re.S | re.I,
+)
+_ANY_TAG = re.compile(r"<[^<>]*>")
+_ATTR = re.compile(r"""([a-zA-Z_:][-a-zA-Z0-9_:.]*)\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s"'>]+))""")
 
 
-class _QuoteFinder(HTMLParser):
-    """One pass over the HTML: where quote containers and signatures start and end."""
-
-    def __init__(self, html: str) -> None:
-        super().__init__(convert_charrefs=True)
-        self.html = html
-        self.line_starts = [0]
-        for m in re.finditer("\n", html):
-            self.line_starts.append(m.end())
-        self.texts: list[tuple[int, str]] = []  # (offset, text) of every text piece
-        # (kind, start, end): kind "quote" (a container), "cut" (all after), "sig".
-        self.marks: list[list] = []
-        self.open: list[tuple[str, int, list]] = []  # (tag, nesting, mark) being closed
-        self.skip = 0
-
-    def _offset(self) -> int:
-        line, col = self.getpos()
-        return self.line_starts[line - 1] + col
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in ("script", "style", "head", "title"):
-            self.skip += 1
-            return
-        if tag in _VOID:
-            if tag == "hr" and "stopspelling" in (dict(attrs).get("id") or "").lower():
-                self.marks.append(["cut", self._offset(), len(self.html)])
-            return
-        for i, (otag, depth, mark) in enumerate(self.open):
-            if otag == tag:
-                self.open[i] = (otag, depth + 1, mark)
-        a = {k: (v or "") for k, v in attrs}
-        classes = set(a.get("class", "").lower().split())
-        ident = a.get("id", "").lower()
-        kind = None
-        if any(marker in ident for marker in _CUT_IDS) or "ms-outlook-mobile-reference-message" in classes:
-            kind = "cut"
-        elif classes & _SIGNATURE_CLASSES or a.get("data-smartmail") == "gmail_signature" or ident == "signature":
-            kind = "sig"
-        elif (
-            classes & _QUOTE_CLASSES
-            or any("yahoo_quoted" in c for c in classes)  # Yahoo prefixes it: "ydp4f…yahoo_quoted"
-            or (tag == "blockquote" and a.get("type", "").lower() == "cite")
-        ):
-            kind = "quote"
-        elif tag == "div" and _OUTLOOK_BOX.search(a.get("style", "")):
-            kind = "box"  # Outlook's header box, if a From: line follows (checked later)
-        if kind:
-            mark = [kind, self._offset(), len(self.html)]
-            self.marks.append(mark)
-            self.open.append((tag, 1, mark))
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in ("script", "style", "head", "title"):
-            self.skip = max(0, self.skip - 1)
-            return
-        for i in range(len(self.open) - 1, -1, -1):
-            otag, depth, mark = self.open[i]
-            if otag != tag:
-                continue
-            if depth > 1:
-                self.open[i] = (otag, depth - 1, mark)
-                continue
-            end = self.html.find(">", self._offset())
-            mark[2] = len(self.html) if end < 0 else end + 1
-            del self.open[i]
-        # Closing tags of other elements never reach the marks being tracked.
-
-    def handle_data(self, data: str) -> None:
-        if not self.skip and data.strip():
-            self.texts.append((self._offset(), data))
+@dataclass
+class _Mark:
+    kind: str  # "quote" (a container), "cut" (everything after), "sig", "box" (Outlook)
+    start: int
+    end: int
 
 
-def _html_without_quote(html: str) -> str | None:
-    """The HTML with its trailing quote and client signatures removed, or None when it
-    holds no quote structure."""
-    finder = _QuoteFinder(html)
-    try:
-        finder.feed(html)
-        finder.close()
-    except Exception:  # noqa: BLE001 - html.parser is lenient; on anything odd use the text path
+def _attrs(raw: str) -> dict[str, str]:
+    return {m[1].lower(): unescape(m[2] or m[3] or m[4] or "") for m in _ATTR.finditer(raw)}
+
+
+# Attribute text that may make a tag one of the marks: most tags are looked at no further.
+_MARK_HINT = re.compile(r"(?i)quot|cite|rplyfwd|appendonsend|reference-message|signature|border-top|moz-|zmail")
+
+
+def _mark_kind(tag: str, raw: str) -> str | None:
+    if not _MARK_HINT.search(raw):
         return None
-    offsets = [off for off, _ in finder.texts]
+    a = _attrs(raw)
+    classes = set(a.get("class", "").lower().split())
+    ident = a.get("id", "").lower()
+    if any(marker in ident for marker in _CUT_IDS) or classes & _CUT_CLASSES:
+        return "cut"
+    if classes & _SIGNATURE_CLASSES or a.get("data-smartmail") == "gmail_signature" or ident == "signature":
+        return "sig"
+    if (
+        classes & _QUOTE_CLASSES
+        or any("yahoo_quoted" in c for c in classes)  # Yahoo prefixes it: "ydp4f…yahoo_quoted"
+        or (tag == "blockquote" and a.get("type", "").lower() == "cite")
+    ):
+        return "quote"
+    if tag == "div" and _OUTLOOK_BOX.search(a.get("style", "")):
+        return "box"  # Outlook's header box, if a From: line follows (checked later)
+    return None
 
-    def text_after(pos: int, limit: int = 200) -> str:
+
+def _scan(html: str) -> tuple[list[_Mark], list[tuple[int, str]]]:
+    """One pass over the tags that matter: the marked elements (with where they end) and
+    every piece of visible text with its offset."""
+    marks: list[_Mark] = []
+    texts: list[tuple[int, str]] = []
+    depth: dict[str, int] = {}  # how many elements of each tag are open
+    waiting: dict[str, list[tuple[int, _Mark]]] = {}  # tag → (its depth, mark) not yet closed
+
+    def text(start: int, end: int) -> None:
+        piece = _ANY_TAG.sub("", html[start:end])
+        if "&" in piece:
+            piece = unescape(piece)
+        if piece.strip():
+            texts.append((start, piece))
+
+    pos = 0
+    for m in _TOKEN.finditer(html):
+        if m.start() > pos:
+            text(pos, m.start())
+        pos = m.end()
+        tag = m[3]
+        if tag is None:
+            continue  # a comment, a script, a style: nothing shown
+        tag = tag.lower()
+        if m[2] != "/":
+            if tag == "hr":
+                if "stopspelling" in m[4].lower():
+                    marks.append(_Mark("cut", m.start(), len(html)))
+                continue
+            level = depth[tag] = depth.get(tag, 0) + 1
+            kind = _mark_kind(tag, m[4])
+            if kind:
+                mark = _Mark(kind, m.start(), len(html))
+                marks.append(mark)
+                waiting.setdefault(tag, []).append((level, mark))
+            continue
+        level = depth.get(tag, 0)
+        if not level:
+            continue  # a stray end tag
+        stack = waiting.get(tag)
+        if stack and stack[-1][0] == level:
+            stack.pop()[1].end = m.end()
+        depth[tag] = level - 1
+    if pos < len(html):
+        text(pos, len(html))
+    return marks, texts
+
+
+# Marks put into the HTML where the quote starts and around client signatures, so that one
+# html_to_text pass gives both the whole text (to compare with the plain part) and the
+# reply. Characters of plane 16's private use area: no mail client writes them (Japanese
+# carriers' emoji live in the BMP's private use area, U+E001 onwards).
+_CUT_MARK, _SIG_OPEN, _SIG_CLOSE = "\U0010fffb", "\U0010fffc", "\U0010fffd"
+_SIG_SPAN = re.compile(_SIG_OPEN + "[^" + _SIG_CLOSE + "]*(?:" + _SIG_CLOSE + "|$)")
+_MARKS = re.compile("[" + _CUT_MARK + _SIG_OPEN + _SIG_CLOSE + "]")
+
+
+def _marked_html(html: str) -> str | None:
+    """The HTML with the quote's start and the client signatures marked, or None when it
+    holds no quote structure we know."""
+    lowered = html.lower()
+    if not any(marker in lowered for marker in _HTML_MARKERS) or _MARKS.search(html):
+        return None
+    marks, texts = _scan(html)
+    offsets = [off for off, _ in texts]
+
+    def text_after(pos: int, limit: int) -> str:
         out = ""
-        for _, data in finder.texts[bisect_right(offsets, pos - 1):]:
-            out += data
-            if len(out) >= limit:
+        for i in range(bisect_left(offsets, pos), len(texts)):
+            out += texts[i][1]
+            if len(out.strip()) >= limit:
                 break
         return out
 
     cut = None
-    for kind, start, end in finder.marks:
-        if kind == "cut":
-            cut = start
-        elif kind == "box" and _FIELD_START.match(text_after(start)):
-            cut = start
-        elif kind == "quote" and not text_after(end, 1).strip():
-            cut = start  # the quote ends the mail; a quote with answers below is kept
+    for mark in marks:
+        if mark.kind == "cut":
+            cut = mark.start
+        elif mark.kind == "box" and _FIELD_START.match(text_after(mark.start, 40)):
+            cut = mark.start
+        elif mark.kind == "quote" and not text_after(mark.end, 1).strip():
+            cut = mark.start  # the quote ends the mail; a quote with answers below is kept
         if cut is not None:
             break
-    sigs = [(s, e) for kind, s, e in finder.marks if kind == "sig" and (cut is None or s < cut)]
-    if cut is None and not sigs:
+    inserts = [(m.start, _SIG_OPEN) for m in marks if m.kind == "sig" and (cut is None or m.start < cut)]
+    inserts += [(m.end, _SIG_CLOSE) for m in marks if m.kind == "sig" and (cut is None or m.end <= cut)]
+    if cut is not None:
+        inserts.append((cut, _CUT_MARK))
+    if not inserts:
         return None
     out, pos = [], 0
-    for s, e in sigs:
-        if s >= pos:
-            out.append(html[pos:s])
-            pos = min(e, cut) if cut is not None else e
-    out.append(html[pos:cut])
+    for at, mark_char in sorted(inserts):
+        out.append(html[pos:at])
+        out.append(mark_char)
+        pos = at
+    out.append(html[pos:])
     return "".join(out)
 
 
@@ -600,12 +639,14 @@ def reply_text(text: str, html: str | None = None) -> str:
     """
     if not html or not html.strip():
         return strip_reply(text)
-    full = html_to_text(html)
+    marked = _marked_html(html)
+    if marked is None:
+        # No structure: cutting the HTML's text or the plain text is the same work.
+        return strip_reply(text if text.strip() else html_to_text(html))
+    rendered = html_to_text(marked)
+    full = _MARKS.sub("", rendered)
     if text.strip() and not _same_text(text, full):
-        return strip_reply(text)
-    trimmed = _html_without_quote(html)
-    if trimmed is not None:
-        out = _join(_new_lines(_lines(html_to_text(trimmed))))
-        if out.strip():
-            return out
-    return strip_reply(full)
+        return strip_reply(text)  # a plain-text part of its own: the sender's client wrote it
+    reply = _MARKS.sub("", _SIG_SPAN.sub("", rendered.partition(_CUT_MARK)[0]))
+    out = _join(_new_lines(_lines(reply)))
+    return out if out.strip() else strip_reply(full)
