@@ -69,6 +69,7 @@ OLD = "\nPlease restart the print spooler.\n\nHanako\n"
         (REPLY, "On Fri, 20 Nov 2026, 10:00 Hanako Sato, <support@example.com> wrote:", QUOTE),  # Android
         # Thunderbird, Becky!
         (REPLY, "On 11/20/26 10:00 AM, Hanako Sato wrote:", QUOTE),
+        (REPLY, "Hanako Sato wrote on 11/20/26 10:00 AM:", QUOTE),
         (REPLY_JA, "佐藤 花子 さんは書きました:", QUOTE_JA),
         (REPLY_JA, "2026/11/20 10:00, 佐藤 花子 wrote:", QUOTE_JA),
         (REPLY_JA, "On Fri, 20 Nov 2026 10:00:00 +0900\n佐藤 花子 <support@example.com> wrote:", QUOTE_JA),
@@ -93,6 +94,7 @@ OLD = "\nPlease restart the print spooler.\n\nHanako\n"
         (REPLY_JA, "転送されたメッセージ:\n\n差出人: 田中 次郎 <jiro@partner.example.jp>\n件名: 請求書\n日付: 2026年11月20日 10:00:00 JST", OLD),
         # Other languages of the public corpora
         (REPLY, "Am 20.11.2026 um 10:00 schrieb Hanako Sato <support@example.com>:", QUOTE),
+        (REPLY, "Am 20.11.26 um 10:00 schrieb Hanako Sato:", QUOTE),
         (REPLY, "Le 20 nov. 2026 à 10:00, Hanako Sato <support@example.com> a écrit :", QUOTE),
         (REPLY, "-----Ursprüngliche Nachricht-----\nVon: Hanako Sato\nGesendet: Freitag, 20. November 2026 10:00\nAn: Taro\nBetreff: Drucker", OLD),
     ],
@@ -129,6 +131,7 @@ def test_signatures_go(signature: str) -> None:
         "Sent from my desk, as the phone app cannot attach logs.\n\nTaro",
         "On 3 occasions this week the nightly job failed:\n- Monday\n- Wednesday",
         "I wrote to our vendor and they said:\n\"the driver is the cause\".",
+        "On 20 Nov I wrote to you about the printer. Then:\n- it stopped",
         "From: our side, nothing changed.\nTo: be sure, we ran it by hand.",
         "2026/11/20 10:00 サーバー停止\n2026/11/20 10:30 サーバー起動\n\n以下の結果となりました：\n  正常",
         "手順は以下の通りです。\n---\n1. 再起動\n2. https://example.com/manual を参照\n---\nよろしくお願いいたします。",

@@ -96,6 +96,8 @@ _OPENER = re.compile(
     r"|[^\W\d_]{2,15},\s*\d"  # понедельник, 6 октября
 )
 _DIGIT = re.compile(r"\d")
+_WROTE_ON = re.compile(r"(?i)\s*(?:on|am|le|el|em|il|op|den)\s+\S*\d")
+_SENTENCE = re.compile(r"[.!?。！？]\s|\b(?:to|the|about|that|this|and)\b", re.I)
 _EMAIL = re.compile(r"[^\s<>()\[\]]@[^\s<>()\[\]]")
 _ENDS_COLON = re.compile(r"[:：]\s*$")
 # "On <date>, <name> wrote:" and its translations; the verb may also stand before the
@@ -191,11 +193,17 @@ def _is_attribution(text: str, opener: bool, single: bool) -> bool:
         head = _ATTRIB_VERB_END.sub("", text)
         return single and len(head.split()) <= 6 and len(text) <= 120
     verbs = list(_HAS_VERB.finditer(text))
-    if verbs and (has_email or (opener and has_date)):
-        # "X <x@example.de> schrieb am Fr., 28. Apr. 2017 um 11:53 Uhr:": after the verb
-        # only a date or the sender, not a sentence.
+    if verbs:
+        # The verb inside: "X <x@example.de> schrieb am Fr., 28. Apr. 2017 um 11:53 Uhr:",
+        # "Am 20.11.26 um 10:00 schrieb Hanako Sato:", Thunderbird's "X wrote on 11/20/26
+        # 10:00:". After the verb only a date or the sender's name, never a sentence.
         tail = text[verbs[-1].end():]
-        return len(tail) <= 80 and bool(_DIGIT.search(tail) or _EMAIL.search(tail))
+        if len(tail) > 80:
+            return False
+        if _WROTE_ON.match(tail) and has_date:
+            return len(text) <= 150
+        named = len(tail.split()) <= 6 and not _SENTENCE.search(tail)
+        return bool(_DIGIT.search(tail) or _EMAIL.search(tail) or named) and (has_email or (opener and has_date))
     if _ATTRIB_EMAIL_END.search(text) and opener and has_date:
         return True  # Gmail: "2026年11月20日(金) 10:00 山田太郎 <taro@example.jp>:"
     return False
