@@ -414,6 +414,7 @@ def _finish(lines: list[str]) -> list[str]:
 
 
 def _new_lines(lines: list[str]) -> list[str]:
+    """The lines the sender wrote, or none when all is quote (the caller keeps all then)."""
     start = 0
     for _ in range(_MAX_LEADING):
         found = _find_header(lines, start)
