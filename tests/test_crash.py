@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 import signal
 import sqlite3
 import subprocess
@@ -43,24 +42,20 @@ def _stored(db: Path) -> int:
 def test_sigkill_during_ingest_then_restart_processes_every_message_exactly_once(run_intake, config_path, tmp_path):
     expected = _mails(tmp_path / "mails")
     db = config_path.parent / "intake.db"
-    rng = random.Random(7)
-    kills = 0
     cmd = [sys.executable, "-m", "intake", "--config", str(config_path), "ingest", str(tmp_path / "mails")]
-    # Kill the ingest at random moments of its stream, three times: once it has stored
-    # more than before, after a random pause. Each restart is the MTA retrying everything
+    # Kill the ingest three times, at three moments of its stream: once its first, second
+    # and fourth batch of 100 is committed (it is then processing that batch, and the
+    # rest is neither stored nor processed). Each restart is the MTA retrying everything
     # it has not seen acknowledged (here: the whole folder again).
-    for _ in range(3):
+    for batches in (1, 2, 4):
         before = _stored(db)
         proc = subprocess.Popen(cmd, env=intake_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while proc.poll() is None and _stored(db) <= before and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0.0, 0.4))
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and _stored(db) < before + 100 * batches and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert proc.poll() is None, "the ingest ended before the moment it was to be killed at"
+        proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
-    assert kills >= 2, "the ingest finished before it could be killed: make the stream longer"
 
     # The scheduler's sweep processes what was stored but not yet processed...
     tick = run_intake("tick", check=True)

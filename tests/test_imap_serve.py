@@ -126,7 +126,10 @@ def test_server_restart_mid_run_reconnects_and_logs_once(tmp_path, dovecot):
 
         dovecot.stop()
         wait_for("the outage in status", lambda: (s := _status(store, "imap:test")) and s.state == "error", serve=serve)
-        time.sleep(3)  # several reconnect attempts fail meanwhile
+        # Each failed reconnect stamps the error again: wait for two more of them.
+        failures: set[object] = set()
+        wait_for("two more failed reconnects",
+                 lambda: failures.add(_status(store, "imap:test").last_error_at) or len(failures) >= 3, serve=serve)
         dovecot.start()
         dovecot.append([make_mail(subject=f"After restart {i}") for i in range(3)])
         wait_for("6 cases", lambda: len(_cases(store)) == 6, timeout=90, serve=serve)

@@ -82,8 +82,10 @@ def test_two_serve_processes_share_one_postgresql_database(tmp_path, pg_url, run
         cases = servers[0].wait_for_cases(31, timeout=120)
         subjects = sorted(c["subject"] for c in cases)
         assert len(subjects) == 31 and subjects.count("両方に届いた請求書") == 1
-        numbers = sorted(int(c["number"].split("-")[1]) for c in cases)
-        assert numbers == list(range(1, 32))
+        # One sequence for both processes: every number once (a sequence may leave gaps,
+        # e.g. after a rolled-back transaction, so only uniqueness is promised).
+        numbers = [int(c["number"].split("-")[1]) for c in cases]
+        assert len(set(numbers)) == 31 and min(numbers) >= 1
         both = next(c for c in cases if c["subject"] == "両方に届いた請求書")
         detail = json.loads(run_intake("cases", "show", both["number"], "--json", config=configs[1], check=True).stdout)
         assert [e["type"] for e in detail["timeline"]].count("duplicate") == 1
