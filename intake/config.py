@@ -118,6 +118,8 @@ class NotifyConfig:
     loop_max: int = 10
     suppress_after_failure: str = "7d"
     max_output: str = "256KB"
+    # The customer's files attached to an agent notice, in all; the rest are listed.
+    attach_max: str = "10MB"
 
 
 @dataclass(frozen=True)
@@ -149,7 +151,9 @@ class SecurityConfig:
 @dataclass(frozen=True)
 class CasesConfig:
     prefix: str = "CASE"
-    reopen_days: int = 14
+    reopen_days: int = 14  # a queue's reopen_days overrides it
+    # People the requester's To/Cc make participants of a case, at most.
+    max_participants: int = 20
     time_zone: str = "Asia/Tokyo"
     retention_days: int = 365
     # Mail domains that never make an organization (people, not companies).
@@ -443,6 +447,7 @@ def _validate(cfg: Config, where: str) -> None:
         parse_duration(cfg.notify.loop_window)
         parse_duration(cfg.notify.suppress_after_failure)
         parse_size(cfg.notify.max_output)
+        parse_size(cfg.notify.attach_max)
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     if cfg.outbound.mode not in ("maildir", "smtp"):

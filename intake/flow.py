@@ -26,14 +26,15 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from intake import assignment, threads
-from intake.cases import CaseEnv, CaseOps, Incoming
+from intake.cases import CaseEnv, CaseOps, Incoming, Refused
 from intake.config import Config, MailboxConfig
 from intake.db import InboundWork, Store, utcnow
 from intake.db.cases import CaseRec
 from intake.mail.classify import AGENT, BOUNCE, MESSAGE, OWN, Classification, classify
 from intake.mail.parse import ParsedMail, parse
-from intake.mail.quotes import strip_reply
-from intake.notify import Notifier, Trigger, choose_language
+from intake.commands import read_commands
+from intake.mail.quotes import reply_text
+from intake.notify import INTERNAL_TEMPLATES, Notifier, Trigger, choose_language
 from intake.rules import Decision, RuleSet, evaluate, rule_context
 from intake.states import InboundState, Priority
 
@@ -271,8 +272,11 @@ class Processor:
         run.step("threaded", method=match.method, reason=match.reason,
                  case=f"{self.cfg.cases.prefix}-{match.case_number}" if match.case_number else None)
         if match.case_number is not None:
-            case = tx.cases.by_number(match.case_number)
-            assert case is not None
+            found = tx.cases.by_number(match.case_number)
+            assert found is not None
+            case = ops.surviving(found)  # mail to a merged case's threads lands on the case it went into
+            if case.id != found.id:
+                run.step("merged", case=found.label, into=case.label)
             return self._comment(tx, ops, run, case, match)
         if not cls.opens_case:
             reason = "automated mail does not open a case: " + "; ".join(cls.reasons)
@@ -346,16 +350,48 @@ class Processor:
             follow = self._new_case(tx, ops, run, self._route(tx, run), (), follow_up_of=case)
             return Outcome(InboundState.PROCESSED, follow.label, f"follow-up of closed {case.label}", mail.message_id)
         message, actor = self._incoming(run), _actor(mail)
-        if cls.sender == AGENT and match.internal:
-            ops.internal_message(case, message, actor=actor, threading=match.method)
-        elif cls.sender == AGENT and cls.kind == MESSAGE:
-            ops.agent_reply(case, message, actor=actor, threading=match.method, text=strip_reply(mail.text),
-                            trigger=self._trigger(run))
+        if cls.sender == AGENT and cls.kind == MESSAGE:
+            case = self._agent_mail(tx, ops, run, case, match, message)
+        elif cls.sender == AGENT:
+            ops.internal_message(case, message, actor=actor, threading=match.method, automated=True)
         else:
-            ops.customer_comment(case, message, actor=actor, person=person,
-                                 threading=match.method, trigger=self._trigger(run))
+            ops.customer_comment(case, message.with_text(reply_text(mail.text, mail.html)) if person else message,
+                                 actor=actor, person=person, threading=match.method, trigger=self._trigger(run))
         self._belongs(tx, run, case)
         return Outcome(InboundState.PROCESSED, case.label, f"comment ({match.method})", mail.message_id)
+
+    def _agent_mail(self, tx: "Tx", ops: CaseOps, run: _Run, case: CaseRec, match: threads.Match,
+                    message: Incoming) -> CaseRec:
+        """An agent's mail on a case (DESIGN 5 "Agent mail"): its commands, then a public reply
+        or an internal note; refused commands are answered to the agent. The case it ends on
+        (another one after ``#merge``)."""
+        mail = run.mail
+        assert mail is not None
+        agent = _actor(mail)
+        new_text = reply_text(mail.text, mail.html)
+        commands = read_commands(new_text)
+        refusals = [{"line": r.line, "reason": r.reason} for r in commands.refused]
+        for command in commands.commands:
+            try:
+                case = ops.apply(case, command, actor=agent)
+            except Refused as exc:
+                refusals.append({"line": command.line, "reason": str(exc)})
+        run.step("commands", applied=[c.line for c in commands.commands if c.line not in
+                                      {r["line"] for r in refusals}], refused=refusals)
+        # A reply to one of our internal notifications (a note, a notice) stays internal too.
+        internal = (commands.internal or match.internal or
+                    (match.ref is not None and tx.cases.template_of(match.ref) in INTERNAL_TEMPLATES))
+        trigger = self._trigger(run)
+        if not commands.text.strip():
+            ops.internal_message(case, message.with_text(new_text), actor=agent, threading=match.method,
+                                 commands_only=True)
+        elif internal:
+            ops.note(case, message, actor=agent, text=commands.text, threading=match.method, trigger=trigger)
+        else:
+            ops.reply(case, message, actor=agent, text=commands.text, threading=match.method, trigger=trigger,
+                      keep_status=commands.value("status") is not None)
+        ops.refused_commands(case, agent, refusals, trigger=trigger)
+        return case
 
     def _bounce(self, tx: "Tx", ops: CaseOps, run: _Run) -> Outcome:
         mail, cls = run.mail, run.cls

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from intake.config import Config, MailboxConfig, parse_duration, parse_size
 from intake.db.cases import CaseRec
-from intake.db.outbox import NewMail
+from intake.db.outbox import NewMail, OutboxFile
 from intake.loops import HUMAN_TEMPLATES, LOOP_TAG, LoopFacts, LoopLimits, loop_protection
 from intake.mail.addresses import base_address, is_noreply
 from intake.mail.classify import AGENT, MESSAGE
@@ -45,7 +45,9 @@ LOOP_HEADER = "X-Intake-Loop"
 CUSTOMER_TEMPLATES = {"ack": AUTO_REPLIED, "agent_reply": AUTO_REPLIED, "status_changed": AUTO_GENERATED,
                       "auto_close_warning": AUTO_GENERATED, "auto_closed": AUTO_GENERATED}
 AGENT_TEMPLATES = {"new_case_agent": AUTO_GENERATED, "customer_reply_agent": AUTO_GENERATED,
-                   "escalated": AUTO_GENERATED}
+                   "escalated": AUTO_GENERATED, "internal_note": AUTO_GENERATED, "agent_notice": AUTO_REPLIED}
+#: Agent mails whose replies must stay internal: Reply-To is the case's note address.
+INTERNAL_TEMPLATES = frozenset({"internal_note", "agent_notice"})
 
 
 # ---------------------------------------------------------------------------------------
@@ -102,11 +104,13 @@ def build_context(*, language: str, case: dict[str, Any], brand: dict[str, Any],
                   recipient: dict[str, Any], message: dict[str, Any] | None = None,
                   reply: dict[str, Any] | None = None, status: dict[str, Any] | None = None,
                   escalation: dict[str, Any] | None = None, auto_close: dict[str, Any] | None = None,
+                  note: dict[str, Any] | None = None, notice: dict[str, Any] | None = None,
                   reply_address: str = "", note_address: str = "") -> dict[str, Any]:
     """The one shape every template sees; every key is present (``None`` when not relevant)."""
     return {"language": language, "case": case, "brand": brand, "customer": customer, "recipient": recipient,
             "message": message, "reply": reply, "status": status, "escalation": escalation,
-            "auto_close": auto_close, "reply_address": reply_address, "note_address": note_address}
+            "auto_close": auto_close, "note": note, "notice": notice, "reply_address": reply_address,
+            "note_address": note_address}
 
 
 def sample_context(name: str, language: str) -> dict[str, Any]:
@@ -126,13 +130,22 @@ def sample_context(name: str, language: str) -> dict[str, Any]:
         recipient={"name": "山田 太郎", "address": "taro@bigcorp.co.jp"},
         message={"from": "taro@bigcorp.co.jp", "from_name": "山田 太郎", "subject": case["subject"],
                  "text": "昨日から印刷できません。\n<よろしくお願いします>" if ja else "It stopped printing yesterday.\n<thanks>",
-                 "date": case["created_at"]},
+                 "date": case["created_at"],
+                 "attachments": [{"filename": "エラー画面.png" if ja else "error.png", "size": 48213,
+                                  "content_type": "image/png", "attached": True},
+                                 {"filename": "ログ.zip" if ja else "logs.zip", "size": 31457280,
+                                  "content_type": "application/zip", "attached": False}]},
         reply={"text": "ドライバーを更新してください。" if ja else "Please update the driver.", "agent_name": "山田 花子",
                "agent_address": "hanako@example.com"},
         status=({"old": "resolved", "new": "open", "reason": "customer replied"} if name == "customer_reply_agent"
                 else {"old": "open", "new": "resolved", "reason": ""}),
         escalation={"level": 1, "reason": "SLA first response breached"},
         auto_close={"days": 7, "at": "2026年11月27日 10:00" if ja else "2026-11-27 10:00 JST"},
+        note={"text": "お客様には明日電話します。" if ja else "I will call the customer tomorrow.",
+              "author": "hanako@example.com", "author_name": "山田 花子"},
+        notice=({"kind": "refused", "lines": [{"line": "#statsu resolved",
+                                               "reason": "unknown command #statsu (did you mean #status?)"}]}
+                if name == "agent_notice" else None),
         reply_address="support+c1042-abcdefghij@example.com", note_address="support+n1042-abcdefghij@example.com",
     )
 
@@ -183,6 +196,7 @@ class Notifier:
         self.limits = LoopLimits(n.ack_per_sender_per_hour, n.ack_per_case_per_hour, n.loop_max)
         self.loop_window = timedelta(seconds=parse_duration(n.loop_window))
         self.give_up_after = timedelta(seconds=parse_duration(cfg.outbound.give_up_after))
+        self.attach_max = parse_size(n.attach_max)
 
     @classmethod
     def for_config(cls, cfg: Config, team: Callable[[], Team], secret: Callable[[], str]) -> "Notifier":
@@ -191,8 +205,10 @@ class Notifier:
 
     # -- the changes ----------------------------------------------------------------------
 
-    def new_case(self, tx: "Tx", case: CaseRec, trigger: Trigger, ack: str | bool | None = None) -> Notified:
-        """A new case: the acknowledgement to the customer and the notice to its agents."""
+    def new_case(self, tx: "Tx", case: CaseRec, trigger: Trigger, ack: str | bool | None = None,
+                 files: Sequence[OutboxFile] = ()) -> Notified:
+        """A new case: the acknowledgement to the customer and the notice to its agents (with
+        the customer's files, up to ``[notify] attach_max``)."""
         done = Notified()
         if ack is not False and self.cfg.notify.ack and case.requester is not None:
             template = ack if isinstance(ack, str) else "ack"
@@ -202,32 +218,52 @@ class Notifier:
             self._skip(tx, done, case, "ack", case.requester.address, "config", why, trigger.at)
         if self.cfg.notify.notify_agents:
             for addr, name in self.team().notified_of(case.assignee, case.queue):
-                self._send(tx, done, case, "new_case_agent", trigger, to=(addr, name), fresh=True)
+                self._send(tx, done, case, "new_case_agent", trigger, to=(addr, name), fresh=True, files=files)
         return done
 
-    def customer_comment(self, tx: "Tx", case: CaseRec, trigger: Trigger,
-                         status: tuple[str, str] | None = None) -> Notified:
+    def customer_comment(self, tx: "Tx", case: CaseRec, trigger: Trigger, status: tuple[str, str] | None = None,
+                         files: Sequence[OutboxFile] = ()) -> Notified:
         """A customer wrote on a case: its agents hear of it; a reopen is confirmed to the customer."""
         done = Notified()
         status_data = {"old": status[0], "new": status[1], "reason": "customer replied"} if status else None
         if self.cfg.notify.notify_agents:
             for addr, name in self.team().notified_of(case.assignee, case.queue):
-                self._send(tx, done, case, "customer_reply_agent", trigger, to=(addr, name), status=status_data)
+                self._send(tx, done, case, "customer_reply_agent", trigger, to=(addr, name), status=status_data,
+                           files=files)
         if status and case.requester is not None:
             self._send(tx, done, case, "status_changed", trigger, to=(case.requester.address, case.requester.name),
                        status=status_data)
         return done
 
-    def agent_reply(self, tx: "Tx", case: CaseRec, trigger: Trigger, text: str,
-                    cc: Sequence[tuple[str, str]]) -> Notified:
-        """An agent's public reply (``text``: without its quoted history) to the customer, CCs in Cc."""
+    def agent_reply(self, tx: "Tx", case: CaseRec, trigger: Trigger, text: str, cc: Sequence[tuple[str, str]],
+                    files: Sequence[OutboxFile] = ()) -> Notified:
+        """An agent's public reply (``text``: without its quoted history) to the requester, with
+        ``cc`` in Cc and the agent's files attached."""
         done = Notified()
         if case.requester is None:
             return done
         reply = {"text": text, "agent_name": self.team().name_of(trigger.sender) or trigger.sender_name,
                  "agent_address": trigger.sender}
         self._send(tx, done, case, "agent_reply", trigger, to=(case.requester.address, case.requester.name),
-                   cc=cc, reply=reply)
+                   cc=cc, reply=reply, files=files, attach_all=True)
+        return done
+
+    def internal_note(self, tx: "Tx", case: CaseRec, trigger: Trigger, text: str, to: Sequence[tuple[str, str]],
+                      files: Sequence[OutboxFile] = ()) -> Notified:
+        """An internal note, to the agents of the case (never to a customer)."""
+        done = Notified()
+        note = {"text": text, "author": trigger.sender, "author_name": self.team().name_of(trigger.sender)
+                or trigger.sender_name}
+        for addr, name in to:
+            self._send(tx, done, case, "internal_note", trigger, to=(addr, name), note=note, files=files)
+        return done
+
+    def agent_notice(self, tx: "Tx", case: CaseRec, trigger: Trigger, to: tuple[str, str], kind: str,
+                     lines: Sequence[dict[str, str]]) -> Notified:
+        """Tell an agent what became of their mail: ``kind`` ``refused`` (commands not applied,
+        ``lines`` [{line, reason}]) or ``unauthenticated`` (``lines`` [{reason}])."""
+        done = Notified()
+        self._send(tx, done, case, "agent_notice", trigger, to=to, notice={"kind": kind, "lines": list(lines)})
         return done
 
     def status_changed(self, tx: "Tx", case: CaseRec, old: str, new: str, trigger: Trigger,
@@ -243,7 +279,7 @@ class Notifier:
 
     def _send(self, tx: "Tx", done: Notified, case: CaseRec, template: str, trigger: Trigger, *,
               to: tuple[str, str], cc: Sequence[tuple[str, str]] = (), fresh: bool = False,
-              **extra: Any) -> int | None:
+              files: Sequence[OutboxFile] = (), attach_all: bool = False, **extra: Any) -> int | None:
         """Queue one mail unless loop protection says no; ``fresh``: the case was opened by this trigger."""
         address, name = to[0].lower(), to[1] or ""
         audience = Audience.AGENT if template in AGENT_TEMPLATES else Audience.CUSTOMER
@@ -260,7 +296,8 @@ class Notifier:
             language = case.language or self.cfg.templates.default_language
         mailbox = self._mailbox(case)
         brand_name = self._brand_name(mailbox)
-        context = self._context(case, language, brand_name, mailbox, (address, name), trigger, **extra)
+        attached, listed = (tuple(files), []) if attach_all else self._attachable(files)
+        context = self._context(case, language, brand_name, mailbox, (address, name), trigger, listed, **extra)
         try:
             rendered = self.templates.render(template, context, language=language, brand=case.brand)
         except (TemplateError, TypeError) as exc:
@@ -269,15 +306,30 @@ class Notifier:
             self._skip(tx, done, case, template, address, "template-error", str(exc), trigger.at)
             return None
         return self._enqueue(tx, done, case, template, audience, language, mailbox, brand_name, (address, name), cc,
-                             rendered, trigger)
+                             rendered, trigger, attached)
+
+    def _attachable(self, files: Sequence[OutboxFile]) -> tuple[tuple[OutboxFile, ...], list[dict[str, Any]]]:
+        """The files an agent notice attaches (within ``attach_max`` in all), and every file
+        listed with whether it is attached."""
+        budget, attached, listed = self.attach_max, [], []
+        for f in files:
+            fits = f.size <= budget
+            if fits:
+                budget -= f.size
+                attached.append(f)
+            listed.append({"filename": f.filename, "size": f.size, "content_type": f.content_type, "attached": fits})
+        return tuple(attached), listed
 
     def _enqueue(self, tx: "Tx", done: Notified, case: CaseRec, template: str, audience: str, language: str,
                  mailbox: MailboxConfig, brand_name: str, to: tuple[str, str], cc: Sequence[tuple[str, str]],
-                 rendered: Any, trigger: Trigger) -> int:
+                 rendered: Any, trigger: Trigger, files: tuple[OutboxFile, ...] = ()) -> int:
         secret = self.secret()
         domain = mailbox.address.rpartition("@")[2]
         message_id = make_msgid(idstring=case.label.lower(), domain=domain)[1:-1]
         signed = reply_address(mailbox.address, case.number, secret, "c")
+        # Replies to an internal notification stay internal: they go to the note address.
+        reply_to = reply_address(mailbox.address, case.number, secret, "n") if template in INTERNAL_TEMPLATES \
+            else signed
         in_reply_to, references = self._thread(tx, case, template, trigger)
         subject = subject_with_token(rendered.subject, case.label)
         auto = CUSTOMER_TEMPLATES.get(template) or AGENT_TEMPLATES.get(template) or AUTO_GENERATED
@@ -288,7 +340,7 @@ class Notifier:
         if cc:
             headers.append(["Cc", ", ".join(_addr(n, a) for a, n in cc)])
         headers += [
-            ["Reply-To", _addr(brand_name, signed)],
+            ["Reply-To", _addr(brand_name, reply_to)],
             ["Subject", subject],
             ["Date", format_datetime(trigger.at)],
             ["Message-ID", f"<{message_id}>"],
@@ -317,7 +369,7 @@ class Notifier:
             case_id=case.id, message_row_id=msg_id, inbound_id=trigger.inbound_id, at=trigger.at, template=template,
             audience=str(audience), auto_submitted=auto, language=language, mail_from=signed, recipient=to[0],
             recipients=[to[0], *(a for a, _ in cc)], message_id=message_id, headers=headers, subject=subject,
-            text=rendered.text, html=rendered.html, give_up_at=trigger.at + self.give_up_after))
+            text=rendered.text, html=rendered.html, give_up_at=trigger.at + self.give_up_after, files=files))
         done.queued.append({"outbox": row_id, "template": template, "to": to[0], "message_id": message_id})
         log.info("outbox queued #%d case=%s template=%s to=%s message_id=<%s>", row_id, case.label, template, to[0],
                  message_id)
@@ -384,7 +436,7 @@ class Notifier:
         return trigger.message_id, refs
 
     def _context(self, case: CaseRec, language: str, brand_name: str, mailbox: MailboxConfig,
-                 to: tuple[str, str], trigger: Trigger, **extra: Any) -> dict[str, Any]:
+                 to: tuple[str, str], trigger: Trigger, files: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         team = self.team()
         queue = team.queue(case.queue)
         secret = self.secret()
@@ -404,7 +456,8 @@ class Notifier:
         message = None
         if trigger.message_id:
             message = {"from": trigger.sender, "from_name": trigger.sender_name, "subject": trigger.subject,
-                       "text": trigger.text.strip()[:20000], "date": format_time(trigger.at, language, self.cfg)}
+                       "text": trigger.text.strip()[:20000], "date": format_time(trigger.at, language, self.cfg),
+                       "attachments": files}
         customer = {"name": case.requester.name if case.requester else "",
                     "address": case.requester.address if case.requester else ""}
         return build_context(

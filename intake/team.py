@@ -29,6 +29,11 @@ class Queue:
     sla: dict[str, Any] = field(default_factory=dict)
     escalate_to: str | None = None
     supervisors: tuple[str, ...] = ()
+    # The lifecycle (DESIGN 5), per queue.
+    reply_status: str = "pending"  # after a public agent reply: pending, or open (keep working)
+    resolved_notice: bool = True  # status_changed to the customer when the case is resolved
+    on_reply_to_closed: str = "reopen"  # a reply to a closed case: reopen (within reopen_days) or new_case
+    reopen_days: int | None = None  # None: [cases] reopen_days
 
 
 @dataclass(frozen=True)

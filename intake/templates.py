@@ -45,6 +45,8 @@ TEMPLATE_NAMES = (
     "escalated",
     "auto_close_warning",
     "auto_closed",
+    "internal_note",
+    "agent_notice",
 )
 
 #: Seconds a template file lookup is reused: a new or removed file is noticed after this

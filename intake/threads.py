@@ -113,6 +113,7 @@ class Match:
     reason: str
     internal: bool = False
     mentions: tuple[int, ...] = ()
+    ref: str | None = None  # the Message-ID a "references" match found
 
 
 def may_use(ev: Evidence, case: TokenCase) -> bool:
@@ -129,7 +130,8 @@ def decide(ev: Evidence) -> Match:
         return Match(number, "signed-address", f"sent to the signed reply address of case {number}",
                      internal=kind == "n")
     if ev.by_message_id is not None:
-        return Match(ev.by_message_id, "references", f"In-Reply-To/References name <{ev.by_message_id_ref}>")
+        return Match(ev.by_message_id, "references", f"In-Reply-To/References name <{ev.by_message_id_ref}>",
+                     ref=ev.by_message_id_ref)
     if ev.by_thread_index is not None:
         return Match(ev.by_thread_index, "thread-index", "Outlook Thread-Index continues a stored message")
     for number in ev.tokens:

@@ -21,7 +21,7 @@ def test_every_timeline_entry_names_who_caused_it(app):
     with case_ops(app) as ops:
         case = ops.tx.cases.by_number(1)
         ops.set_status(case, Status.PENDING, actor="hanako@example.com", reason="asked for the model")
-        ops.note(case, "called the customer", actor="cli")
+        ops.remark(case, "called the customer", actor="cli")
     timeline = case_detail(app, "CASE-1")["timeline"]
     assert all(e["actor"] for e in timeline)
     by_type = {e["type"]: e for e in timeline}

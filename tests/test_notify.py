@@ -193,7 +193,11 @@ def test_an_internal_note_never_reaches_the_customer(app):
     before = len(outbox(app))
     ingest(app, make_mail(subject="note", sender="ken@example.com", to=note, body="Customer is VIP.\n"),
            envelope_to=[note])
-    assert len(outbox(app)) == before
+    # Only the queue's other agent hears of it: never the customer, never its author.
+    new = outbox(app)[before:]
+    assert [(m.template, m.recipient, m.audience) for m in new] == [("internal_note", "hanako@example.com", "agent")]
+    assert "Customer is VIP." in new[0].text
+    assert note in dict(new[0].headers)["Reply-To"]  # a reply to the notice stays internal
     notes = [e for e in timeline(app, "CASE-1") if e["type"] == "message" and e.get("text", "").startswith("Customer is VIP")]
     assert notes[0]["visibility"] == "internal"
 
@@ -202,11 +206,12 @@ def test_a_customer_reply_reopens_and_is_confirmed_to_the_customer(app):
     ingest(app, make_mail(subject="Printer", sender="erin@client.example.net", message_id="<e1@client.example.net>"))
     set_status(app, 1, Status.RESOLVED)
     ingest(app, make_mail(subject="Re: [CASE-1] Printer", sender="erin@client.example.net", body="Still broken.\n"))
+    # The customer heard of the resolution, then of the reopening.
     status = [i for i in outbox(app) if i.template == "status_changed"]
-    assert len(status) == 1 and status[0].recipient == "erin@client.example.net"
-    m = parsed(status[0])
-    assert m["Auto-Submitted"] == "auto-generated"
-    assert 'from "resolved" to "open"' in m.get_body(("plain",)).get_content()
+    assert [i.recipient for i in status] == ["erin@client.example.net"] * 2
+    bodies = [parsed(i).get_body(("plain",)).get_content() for i in status]
+    assert 'from "received" to "resolved"' in bodies[0] and 'from "resolved" to "open"' in bodies[1]
+    assert parsed(status[1])["Auto-Submitted"] == "auto-generated"
     agents = [i for i in outbox(app) if i.template == "customer_reply_agent"]
     assert {i.recipient for i in agents} == {"hanako@example.com", "ken@example.com"}
     assert "Still broken." in parsed(agents[0]).get_body(("plain",)).get_content()

@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from sqlalchemy.engine import Connection
-from sqlalchemy import bindparam, func, or_, select, update
+from sqlalchemy import bindparam, func, literal, or_, select, update
 from sqlalchemy.sql import Select
 
 from intake.db import schema as s
@@ -62,6 +62,7 @@ class CaseRec:
     resolved_at: datetime | None
     closed_at: datetime | None
     linked_case_id: int | None
+    merged_into_id: int | None
     organization_id: int | None
     organization: str | None  # the organization's mail domain
     requester: ContactRef | None
@@ -134,7 +135,7 @@ class Message:
 CHANGEABLE = frozenset({
     "subject", "status", "priority", "queue", "assignee", "category", "language", "resolution", "tags",
     "escalation_level", "first_response_due", "resolution_due", "updated_at", "first_response_at",
-    "resolved_at", "closed_at", "linked_case_id",
+    "resolved_at", "closed_at", "linked_case_id", "merged_into_id",
 })
 
 ro = org.alias("ro")
@@ -142,7 +143,7 @@ _CASE_COLUMNS = [c.c[n] for n in ("id", "number", "prefix", "subject", "status",
                                   "category", "channel", "mailbox", "brand", "language", "resolution", "tags",
                                   "escalation_level", "first_response_due", "resolution_due", "created_at",
                                   "updated_at", "first_response_at", "resolved_at", "closed_at", "linked_case_id",
-                                  "organization_id")]
+                                  "merged_into_id", "organization_id")]
 _N = len(_CASE_COLUMNS)
 
 
@@ -215,6 +216,30 @@ _EVENT = Statement(lambda k: k.insert(ev).values(
     **{n: bindparam(n) for n in ("case_id", "at", "type", "actor", "message_row_id", "inbound_id", "data")}))
 _OPEN_COUNT = Statement(lambda k: select(func.count(c.c.id)).where(
     c.c.assignee == bindparam("agent"), or_(*(c.c.status == st.value for st in OPEN_STATUSES))))
+_LINK = Statement(lambda k: k.insert(s.case_links).values(
+    case_id=bindparam("case_id"), other_id=bindparam("other_id"), kind=bindparam("kind"), actor=bindparam("actor"),
+    created_at=bindparam("at")).on_conflict_do_nothing().returning(s.case_links.c.id))
+_LINKS = Statement(lambda k: select(s.case_links.c.other_id, s.case_links.c.kind, literal("to"))
+                   .where(s.case_links.c.case_id == bindparam("case_id"))
+                   .union_all(select(s.case_links.c.case_id, s.case_links.c.kind, literal("from"))
+                              .where(s.case_links.c.other_id == bindparam("case_id"))))
+_MOVE_MESSAGES = Statement(lambda k: update(m).where(m.c.case_id == bindparam("old")).values(case_id=bindparam("new")))
+_MOVE_KEYS = Statement(lambda k: update(s.message_keys).where(s.message_keys.c.case_id == bindparam("old"))
+                       .values(case_id=bindparam("new")))
+_MOVE_INBOUND = Statement(lambda k: update(s.inbound).where(s.inbound.c.case_id == bindparam("old"))
+                          .values(case_id=bindparam("new")))
+_PARTICIPANT_CONTACTS = Statement(lambda k: select(ct.c.id, ct.c.address, ct.c.name, ct.c.organization_id,
+                                                   ct.c.language, p.c.role)
+                                  .select_from(p.join(ct, ct.c.id == p.c.contact_id))
+                                  .where(p.c.case_id == bindparam("case_id")).order_by(ct.c.id))
+_TEMPLATE_OF = Statement(lambda k: select(ev.c.data).select_from(ev.join(m, m.c.id == ev.c.message_row_id))
+                         .where(m.c.message_id == bindparam("mid"), m.c.direction == "out").limit(1))
+_LAST_IN = Statement(lambda k: select(m.c.from_address, m.c.to, m.c.cc).where(
+    m.c.case_id == bindparam("case_id"), m.c.direction == "in", m.c.visibility == "public")
+    .order_by(m.c.id.desc()).limit(20))
+_FILES = Statement(lambda k: select(s.attachments.c.sha256, s.attachments.c.filename, s.attachments.c.content_type,
+                                    s.attachments.c.size, s.attachments.c.inline)
+                   .where(s.attachments.c.message_row_id == bindparam("mid")).order_by(s.attachments.c.id))
 _SENT = Statement(lambda k: update(m).where(m.c.id == bindparam("mid")).values(sent_at=bindparam("at")))
 
 
@@ -295,7 +320,7 @@ class CaseRepo:
                        language=language, resolution=None, tags=list(tags), escalation_level=0,
                        first_response_due=None, resolution_due=None, created_at=created_at, updated_at=created_at,
                        first_response_at=None, resolved_at=None, closed_at=None, linked_case_id=None,
-                       organization_id=org_id, organization=requester.organization if requester else None,
+                       merged_into_id=None, organization_id=org_id, organization=requester.organization if requester else None,
                        requester=requester)
 
     def update(self, case: CaseRec, **changes: Any) -> None:
@@ -401,6 +426,53 @@ class CaseRepo:
             self.sql.many(_EVENT, self._events)
             self._events.clear()
 
+    # -- links and merges -------------------------------------------------------------------
+
+    def add_link(self, case_id: int, other_id: int, kind: str, actor: str | None, at: datetime) -> bool:
+        """Record that two cases belong together (once per pair and kind); False when known."""
+        row = self.sql.one(_LINK, {"case_id": case_id, "other_id": other_id, "kind": kind, "actor": actor, "at": at})
+        return row is not None
+
+    def links(self, case_id: int) -> list[tuple[str, str, str]]:
+        """(other case's label, kind, direction "to"/"from") of every link of a case."""
+        out = []
+        for other, kind, direction in self.sql.all(_LINKS, {"case_id": case_id}):
+            case = self.by_id(other)
+            if case is not None:
+                out.append((case.label, kind, direction))
+        return out
+
+    def move_thread(self, from_case: int, to_case: int) -> int:
+        """Move a case's messages and thread evidence (Message-IDs, inbound records) to another
+        case (a merge); the number of messages moved."""
+        moved = self.sql.run(_MOVE_MESSAGES, {"old": from_case, "new": to_case})
+        self.sql.run(_MOVE_KEYS, {"old": from_case, "new": to_case})
+        self.sql.run(_MOVE_INBOUND, {"old": from_case, "new": to_case})
+        return moved
+
+    def participants_with_ids(self, case_id: int) -> list[tuple[ContactRef, str]]:
+        """(contact, role) of a case's participants."""
+        return [(ContactRef(cid, a, n or "", o, lang), r) for cid, a, n, o, lang, r in
+                self.sql.all(_PARTICIPANT_CONTACTS, {"case_id": case_id})]
+
+    def template_of(self, message_id: str) -> str | None:
+        """The template an outgoing message of ours was rendered from (None for other mail)."""
+        data = self.sql.scalar(_TEMPLATE_OF, {"mid": message_id})
+        return (data or {}).get("template") if isinstance(data, dict) else None
+
+    def last_customer_message(self, case_id: int, agents: Iterable[str]) -> list[str]:
+        """From, To and Cc (lower case) of the case's latest incoming public message not written
+        by an agent: the mail an agent reply answers."""
+        wanted = {a.lower() for a in agents}
+        for from_address, to, cc in self.sql.all(_LAST_IN, {"case_id": case_id}):
+            if (from_address or "").lower() not in wanted:
+                return [a.lower() for a in [from_address or "", *(to or []), *(cc or [])] if a]
+        return []
+
+    def message_files(self, message_row_id: int) -> list[tuple[str, str, str, int, bool]]:
+        """(sha256, filename, content type, size, inline) of a stored message's attachments."""
+        return [tuple(r) for r in self.sql.all(_FILES, {"mid": message_row_id})]  # type: ignore[misc]
+
     # -- reading (the command line) ----------------------------------------------------------
 
     def list(self, *, limit: int | None = None, newest: bool = False, **filters: Any) -> list[CaseRec]:
@@ -459,6 +531,10 @@ class CaseRepo:
         parts = self.participants(case.id)
         out["participants"] = sorted({a for a, _, _ in parts})
         out.update(priority=case.priority, resolution=case.resolution, language=case.language, brand=case.brand)
+        out["links"] = [{"case": label, "kind": kind, "direction": direction}
+                        for label, kind, direction in self.links(case.id)]
+        merged = self.by_id(case.merged_into_id) if case.merged_into_id else None
+        out["merged_into"] = merged.label if merged else None
         out["timeline"] = self.timeline(case.id)
         return out
 

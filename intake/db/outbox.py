@@ -27,8 +27,18 @@ o = s.outbox
 
 
 @dataclass(frozen=True)
+class OutboxFile:
+    """A file sent with an outgoing mail; its content is a stored blob (by SHA-256)."""
+
+    sha256: str
+    filename: str
+    content_type: str
+    size: int
+
+
+@dataclass(frozen=True)
 class NewMail:
-    """One rendered mail to queue (every column of a new outbox row, by name)."""
+    """One rendered mail to queue (every column of a new outbox row, by name, and its files)."""
 
     case_id: int | None
     message_row_id: int | None
@@ -47,6 +57,7 @@ class NewMail:
     text: str
     html: str | None
     give_up_at: datetime
+    files: tuple[OutboxFile, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -75,6 +86,7 @@ class OutboxMail:
     give_up_at: datetime
     sent_at: datetime | None
     last_error: str | None
+    files: tuple[OutboxFile, ...] = ()
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -83,6 +95,7 @@ class OutboxMail:
             "message_id": self.message_id, "state": self.state, "attempts": self.attempts,
             "created_at": self.created_at.isoformat(), "next_attempt_at": self.next_attempt_at.isoformat(),
             "sent_at": self.sent_at.isoformat() if self.sent_at else None, "last_error": self.last_error,
+            "files": [{"filename": f.filename, "content_type": f.content_type, "size": f.size} for f in self.files],
         }
 
 
@@ -105,13 +118,13 @@ def _select() -> Any:
     return select(*_COLUMNS).select_from(o.outerjoin(s.cases, s.cases.c.id == o.c.case_id))
 
 
-def _mail(r: Sequence[Any]) -> OutboxMail:
+def _mail(r: Sequence[Any], files: tuple[OutboxFile, ...] = ()) -> OutboxMail:
     (rid, case_id, prefix, number, message_row_id, template, audience, auto, mail_from, recipient, recipients,
      message_id, headers, subject, text, html, state, attempts, created, next_at, give_up, sent, error) = r
     return OutboxMail(rid, case_id, f"{prefix}-{number}" if number is not None else None, message_row_id, template,
                       audience, auto, mail_from, recipient, list(recipients or []), message_id,
                       [list(h) for h in headers or []], subject, text, html, state, attempts or 0, created, next_at,
-                      give_up, sent, error)
+                      give_up, sent, error, files)
 
 
 _ADD = Statement(lambda k: k.insert(o).values(
@@ -121,6 +134,14 @@ _ADD = Statement(lambda k: k.insert(o).values(
     created_at=bindparam("at"), updated_at=bindparam("at"), next_attempt_at=bindparam("at"),
     state=OutboxState.QUEUED, attempts=0, permanent=False).returning(o.c.id))
 _BY_ID = Statement(lambda k: _select().where(o.c.id == bindparam("rid")))
+_FILE = Statement(lambda k: k.insert(s.outbox_attachments).values(
+    outbox_id=bindparam("outbox_id"), sha256=bindparam("sha256"), filename=bindparam("filename"),
+    content_type=bindparam("content_type"), size=bindparam("size")))
+_FILES = Statement(lambda k: select(s.outbox_attachments.c.sha256, s.outbox_attachments.c.filename,
+                                    s.outbox_attachments.c.content_type, s.outbox_attachments.c.size)
+                   .where(s.outbox_attachments.c.outbox_id == bindparam("outbox_id"))
+                   .order_by(s.outbox_attachments.c.id))
+_BLOB = Statement(lambda k: select(s.blobs.c.data).where(s.blobs.c.sha256 == bindparam("sha256")))
 _BY_MESSAGE_ID = Statement(lambda k: _select().where(o.c.message_id == bindparam("mid")))
 _SUPPRESSION = Statement(lambda k: select(s.suppressions.c.address, s.suppressions.c.until, s.suppressions.c.reason)
                          .where(s.suppressions.c.address == bindparam("address")))
@@ -155,9 +176,21 @@ class OutboxRepo:
     # -- queueing ------------------------------------------------------------------------
 
     def add(self, mail: NewMail) -> int:
-        """Queue one rendered mail; the row's id."""
-        values = {k: getattr(mail, k) for k in mail.__dataclass_fields__}
-        return int(self.sql.one(_ADD, values)[0])
+        """Queue one rendered mail (and its files); the row's id."""
+        values = {k: getattr(mail, k) for k in mail.__dataclass_fields__ if k != "files"}
+        row_id = int(self.sql.one(_ADD, values)[0])
+        for f in mail.files:
+            self.sql.run(_FILE, {"outbox_id": row_id, "sha256": f.sha256, "filename": f.filename,
+                                 "content_type": f.content_type, "size": f.size})
+        return row_id
+
+    def files(self, outbox_id: int) -> tuple[OutboxFile, ...]:
+        """The files sent with an outbox row."""
+        return tuple(OutboxFile(*r) for r in self.sql.all(_FILES, {"outbox_id": outbox_id}))
+
+    def file_data(self, sha256: str) -> bytes:
+        """The content of a file (a stored blob)."""
+        return bytes(self.sql.scalar(_BLOB, {"sha256": sha256}))
 
     def count(self, *, since: datetime, template: str | None = None, recipient: str | None = None,
               case_id: int | None = None, audience: str | None = None) -> int:
@@ -170,7 +203,7 @@ class OutboxRepo:
 
     def get(self, outbox_id: int) -> OutboxMail | None:
         row = self.sql.one(_BY_ID, {"rid": outbox_id})
-        return _mail(row) if row else None
+        return _mail(row, self.files(outbox_id)) if row else None
 
     def by_ids(self, ids: Sequence[int]) -> dict[int, OutboxMail]:
         return {m.id: m for m in (self.get(i) for i in dict.fromkeys(ids)) if m is not None}
@@ -210,8 +243,8 @@ class OutboxRepo:
         wall = utcnow()
         self.conn.execute(update(o).where(o.c.id.in_(ids)).values(state=OutboxState.SENDING, claimed_at=wall,
                                                                        updated_at=wall))
-        rows = self.conn.execute(_select().where(o.c.id.in_(ids)).order_by(o.c.next_attempt_at, o.c.id))
-        return [_mail(r) for r in rows]
+        rows = self.conn.execute(_select().where(o.c.id.in_(ids)).order_by(o.c.next_attempt_at, o.c.id)).all()
+        return [_mail(r, self.files(r[0])) for r in rows]
 
     def interrupted(self, claimed_before: datetime) -> list[OutboxMail]:
         """Rows left ``sending`` by a process that stopped before ``claimed_before``."""

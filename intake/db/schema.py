@@ -26,13 +26,14 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
 )
 from sqlalchemy.types import TypeDecorator
 
 from intake.db.base import read_time, sqlite_time
 
 #: The newest migration (``intake/db/migrations/versions``); a test keeps the two equal.
-REVISION = "0006"
+REVISION = "0007"
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -168,6 +169,21 @@ cases = Table(
     _ts("resolved_at", nullable=True),
     _ts("closed_at", nullable=True),
     Column("linked_case_id", Integer, ForeignKey("cases.id")),
+    # Merged into another case: later mail to this one's threads lands there (DESIGN 5).
+    Column("merged_into_id", Integer, ForeignKey("cases.id", name="fk_cases_merged_into_id")),
+)
+
+#: Cases that belong together: ``related`` (linked by a person), ``follow-up`` (a reply to a
+#: case closed too long ago), ``mentioned`` (a stranger named it), ``merged``.
+case_links = Table(
+    "case_links", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("case_id", Integer, ForeignKey("cases.id"), nullable=False, index=True),
+    Column("other_id", Integer, ForeignKey("cases.id"), nullable=False, index=True),
+    Column("kind", String(20), nullable=False),
+    Column("actor", String(320)),
+    _ts("created_at"),
+    UniqueConstraint("case_id", "other_id", "kind", name="uq_case_links"),
 )
 
 participants = Table(
@@ -266,6 +282,17 @@ outbox = Table(
     Column("last_error", Text),
     Index("ix_outbox_due", "state", "next_attempt_at"),
     Index("ix_outbox_recipient", "recipient", "created_at"),
+)
+
+#: Files sent with an outgoing mail (an agent's reply, the customer's files in an agent notice).
+outbox_attachments = Table(
+    "outbox_attachments", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("outbox_id", Integer, ForeignKey("outbox.id"), nullable=False, index=True),
+    Column("sha256", String(64), ForeignKey("blobs.sha256"), nullable=False),
+    Column("filename", Text, nullable=False),
+    Column("content_type", String(255), nullable=False),
+    Column("size", Integer, nullable=False),
 )
 
 #: An address that gets no automated mail until ``until`` (after a bounce or a 5xx).

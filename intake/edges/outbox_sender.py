@@ -20,7 +20,7 @@ import random
 import smtplib
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email import policy
@@ -137,8 +137,8 @@ def retry(cfg: Config, store: Store, outbox_id: int, now: datetime) -> str | Non
         tx.outbox.requeue(row.id, now, now + give_up_after)
         case = tx.cases.by_id(row.case_id) if row.case_id is not None else None
         if case is not None:
-            CaseOps(tx, CaseEnv(cfg), now).note(case, f"outbox #{row.id} queued again by an operator", actor="cli",
-                                                message_id=row.message_id)
+            CaseOps(tx, CaseEnv(cfg), now).remark(case, f"outbox #{row.id} queued again by an operator", actor="cli",
+                                                  message_id=row.message_id)
         return None
 
 class _HeaderClasses(HeaderRegistry):
@@ -163,8 +163,10 @@ _POLICIES = {
 }
 
 
-def build_mime(item: OutboxMail, *, eight_bit: bool = False, linesep: str = "\r\n") -> bytes:
-    """The complete message: the stored headers, a UTF-8 text part and the optional HTML part."""
+def build_mime(item: OutboxMail, *, eight_bit: bool = False, linesep: str = "\r\n",
+               files: Mapping[str, bytes] | None = None) -> bytes:
+    """The complete message: the stored headers, a UTF-8 text part, the optional HTML part and
+    the files (``files``: their contents by SHA-256)."""
     pol = _POLICIES[(eight_bit, linesep)]
     msg = EmailMessage(policy=pol)
     for name, value in item.headers:
@@ -174,7 +176,22 @@ def build_mime(item: OutboxMail, *, eight_bit: bool = False, linesep: str = "\r\
         msg.add_alternative(item.html, subtype="html", charset="utf-8", cte=_cte(item.html, eight_bit))
         for part in msg.iter_parts():
             del part["MIME-Version"]  # EmailMessage.add_alternative adds it to the part too
+    for f in item.files:
+        maintype, _, subtype = f.content_type.partition("/")
+        msg.add_attachment((files or {})[f.sha256], maintype=maintype or "application",
+                           subtype=subtype or "octet-stream", filename=f.filename)
+    if item.files:
+        for part in msg.iter_parts():
+            del part["MIME-Version"]
     return msg.as_bytes(policy=pol)
+
+
+def read_files(store: Store, item: OutboxMail) -> dict[str, bytes]:
+    """The contents of an outgoing mail's files, read when it is built (one mail at a time)."""
+    if not item.files:
+        return {}
+    with store.read() as tx:
+        return {f.sha256: tx.outbox.file_data(f.sha256) for f in item.files}
 
 
 def _cte(text: str, eight_bit: bool) -> str | None:
@@ -206,9 +223,16 @@ def next_attempt(now: datetime, attempts: int, initial: float, maximum: float,
 
 
 class Sender(Protocol):
+    #: The contents of a mail's files (set by the delivery pass: the store is not the sender's).
+    files: Callable[[OutboxMail], Mapping[str, bytes]]
+
     def deliver(self, items: list[OutboxMail], now: datetime) -> list[OutboxOutcome]: ...
 
     def close(self) -> None: ...
+
+
+def _no_files(item: OutboxMail) -> Mapping[str, bytes]:
+    return {}
 
 
 @dataclass
@@ -239,6 +263,7 @@ class MaildirSender:
     def __init__(self, folder: Path, policy_: _Policy) -> None:
         self.folder = folder
         self.policy = policy_
+        self.files: Callable[[OutboxMail], Mapping[str, bytes]] = _no_files
 
     def deliver(self, items: list[OutboxMail], now: datetime) -> list[OutboxOutcome]:
         tmp_dir = self.folder / ".tmp"
@@ -272,7 +297,7 @@ class MaildirSender:
         name = f"{item.created_at:%Y%m%dT%H%M%S}-{item.id:08d}-{(item.case or 'none').lower()}-{item.template}.eml"
         tmp = tmp_dir / name
         with open(tmp, "wb") as f:
-            f.write(build_mime(item, eight_bit=False, linesep="\n"))
+            f.write(build_mime(item, eight_bit=False, linesep="\n", files=self.files(item)))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.folder / name)
@@ -325,6 +350,7 @@ class SmtpSender:
         self.policy = policy_
         self.connect = connect
         self.conn: smtplib.SMTP | None = None
+        self.files: Callable[[OutboxMail], Mapping[str, bytes]] = _no_files
 
     def deliver(self, items: list[OutboxMail], now: datetime) -> list[OutboxOutcome]:
         out: list[OutboxOutcome] = []
@@ -347,7 +373,7 @@ class SmtpSender:
         conn = self.conn
         assert conn is not None
         eight_bit = conn.has_extn("8bitmime")
-        data = build_mime(item, eight_bit=eight_bit)
+        data = build_mime(item, eight_bit=eight_bit, files=self.files(item))
         options = ["BODY=8BITMIME"] if eight_bit else []
         suppress = now + self.policy.suppress_for
         try:
@@ -462,10 +488,15 @@ def deliver_due(cfg: Config, store: Store, now: datetime, *, connections: int | 
         n = 1
     lock = threading.Lock()
     batch = cfg.outbound.batch_size
+    def sender() -> Sender:
+        made = sender_factory(cfg)
+        made.files = lambda item: read_files(store, item)
+        return made
+
     if n == 1:
-        _worker(cfg, store, sender_factory(cfg), now, batch, report, lock, should_stop, limit)
+        _worker(cfg, store, sender(), now, batch, report, lock, should_stop, limit)
         return report
-    threads = [threading.Thread(target=_worker, args=(cfg, store, sender_factory(cfg), now, batch, report, lock,
+    threads = [threading.Thread(target=_worker, args=(cfg, store, sender(), now, batch, report, lock,
                                                       should_stop, limit), name=f"outbox-{i}", daemon=True)
                for i in range(n)]
     for t in threads:

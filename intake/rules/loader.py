@@ -34,6 +34,8 @@ from intake.rules.model import (
     OPERATORS,
     PRIORITIES,
     QUEUE_KEYS,
+    REOPEN_POLICIES,
+    REPLY_STATUSES,
     RULE_KEYS,
     SLA_KEYS,
     TOP_KEYS,
@@ -335,8 +337,28 @@ class _Loader:
                     ok = False
                 else:
                     self.refs.append(_Ref("queue", escalate, self.file, spec.lines["escalate_to"], f"{where}: escalate_to"))
+            reply_status = self.choice(spec, "reply_status", REPLY_STATUSES, where)
+            on_closed = self.choice(spec, "on_reply_to_closed", REOPEN_POLICIES, where)
+            resolved_notice = self.flag(spec, "resolved_notice", True, where)
+            reopen_days = spec.get("reopen_days")
+            if reopen_days is not None and (isinstance(reopen_days, bool) or not isinstance(reopen_days, int)
+                                            or reopen_days < 0):
+                self.error(spec.lines["reopen_days"], f"{where}: reopen_days: expected a number of days (0 or more)")
+                ok = False
+            ok &= None not in (reply_status, on_closed, resolved_notice)
             if ok and name is not None and assign is not None:
-                self.queues[key] = Queue(key, name, tuple(agents or ()), assign, sla, escalate, tuple(supervisors or ()))
+                self.queues[key] = Queue(key, name, tuple(agents or ()), assign, sla, escalate, tuple(supervisors or ()),
+                                         reply_status or "pending", bool(resolved_notice), on_closed or "reopen",
+                                         reopen_days)
+
+    def choice(self, spec: _Map, key: str, allowed: Sequence[str], where: str) -> str | None:
+        """A text value that must be one of ``allowed`` (its first is the default)."""
+        value = self.text(spec, key, allowed[0], where)
+        if value is not None and value not in allowed:
+            self.error(spec.lines[key], f"{where}: {key} must be one of {', '.join(allowed)}, not {value!r}"
+                                        f"{_did_you_mean(value, allowed)}")
+            return None
+        return value
 
     def agent_list(self, spec: _Map, key: str, where: str) -> list[str] | None:
         """A queue's list of agent addresses (``agents:``, ``supervisors:``); None when wrong."""

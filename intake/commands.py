@@ -1,0 +1,164 @@
+"""Mail commands: ``#status resolved`` and the like at the top of an agent's mail (DESIGN 5). Pure.
+
+One command per line, at the top of the mail's new text (blank lines between them are
+fine); the first other line ends them. ``#`` may be written full-width (``＃``, as Japanese
+input methods type it) and values have Japanese names too (``#status 解決済み``,
+``#priority 緊急``). Every command line is removed from the text that goes on to the
+customer, a refused one too (a typo must not reach the customer); a refused line comes
+back with its reason, and a typo with a suggestion.
+
+What is checked here is what the text alone can tell: the command's name and the form of
+its value. Whether the queue exists, or the agent, or the case to merge into, is the case
+operation's business.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+
+from intake.states import Priority, Status
+
+#: Command name → what its value is (for the refusal message).
+COMMANDS = {
+    "status": "new, open, pending, resolved or closed",
+    "priority": "low, medium, high or urgent",
+    "assign": "an agent's address, me or none",
+    "queue": "a queue's name",
+    "category": "a category",
+    "tag": "a tag",
+    "untag": "a tag",
+    "resolution": "the resolution notes",
+    "merge": "CASE-N, the case this one duplicates",
+    "note": "nothing",
+    "internal": "nothing",
+}
+#: Japanese names agents type for the same commands.
+ALIASES = {"メモ": "note", "社内メモ": "note", "ステータス": "status", "優先度": "priority", "担当": "assign",
+           "担当者": "assign", "キュー": "queue", "分類": "category", "タグ": "tag", "解決内容": "resolution",
+           "統合": "merge"}
+STATUS_NAMES = {
+    "未処理": Status.NEW, "新規": Status.NEW, "進行中": Status.OPEN, "対応中": Status.OPEN,
+    "保留": Status.PENDING, "返信待ち": Status.PENDING, "回答待ち": Status.PENDING,
+    "解決": Status.RESOLVED, "解決済み": Status.RESOLVED, "完了": Status.CLOSED, "クローズ": Status.CLOSED,
+    "クローズ済み": Status.CLOSED,
+}
+PRIORITY_NAMES = {"低": Priority.LOW, "中": Priority.MEDIUM, "普通": Priority.MEDIUM, "通常": Priority.MEDIUM,
+                  "高": Priority.HIGH, "緊急": Priority.URGENT, "至急": Priority.URGENT}
+
+_LINE = re.compile(r"^[#＃]\s*(\S+)(?:[ \t\u3000]+(.*))?$")
+_LABEL = re.compile(r"^\s*\[?\s*([A-Za-z][A-Za-z0-9]*)-(\d+)\s*\]?\s*$")
+_ADDRESS = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+# A '#' line that is ordinary text, not a command: "#1 first question", "# heading".
+_NOT_A_WORD = re.compile(r"^[#＃]([\s\d]|$)")
+
+
+@dataclass(frozen=True)
+class Command:
+    """One command as the agent meant it: ``name`` and its checked, normalised ``value``."""
+
+    name: str
+    value: str
+    line: str
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A command line that cannot be applied, and why (said to the agent)."""
+
+    line: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Commands:
+    """The commands at the top of a mail, those refused, and the text without them."""
+
+    commands: tuple[Command, ...] = ()
+    refused: tuple[Refusal, ...] = ()
+    text: str = ""
+
+    @property
+    def internal(self) -> bool:
+        """``#note`` / ``#internal``: the mail is an internal note."""
+        return any(c.name == "note" for c in self.commands)
+
+    def value(self, name: str) -> str | None:
+        """The last value given for a command, None when it was not given."""
+        found = [c.value for c in self.commands if c.name == name]
+        return found[-1] if found else None
+
+
+def read_commands(text: str) -> Commands:
+    """The command lines at the top of ``text``, checked, and the rest of the text."""
+    lines = text.split("\n")
+    commands: list[Command] = []
+    refused: list[Refusal] = []
+    i = 0
+    while i < len(lines):
+        line = lines[i].strip()
+        if not line:
+            i += 1
+            continue
+        m = _LINE.match(line)
+        if m is None or _NOT_A_WORD.match(line):
+            break
+        outcome = _check(m.group(1), (m.group(2) or "").strip(), line)
+        (commands if isinstance(outcome, Command) else refused).append(outcome)
+        i += 1
+    if not commands and not refused:
+        return Commands(text=text)
+    rest = "\n".join(lines[i:]).strip("\n")
+    return Commands(tuple(commands), tuple(refused), rest)
+
+
+def _check(word: str, value: str, line: str) -> Command | Refusal:
+    name = ALIASES.get(word, word.lower())
+    if name not in COMMANDS:
+        close = difflib.get_close_matches(name, COMMANDS, n=1, cutoff=0.6)
+        hint = f" (did you mean #{close[0]}?)" if close else f" (commands: {', '.join('#' + c for c in COMMANDS)})"
+        return Refusal(line, f"unknown command #{word}{hint}")
+    if name == "internal":
+        name = "note"
+    if name == "note":
+        return Command(name, "", line)
+    if not value:
+        return Refusal(line, f"#{name} needs a value: {COMMANDS[name]}")
+    if name == "status":
+        status = STATUS_NAMES.get(value) or _enum(Status, value)
+        if status is None:
+            return Refusal(line, f"#status: {value!r} is not a status; use {COMMANDS['status']}"
+                                 f"{_suggest(value, [s.value for s in Status])}")
+        return Command(name, status.value, line)
+    if name == "priority":
+        priority = PRIORITY_NAMES.get(value) or _enum(Priority, value)
+        if priority is None:
+            return Refusal(line, f"#priority: {value!r} is not a priority; use {COMMANDS['priority']}"
+                                 f"{_suggest(value, [p.value for p in Priority])}")
+        return Command(name, priority.value, line)
+    if name == "assign":
+        v = value.lower()
+        if v in ("me", "none", "自分", "なし") or _ADDRESS.match(v):
+            return Command(name, {"自分": "me", "なし": "none"}.get(v, v), line)
+        return Refusal(line, f"#assign: {value!r} is not {COMMANDS['assign']}")
+    if name == "merge":
+        m = _LABEL.match(value)
+        if m is None:
+            return Refusal(line, f"#merge: {value!r} is not a case number such as CASE-12")
+        return Command(name, f"{m.group(1).upper()}-{int(m.group(2))}", line)
+    if name in ("tag", "untag", "queue", "category") and any(c.isspace() for c in value):
+        return Refusal(line, f"#{name}: one word, without spaces ({value!r})")
+    return Command(name, value, line)
+
+
+def _enum(kind: type[Status] | type[Priority], value: str) -> Status | Priority | None:
+    try:
+        return kind(value.lower())
+    except ValueError:
+        return None
+
+
+def _suggest(value: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(value.lower(), choices, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
