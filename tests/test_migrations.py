@@ -47,9 +47,21 @@ def test_a_database_behind_the_code_is_named_with_what_to_run(tmp_path: Path):
         with store.engine.begin() as conn:
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "0005")
+            # An installation in use: rows that refer to the cases table.
+            conn.exec_driver_sql("INSERT INTO cases (id, number, prefix, subject, status, priority, channel, tags, "
+                                 "escalation_level, created_at, updated_at) VALUES (1, 1, 'CASE', '請求書', 'new', "
+                                 "'medium', 'email', '[]', 0, '2026-11-20 01:00:00.000000', "
+                                 "'2026-11-20 01:00:00.000000')")
+            conn.exec_driver_sql("INSERT INTO messages (case_id, direction, visibility, message_id, \"to\", cc, "
+                                 "subject, text, created_at) VALUES (1, 'in', 'public', 'm1@x', '[]', '[]', '請求書', "
+                                 "'届きません', '2026-11-20 01:00:00.000000')")
         with pytest.raises(NoDatabase, match=r"database at revision 0005, run intake db upgrade"):
             store.check()
         store.upgrade()
         store.check()
+        with store.read() as tx:
+            case = tx.cases.by_number(1)
+            assert case is not None and case.subject == "請求書" and case.merged_into_id is None
+            assert [e["text"] for e in tx.cases.timeline(case.id)] == []  # no events were made
     finally:
         store.close()

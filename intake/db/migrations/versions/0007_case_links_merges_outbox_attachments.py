@@ -16,9 +16,9 @@ depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("cases", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("merged_into_id", sa.Integer(), nullable=True))
-        batch_op.create_foreign_key("fk_cases_merged_into_id", "cases", ["merged_into_id"], ["id"])
+    # A plain ADD COLUMN: a foreign key would make SQLite rebuild the table every other one
+    # refers to (slow on a large installation); the case operations keep it right.
+    op.add_column("cases", sa.Column("merged_into_id", sa.Integer(), nullable=True))
     op.create_table(
         "case_links",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -60,5 +60,4 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f("ix_case_links_case_id"))
     op.drop_table("case_links")
     with op.batch_alter_table("cases", schema=None) as batch_op:
-        batch_op.drop_constraint("fk_cases_merged_into_id", type_="foreignkey")
         batch_op.drop_column("merged_into_id")
