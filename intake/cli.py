@@ -444,7 +444,7 @@ def rules_stats(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def parse_cmd(ctx: click.Context, file: str, as_json: bool) -> None:
     """Show what intake sees in a mail, without storing anything."""
-    from intake.diagnostics import parse_report
+    from intake.diagnostics import parse_lines, parse_report
 
     try:
         raw = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
@@ -455,29 +455,8 @@ def parse_cmd(ctx: click.Context, file: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(report, ensure_ascii=False, indent=2))
         return
-
-    def addrs(items: list[dict[str, str]]) -> str:
-        return ", ".join(f"{a['name']} <{a['address']}>" if a["name"] else a["address"] for a in items) or "-"
-
-    cls = report["classification"]
-    click.echo(f"Message-ID  <{report['message_id']}>" + (" (synthesised)" if report["message_id_synthesised"] else ""))
-    click.echo(f"Date        {report['date'] or '-'}")
-    click.echo(f"From        {addrs([report['from']] if report['from'] else [])}")
-    click.echo(f"To          {addrs(report['to'])}")
-    click.echo(f"Cc          {addrs(report['cc'])}")
-    click.echo(f"Reply-To    {addrs(report['reply_to'])}")
-    click.echo(f"Subject     {report['subject']}")
-    click.echo(f"Language    {report['language']}")
-    click.echo(f"Charsets    {', '.join(report['charsets']) or '-'}")
-    click.echo(f"Class       sender {cls['sender']}, kind {cls['kind']}"
-               + (f" ({'; '.join(cls['reasons'])})" if cls["reasons"] else ""))
-    for a in report["attachments"]:
-        inline = ", inline" if a["inline"] else ""
-        click.echo(f"Attachment  {a['filename'] or '(no name: ' + a['content_type'] + ')'} ({a['content_type']}, {a['size']} bytes{inline})")
-    for d in report["defects"]:
-        click.echo(f"Defect      {d}")
-    click.echo("")
-    click.echo(report["text"].rstrip())
+    for line in parse_lines(report):
+        click.echo(line)
 
 
 @cli.group()
