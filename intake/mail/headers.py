@@ -38,7 +38,8 @@ _MBOX_FROM = re.compile(rb"From (\S*)")
 # Field names that make a colon line a header field rather than body text ("Regards:").
 _HEADER_NAMES = frozenset(
     b"from to cc bcc subject date sender received references comments keywords importance "
-    b"priority organization encrypted sensitivity precedence".split()
+    b"priority organization organisation encrypted sensitivity precedence status lines path "
+    b"newsgroups xref approved expires".split()
 )
 # At least one of these makes lines after junk a real header section.
 _KEY_FIELDS = frozenset(
@@ -145,9 +146,9 @@ class _Recovery:
             return pos
         # Junk before it: only when real header fields follow (two lines, one well known).
         names = []
-        for line in _LINE.finditer(self.raw, pos):
+        for n, line in enumerate(_LINE.finditer(self.raw, pos)):
             text = line.group()
-            if text.strip() == b"" or len(names) >= 20:
+            if text.strip() == b"" or n >= 100:
                 break
             fm = _FIELD_LINE.match(text)
             if fm is not None:
@@ -242,17 +243,22 @@ _NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/]")
 
 
 def decode_words(
-    value: str, defects: list[str] | None = None, where: str = "", hints: Iterable[str] = ()
+    value: str,
+    defects: list[str] | None = None,
+    where: str = "",
+    hints: Iterable[str] = (),
+    max_words: int = MAX_ENCODED_WORDS,
 ) -> str:
     """Decode the RFC 2047 encoded words of an unfolded header value (linear time).
 
     Adjacent words are joined before their charset is applied, so a character split
     across two words survives; white space between two encoded words goes. Text
     outside words is raw header text (``charsets.decode_raw_header``). A word that does
-    not decode stays as written, and at most ``MAX_ENCODED_WORDS`` are decoded.
+    not decode stays as written, and at most ``max_words`` are decoded.
     """
-    # The stdlib's decode_header() is quadratic (it concatenates bytes word by word and
-    # deletes from a list in a loop): this is the same reading, built from joins.
+    # The stdlib's decode_header() is quadratic (it concatenates bytes word by word,
+    # deletes from a list in a loop, and its word pattern rescans to the end of the
+    # value from every unclosed "=?"): this is the same reading, built from joins.
     out: list[str] = []
     run_charset: str | None = None
     run: list[bytes] = []
@@ -267,9 +273,9 @@ def decode_words(
 
     for m in _ENCODED_WORD.finditer(value):
         count += 1
-        if count > MAX_ENCODED_WORDS:
+        if count > max_words:
             if defects is not None:
-                defects.append(f"{where}more than {MAX_ENCODED_WORDS} encoded words; the rest was cut")
+                defects.append(f"{where}more than {max_words} encoded words; the rest was cut")
             flush()
             return "".join(out)
         between = value[pos : m.start()]
