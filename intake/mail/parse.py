@@ -621,8 +621,10 @@ class _Body:
         return text.replace("\r\n", "\n").replace("\r", "\n"), clean
 
     def _filename(self, part: Message) -> str | None:
-        # Raw 8-bit in a name is read first in the part's own charset, if it has one.
-        hints = self.hints.preferring(part.get_param("charset"))
+        hints = self.hints
+        if any(k.lower() in _NAMING_FIELDS and not str(v).isascii() for k, v in part.raw_items()):
+            # Raw 8-bit in a name is read first in the part's own charset, if it has one.
+            hints = hints.preferring(part.get_param("charset"))
         name = _rfc2231_param(part, "filename", "content-disposition", self.defects, hints)
         if name is None:
             name = _rfc2231_param(part, "name", "content-type", self.defects, hints)
@@ -711,6 +713,7 @@ def _rfc2231_param(
     return utils.collapse_rfc2231_value(value)
 
 
+_NAMING_FIELDS = ("content-type", "content-disposition")
 _MESSAGE_TYPES = ("message/rfc822", "message/global")
 # Only the built-in table, not the machine's /etc/mime.types: the same names everywhere.
 _TYPES = mimetypes.MimeTypes()
