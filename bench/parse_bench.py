@@ -107,7 +107,8 @@ def _unterminated_words() -> bytes:
 
 
 def _many_parts() -> bytes:
-    parts = b"".join(b"--P\r\nContent-Type: text/plain; name=f%d.txt\r\n\r\npart %d\r\n" % (i, i) for i in range(10_000))
+    part = b"--P\r\nContent-Type: text/plain; name=f%d.txt\r\n\r\npart %d\r\n"
+    parts = b"".join(part % (i, i) for i in range(10_000))
     return _head() + b'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="P"\r\n\r\n' + parts + b"--P--\r\n"
 
 

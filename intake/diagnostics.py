@@ -1,8 +1,8 @@
 """What intake sees in a mail and what it did with it: the shapes admins read. Pure.
 
 ``parse_report`` is the public JSON of ``intake parse --json`` (extend it only by adding
-keys) and ``parse_lines`` its readable form; ``log_lines`` turns an inbound record's processing log into readable lines for
-``intake messages show``.
+keys) and ``parse_lines`` its readable form; ``log_lines`` turns an inbound record's
+processing log into readable lines for ``intake messages show``.
 """
 
 from __future__ import annotations

@@ -235,7 +235,8 @@ def test_well_formed_mail_is_read_without_repairs() -> None:
         ([], "<jean@example.fr>", "jean@example.fr", "", "envelope"),
         # From names the person but no address: the name stays, the address comes later.
         (["From: 山田 太郎", "Reply-To: <taro@example.jp>"], None, "taro@example.jp", "山田 太郎", "reply-to"),
-        (["From: Müller, Jürgen", "Sender: j.mueller@example.de"], None, "j.mueller@example.de", "Müller, Jürgen", "sender"),
+        (["From: Müller, Jürgen", "Sender: j.mueller@example.de"], None,
+         "j.mueller@example.de", "Müller, Jürgen", "sender"),
     ],
 )
 def test_sender_is_found_outside_from_and_the_source_is_named(
@@ -303,8 +304,8 @@ LEGACY = [
 ]
 
 
-def _legacy_mail(charset: str, codec: str, subject: str, name: str, filename: str, body_codec: str | None = None) -> bytes:
-    body_codec = body_codec or ("iso-2022-jp" if charset == "iso-2022-jp" else codec)
+def _legacy_mail(charset: str, codec: str, subject: str, name: str, filename: str) -> bytes:
+    body_codec = "iso-2022-jp" if charset == "iso-2022-jp" else codec
     return lines(
         b"From: " + name.encode(codec) + b" <sender@example.org>",
         "To: support@example.com",
@@ -353,9 +354,11 @@ def test_raw_8bit_subject_name_and_file_name_in_the_charset_the_mail_declares(
         ("euc-jp", "請求書の件についてお問い合わせ", "euc_jp"),
     ],
 )
-def test_undeclared_8bit_subject_is_read_by_the_detector_and_the_guess_noted(codec: str, subject: str, guess: str) -> None:
-    raw = lines(b"Subject: " + subject.encode(codec), "From: a@example.org", "Content-Type: text/plain; charset=us-ascii",
-                "", "plain ASCII body")
+def test_undeclared_8bit_subject_is_read_by_the_detector_and_the_guess_noted(
+    codec: str, subject: str, guess: str
+) -> None:
+    raw = lines(b"Subject: " + subject.encode(codec), "From: a@example.org",
+                "Content-Type: text/plain; charset=us-ascii", "", "plain ASCII body")
     m = parse(raw)
     assert m.subject == subject
     assert f"subject: raw 8-bit text, charset guessed: {guess}" in m.defects

@@ -4,7 +4,9 @@ Python's codecs alone get common Japanese mail wrong (see the README): ``iso-202
 cannot decode half-width katakana or NEC circled digits, ``shift_jis`` lacks the Windows
 characters (髙, ～, ①, ㈱). Here every declared charset is mapped to the codec that
 decodes what senders really wrote, and decoding never raises: the worst case is the best
-decoding plus a recorded defect.
+decoding plus a recorded defect. Raw 8-bit header text without a charset of its own
+(``decode_header_text``) is read as UTF-8, else as charset-normalizer ranks the
+charsets the mail declares, then a short list of legacy ones.
 """
 
 from __future__ import annotations
@@ -262,23 +264,6 @@ def _jis_to_cp932(data: bytes) -> bytes:
         out.append(b)
         i += 1
     return bytes(out)
-
-
-def decode_raw(value: str, hints: Iterable[str] = ()) -> str:
-    """Header text as parsed by the stdlib (8-bit bytes surrogate-escaped) → real text.
-
-    Raw 8-bit header text is UTF-8 (RFC 6532) or, from older Japanese mailers,
-    Shift_JIS or raw ISO-2022-JP; ``hints`` (the message's declared charsets) settle
-    the rest.
-    """
-    if value.isascii() and "\x1b" not in value:
-        return value
-    try:
-        raw = value.encode("ascii", "surrogateescape")
-    except UnicodeEncodeError:
-        return value  # already real text
-    return _guess(raw, hints)[0]
-
 
 
 # --- raw 8-bit header text ----------------------------------------------------------------

@@ -382,7 +382,8 @@ def _addresses(
             if with_display and not display:
                 display = _clean_subject_whitespace(decode_header_value(text, defects, hints, where))
             continue
-        out.append(Address(name=_clean_subject_whitespace(decode_header_value(text, defects, hints, where)), address=addr))
+        display_name = _clean_subject_whitespace(decode_header_value(text, defects, hints, where))
+        out.append(Address(name=display_name, address=addr))
     if out:
         display = ""
     return out, display
