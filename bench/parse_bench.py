@@ -1,20 +1,32 @@
-"""Parse speed on small mixed mails: messages per second and microseconds per message.
+"""Parse speed on small mixed mails, and the cost of hostile mail.
 
-Run: .venv/bin/python bench/parse_bench.py [ROUNDS]
+Run: .venv/bin/python bench/parse_bench.py [ROUNDS] [--hostile | --no-hostile]
 Prints one line per kind of mail and one for the mix: messages per second (wall clock)
 and CPU microseconds per message. Pure CPU, no I/O; on a shared machine the wall-clock
 figure varies with the load of the other users, the CPU figure less so.
+
+Then each hostile shape (100,000 encoded words, 10,000 parts, nesting 1,000 deep, a 1 MB
+header line, a mail at the 25 MB limit...) is parsed once in a fresh process: seconds
+(wall and CPU) and the peak memory of that whole process (VmHWM: interpreter, the raw
+mail and the parse). Targets: at most 2 s and 200 MB each. ``--hostile`` runs only these.
 """
 
 from __future__ import annotations
 
 import base64
+import json
+import os
+import resource
+import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from intake.mail.headers import decode_words  # noqa: E402
 from intake.mail.parse import parse  # noqa: E402
 
 
@@ -77,8 +89,141 @@ MAILS: dict[str, bytes] = {
 }
 
 
+def _head(subject: str = "hostile") -> bytes:
+    return (HEAD + f"From: Mallory <mallory@example.org>\r\nSubject: {subject}\r\n"
+            "Message-ID: <h@example.org>\r\n").encode()
+
+
+def _encoded_words() -> bytes:
+    # One Subject of 100,000 encoded words (1.7 MB), folded as mailers fold.
+    words = ["=?UTF-8?B?5pel?="] * 100_000
+    lines = "\r\n ".join(" ".join(words[i : i + 4]) for i in range(0, len(words), 4))
+    return HEAD.encode() + b"From: a@example.org\r\nSubject: " + lines.encode() + b"\r\n\r\nbody\r\n"
+
+
+def _unterminated_words() -> bytes:
+    # 100,000 encoded-word openings that never close: a naive regex rescans to the end.
+    return HEAD.encode() + b"From: a@example.org\r\nSubject: " + b"=?utf-8?q?x " * 100_000 + b"\r\n\r\nbody\r\n"
+
+
+def _many_parts() -> bytes:
+    part = b"--P\r\nContent-Type: text/plain; name=f%d.txt\r\n\r\npart %d\r\n"
+    parts = b"".join(part % (i, i) for i in range(10_000))
+    return _head() + b'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="P"\r\n\r\n' + parts + b"--P--\r\n"
+
+
+def _deep_nesting() -> bytes:
+    nested = b"".join(b"Content-Type: multipart/mixed; boundary=b%d\r\n\r\n--b%d\r\n" % (i, i) for i in range(1_000))
+    return _head() + nested + b"Content-Type: text/plain\r\n\r\nhi\r\n"
+
+
+def _long_subject_line() -> bytes:
+    return HEAD.encode() + b"From: a@example.org\r\nSubject: " + b"long " * 210_000 + b"\r\n\r\nbody\r\n"
+
+
+def _long_to_line() -> bytes:
+    rcpts = b", ".join(b"user%d@example.org" % i for i in range(50_000))  # ~1 MB, one line
+    return _head() + b"Cc: " + rcpts + b"\r\n\r\nbody\r\n"
+
+
+def _many_fields() -> bytes:
+    return _head() + b"".join(b"X-Field-%d: value %d\r\n" % (i, i) for i in range(100_000)) + b"\r\nbody\r\n"
+
+
+def _deep_and_big() -> bytes:
+    # Too deep for the stdlib parser, and at the size limit: kept as one attachment.
+    nested = b"".join(b"Content-Type: multipart/mixed; boundary=b%d\r\n\r\n--b%d\r\n" % (i, i) for i in range(3_000))
+    return _head() + nested + b"Content-Type: text/plain\r\n\r\n" + b"hello world\r\n" * 1_800_000
+
+
+def _huge_attachment() -> bytes:
+    data = os.urandom(18 * 1024 * 1024)  # 24 MB once base64-encoded: a mail at the 25 MB limit
+    return (_head() + b'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="M"\r\n\r\n'
+            b"--M\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n--M\r\n"
+            b"Content-Type: application/octet-stream; name=big.bin\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+            + base64.encodebytes(data).replace(b"\n", b"\r\n") + b"--M--\r\n")
+
+
+def _huge_header() -> bytes:
+    # 25 MB of header and no body: a header field without end.
+    return _head() + b"X-Junk: " + b"x" * (25 * 1024 * 1024) + b"\r\n"
+
+
+HOSTILE: dict[str, Callable[[], bytes]] = {
+    "100,000 encoded words": _encoded_words,
+    "100,000 unclosed words": _unterminated_words,
+    "10,000 MIME parts": _many_parts,
+    "nesting 1,000 deep": _deep_nesting,
+    "nesting 3,000 deep, 25 MB": _deep_and_big,
+    "1 MB Subject line": _long_subject_line,
+    "1 MB Cc line": _long_to_line,
+    "100,000 header fields": _many_fields,
+    "25 MB attachment": _huge_attachment,
+    "25 MB header field": _huge_header,
+}
+
+
+def _measure_one(path: str) -> None:
+    """In a fresh process: parse the mail in ``path`` once, print time and peak memory."""
+    raw = Path(path).read_bytes()
+    w0, c0 = time.perf_counter(), time.process_time()
+    mail = parse(raw)
+    wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+    print(json.dumps({"wall": wall, "cpu": cpu, "peak_mb": _peak_mb(), "defects": len(mail.defects)}))
+
+
+def _peak_mb() -> float:
+    """This process's peak resident memory. Linux's VmHWM starts afresh at exec;
+    ru_maxrss would carry over the parent's size at fork."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _words_uncut() -> None:
+    """parse() decodes at most 1,000 words of a field; the decoder itself is linear."""
+    value = " ".join(["=?UTF-8?B?5pel?="] * 100_000)
+    c0 = time.process_time()
+    text = decode_words(value, max_words=len(value))
+    cpu = time.process_time() - c0
+    assert text == "日" * 100_000
+    print(f"decode_words alone, 100,000 words (1.7 MB), no cut: {cpu:.2f} CPU s")
+
+
+def hostile() -> None:
+    """Each hostile shape in its own process, so that each peak is its own."""
+    print()
+    _words_uncut()
+    print(f"{'hostile mail':26s} {'MB':>6s}  {'wall s':>7s}  {'CPU s':>6s}  {'peak MB':>8s}  (process peak RSS)")
+    for name, build in HOSTILE.items():
+        raw = build()
+        with tempfile.NamedTemporaryFile(suffix=".eml") as f:
+            f.write(raw)
+            f.flush()
+            try:
+                res = subprocess.run([sys.executable, __file__, "--one", f.name], capture_output=True,
+                                     text=True, timeout=600, check=True)
+            except subprocess.SubprocessError as exc:
+                print(f"{name:26s} {len(raw) / 1e6:6.1f}  failed: {exc}")
+                continue
+        r = json.loads(res.stdout.strip().splitlines()[-1])
+        print(f"{name:26s} {len(raw) / 1e6:6.1f}  {r['wall']:7.2f}  {r['cpu']:6.2f}  {r['peak_mb']:8.0f}")
+
+
 def main() -> None:
-    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
+    args = sys.argv[1:]
+    if args[:1] == ["--one"]:
+        _measure_one(args[1])
+        return
+    if "--hostile" in args:
+        hostile()
+        return
+    numbers = [a for a in args if not a.startswith("--")]
+    rounds = int(numbers[0]) if numbers else 2000
     total_n = 0
     total_wall = total_cpu = 0.0
     print(f"{'mail':26s} {'size':>6s}  {'msgs/s':>9s}  {'CPU µs/msg':>10s}  (wall clock; CPU time of this process)")
@@ -93,6 +238,8 @@ def main() -> None:
         total_cpu += cpu
         print(f"{name:26s} {len(raw):6d}  {rounds / wall:9.0f}  {cpu / rounds * 1e6:10.1f}")
     print(f"{'mix':26s} {'':6s}  {total_n / total_wall:9.0f}  {total_cpu / total_n * 1e6:10.1f}")
+    if "--no-hostile" not in args:
+        hostile()
 
 
 if __name__ == "__main__":

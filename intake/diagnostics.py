@@ -1,8 +1,8 @@
 """What intake sees in a mail and what it did with it: the shapes admins read. Pure.
 
 ``parse_report`` is the public JSON of ``intake parse --json`` (extend it only by adding
-keys); ``log_lines`` turns an inbound record's processing log into readable lines for
-``intake messages show``.
+keys) and ``parse_lines`` its readable form; ``log_lines`` turns an inbound record's
+processing log into readable lines for ``intake messages show``.
 """
 
 from __future__ import annotations
@@ -15,9 +15,14 @@ from intake.mail.classify import classify
 from intake.mail.parse import parse
 
 
-def parse_report(raw: bytes, *, own_addresses: Collection[str], agents: Collection[str]) -> dict[str, Any]:
-    """Everything intake sees in one message, without storing anything."""
-    mail = parse(raw)
+def parse_report(
+    raw: bytes, *, own_addresses: Collection[str], agents: Collection[str], envelope_from: str | None = None
+) -> dict[str, Any]:
+    """Everything intake sees in one message, without storing anything.
+
+    ``envelope_from`` is the SMTP envelope sender, when the mail came with one.
+    """
+    mail = parse(raw, envelope_from=envelope_from)
     cls = classify(mail, own_addresses=own_addresses, agents=agents)
     return {
         "message_id": mail.message_id,
@@ -25,6 +30,7 @@ def parse_report(raw: bytes, *, own_addresses: Collection[str], agents: Collecti
         "date": mail.date.isoformat() if mail.date else None,
         "from": mail.from_.as_dict() if mail.from_ else None,
         "from_display": mail.from_display,
+        "sender_source": mail.sender_source,
         "to": [a.as_dict() for a in mail.to],
         "cc": [a.as_dict() for a in mail.cc],
         "reply_to": [a.as_dict() for a in mail.reply_to],
@@ -35,7 +41,7 @@ def parse_report(raw: bytes, *, own_addresses: Collection[str], agents: Collecti
         "html": mail.html,
         "attachments": [
             {"filename": a.filename, "content_type": a.content_type, "size": a.size, "sha256": a.sha256,
-             "inline": a.inline, "content_id": a.content_id}
+             "inline": a.inline, "content_id": a.content_id, "name_given": a.name_given}
             for a in mail.attachments
         ],
         "defects": list(mail.defects),
@@ -48,17 +54,26 @@ def parse_report(raw: bytes, *, own_addresses: Collection[str], agents: Collecti
     }
 
 
+# How `intake parse` names where the sender was found (ParsedMail.sender_source).
+_SENDER_SOURCES = {
+    "from": "From", "sender": "Sender (no usable From)", "reply-to": "Reply-To (no usable From)",
+    "return-path": "Return-Path (no usable From)", "mbox": "mbox 'From ' line (no usable From)",
+    "envelope": "SMTP envelope (no usable From)", "": "-",
+}  # fmt: skip
+
+
 def parse_lines(report: dict[str, Any]) -> list[str]:
-    """``intake parse`` for a terminal: the report of :func:`parse_report` as lines."""
+    """``parse_report`` as the lines `intake parse` prints: fields, defects, then the text."""
 
     def addrs(items: list[dict[str, str]]) -> str:
         return ", ".join(f"{a['name']} <{a['address']}>" if a["name"] else a["address"] for a in items) or "-"
 
     cls = report["classification"]
-    out = [
+    lines = [
         f"Message-ID  <{report['message_id']}>" + (" (synthesised)" if report["message_id_synthesised"] else ""),
         f"Date        {report['date'] or '-'}",
         f"From        {addrs([report['from']] if report['from'] else [])}",
+        f"Sender via  {_SENDER_SOURCES.get(report['sender_source'], report['sender_source'])}",
         f"To          {addrs(report['to'])}",
         f"Cc          {addrs(report['cc'])}",
         f"Reply-To    {addrs(report['reply_to'])}",
@@ -70,10 +85,11 @@ def parse_lines(report: dict[str, Any]) -> list[str]:
     ]
     for a in report["attachments"]:
         inline = ", inline" if a["inline"] else ""
-        name = a["filename"] or "(no name: " + a["content_type"] + ")"
-        out.append(f"Attachment  {name} ({a['content_type']}, {a['size']} bytes{inline})")
-    out += [f"Defect      {d}" for d in report["defects"]]
-    return [*out, "", report["text"].rstrip()]
+        made = "" if a["name_given"] else ", name made by intake"
+        lines.append(f"Attachment  {a['filename']} ({a['content_type']}, {a['size']} bytes{inline}{made})")
+    lines += [f"Defect      {d}" for d in report["defects"]]
+    lines += ["", report["text"].rstrip()]
+    return lines
 
 
 def _describe(entry: dict[str, Any]) -> str:

@@ -201,7 +201,7 @@ class Processor:
         try:
             if rec.raw is None:
                 raise ValueError("raw bytes are no longer stored (retention) and cannot be processed")
-            run.mail = parse(rec.raw)
+            run.mail = parse(rec.raw, envelope_from=rec.envelope_from)
             run.cls = classify(run.mail, own_addresses=self.cfg.own_addresses, agents=ruleset.team.addresses)
         except Exception as exc:  # noqa: BLE001 - quarantined in the apply phase, with its traceback
             run.error, run.error_traceback = exc, traceback.format_exc()

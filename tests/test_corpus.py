@@ -4,7 +4,7 @@ The raw mails and ``manifest.json`` files in ``tests/corpus/`` are copied byte f
 from the projects named in ``tests/corpus/README.md`` (licences beside them). Each
 expectation is that project's behaviour; where we judge one wrong we say so, with the
 reason, in ``JUDGED_WRONG`` below, and that one expectation is not scored. Everything else
-must hold: at least 97 % of all cases meet every expectation, every Japanese case meets
+must hold: at least 97.6 % of all cases meet every expectation, every Japanese case meets
 every expectation, and no raw mail makes the parser raise.
 """
 
@@ -33,6 +33,11 @@ _LATIN1_RAW = (
     "puts U+FFFD, we give the best decoding the issue asks for: the message declares "
     "iso-8859-1, and the byte is 'ö'"
 )
+_LATIN1_NAME = (
+    "raw 8-bit Latin-1 file name ('HasenundFr\\xf6sche.txt') in a mail that declares "
+    "iso-8859-1; stalwart puts U+FFFD, we read 'HasenundFrösche.txt' as the issue on mail "
+    "fidelity asks (a guess recorded as a defect)"
+)
 _LATIN1_IN_UTF8 = (
     "the body declares UTF-8 but is Latin-1; stalwart puts U+FFFD for every such byte, we "
     "keep the valid UTF-8 and read the stray bytes as Windows-1252 (a defect is recorded), "
@@ -60,6 +65,12 @@ _DIGEST_TYPE = (
     "a part of multipart/digest without Content-Type is message/rfc822 (RFC 2046 5.1.5); "
     "stalwart reports the type of the mail inside"
 )
+_LOCAL_PART = (
+    "a bare word where an address belongs ('From: Moderator-Address', 'To: Someone') is a "
+    "local part alone, kept as written as the issue on mail fidelity asks for MAILER-DAEMON; "
+    "stalwart takes it for a display name here, yet reads '<moderator>' as an address in "
+    "thirdparty/007"
+)
 JUDGED_WRONG: dict[tuple[str, str], str] = {
     # Ruby mail gem specs, scraped heuristically (see the corpus README).
     ("mikel_mail/error_emails/empty_in_reply_to.eml", "from_address"): (
@@ -86,6 +97,12 @@ JUDGED_WRONG: dict[tuple[str, str], str] = {
     ("stalwart/legacy/033", "body_contains"): _LATIN1_IN_UTF8,
     ("stalwart/legacy/052", "body_text_exact"): _LATIN1_IN_UTF8,
     ("stalwart/legacy/052", "body_contains"): _LATIN1_IN_UTF8,
+    ("stalwart/legacy/016", "attachment_filenames"): _LATIN1_NAME,
+    ("stalwart/legacy/016", "attachments.filename"): _LATIN1_NAME,
+    ("stalwart/legacy/023", "attachment_filenames"): _LATIN1_NAME,
+    ("stalwart/legacy/023", "attachments.filename"): _LATIN1_NAME,
+    ("stalwart/legacy/026", "attachment_filenames"): _LATIN1_NAME,
+    ("stalwart/legacy/026", "attachments.filename"): _LATIN1_NAME,
     ("stalwart/legacy/017", "attachments"): _UUENCODE,
     ("stalwart/legacy/048", "attachments"): _UUENCODE,
     ("stalwart/legacy/035", "attachment_filenames"): _WINDOWS_PATH,
@@ -94,10 +111,12 @@ JUDGED_WRONG: dict[tuple[str, str], str] = {
     ("stalwart/legacy/039", "attachments.filename"): _WINDOWS_PATH,
     ("stalwart/rfc/004", "attachments.mime_type"): _DIGEST_TYPE,
     ("stalwart/thirdparty/007", "attachments.mime_type"): _DIGEST_TYPE,
-    ("stalwart/thirdparty/007", "from_address"): (
-        "'<moderator>' has no domain: intake records no sender rather than a contact that "
-        "cannot be answered (the name is kept in from_display, which matches)"
-    ),
+    ("stalwart/rfc/001", "from_address"): _LOCAL_PART,
+    ("stalwart/rfc/001", "from_name"): _LOCAL_PART,
+    ("stalwart/rfc/001", "to_addresses"): _LOCAL_PART,
+    ("stalwart/rfc/004", "from_address"): _LOCAL_PART,
+    ("stalwart/rfc/004", "from_name"): _LOCAL_PART,
+    ("stalwart/rfc/004", "to_addresses"): _LOCAL_PART,
     ("stalwart/thirdparty/015", "attachment_filenames"): (
         "the mail attaches three messages (training-mail.txt, office-reply.txt, "
         "shop-mail.txt); stalwart lets the first, whose header announces a multipart it "
@@ -184,8 +203,14 @@ def _md5(payload: bytes) -> str:
 _ATTACHMENT_FIELDS = ("filename", "mime_type", "size", "md5")
 
 
+def _given_name(a: Attachment) -> str | None:
+    # The manifests give the names the mails give; a name intake made for an unnamed
+    # attachment (name_given False) is "no name" to them.
+    return a.filename if a.name_given else None
+
+
 def _describe(a: Attachment) -> dict[str, object]:
-    return {"filename": a.filename, "mime_type": a.content_type, "size": a.size, "md5": _md5(a.payload)}
+    return {"filename": _given_name(a), "mime_type": a.content_type, "size": a.size, "md5": _md5(a.payload)}
 
 
 def _attachments_match(want: list[dict], mail: ParsedMail, ignore: tuple[str, ...] = ()) -> bool:
@@ -239,10 +264,10 @@ def failures(case: Case, mail: ParsedMail) -> list[str]:
         elif key == "attachment_filenames":
             # The manifests list the names that exist; unnamed attachments are counted
             # under "attachments".
-            got = [a.filename for a in mail.attachments if a.filename is not None]
+            got = [_given_name(a) for a in mail.attachments if a.name_given]
             check(key, Counter(got) == Counter(want), got)
         elif key == "attachment_filenames_include":
-            got = [a.filename for a in mail.attachments]
+            got = [_given_name(a) for a in mail.attachments]
             check(key, not (Counter(want) - Counter(got)), got)
         elif key == "attachment_count":
             check(key, len(mail.attachments) == want, len(mail.attachments))
@@ -308,7 +333,16 @@ def test_at_least_97_percent_of_cases_meet_all_expectations() -> None:
     passing = sum(p for p, _, _ in result.values())
     total = sum(t for _, t, _ in result.values())
     report = "\n".join(f"{cid}: {'; '.join(bad)}" for _, _, failing in result.values() for cid, bad in failing)
-    assert passing / total >= 0.97, f"{passing}/{total} pass\n{report}"
+    # 254 of 260 (97.7 %) since issue 14; a case that stops passing fails this test.
+    assert passing / total >= 0.976, f"{passing}/{total} pass\n{report}"
+
+
+@pytest.mark.parametrize("case_id", ["stalwart/legacy/016", "stalwart/legacy/023", "stalwart/legacy/026"])
+def test_raw_latin1_file_names_are_read_not_replaced(case_id: str) -> None:
+    """The cases judged wrong with _LATIN1_NAME: what we read instead of U+FFFD."""
+    [case] = [c for c in CASES if c.id == case_id]
+    mail = parse(case.raw.read_bytes())
+    assert "HasenundFrösche.txt" in [a.filename for a in mail.attachments if a.name_given]
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.japanese], ids=lambda c: c.id)

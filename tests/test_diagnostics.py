@@ -113,7 +113,7 @@ def test_processing_log_of_each_path(run_intake, tmp_path, app, monkeypatch):
 
     # quarantined, then retried
     real = pipeline.parse
-    monkeypatch.setattr(pipeline, "parse", lambda raw: (_ for _ in ()).throw(ValueError("bad mail")) if b"POISON" in raw else real(raw))
+    monkeypatch.setattr(pipeline, "parse", lambda raw, **kw: (_ for _ in ()).throw(ValueError("bad mail")) if b"POISON" in raw else real(raw, **kw))
     qid = app.store.receive(make_mail(subject="POISON"), channel="email", mailbox="support@example.com")
     app.processor.process(qid)
     q = _show(run_intake, str(qid))
@@ -192,7 +192,8 @@ def test_parse_json_on_the_corpora_agrees_with_the_foundation_measure(tmp_path):
             subject=out["subject"], text=out["text"], html=out["html"], from_display=out["from_display"],
             from_=Address(**out["from"]) if out["from"] else None, to=[Address(**a) for a in out["to"]],
             attachments=[SimpleNamespace(filename=a["filename"], content_type=a["content_type"], size=a["size"],
-                                         payload=payloads[a["sha256"]]) for a in out["attachments"]],
+                                         payload=payloads[a["sha256"]], name_given=a["name_given"])
+                         for a in out["attachments"]],
         )
         if failures(case, view) != failures(case, parse(raw)):
             disagreements.append(case.id)

@@ -132,10 +132,10 @@ def test_attachments_are_stored_once_per_content(app):
 def test_failing_message_is_quarantined_with_its_error_and_retried(app, run_intake, monkeypatch):
     real_parse = pipeline.parse
 
-    def flaky_parse(raw: bytes):
+    def flaky_parse(raw: bytes, **kw):
         if b"BOOM" in raw:
             raise RuntimeError("parser exploded")
-        return real_parse(raw)
+        return real_parse(raw, **kw)
 
     monkeypatch.setattr(pipeline, "parse", flaky_parse)
     ids = app.store.receive_many([

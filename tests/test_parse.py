@@ -384,9 +384,10 @@ def test_inline_images_are_attachments_with_content_id() -> None:
     m = parse(raw)
     assert m.text == "Logo: [logo]"
     assert "cid:logo@example.org" in (m.html or "")
-    assert [(a.filename, a.content_type, a.inline, a.content_id, a.size) for a in m.attachments] == [
-        ("logo.png", "image/png", True, "logo@example.org", len(png)),
-        (None, "image/gif", True, "spacer@example.org", 6),
+    # The spacer has no name and its Content-ID is no file name: it is numbered.
+    assert [(a.filename, a.name_given, a.content_type, a.inline, a.content_id, a.size) for a in m.attachments] == [
+        ("logo.png", True, "image/png", True, "logo@example.org", len(png)),
+        ("attachment-2.gif", False, "image/gif", True, "spacer@example.org", 6),
     ]
 
 
@@ -408,7 +409,8 @@ def test_forwarded_message_is_an_attachment_not_text() -> None:
     assert "secret" not in m.text
     [att] = m.attachments
     assert att.content_type == "message/rfc822"
-    assert att.filename is None and att.display_name == "forwarded-message.eml"
+    # Unnamed: called after its subject, and marked as a made name.
+    assert (att.filename, att.name_given, att.display_name) == ("見積依頼.eml", False, "見積依頼.eml")
     again = parse(att.payload)
     assert again.message_id == "inner@example.jp"
     assert again.subject == "見積依頼"

@@ -4,14 +4,16 @@ Python's codecs alone get common Japanese mail wrong (see the README): ``iso-202
 cannot decode half-width katakana or NEC circled digits, ``shift_jis`` lacks the Windows
 characters (髙, ～, ①, ㈱). Here every declared charset is mapped to the codec that
 decodes what senders really wrote, and decoding never raises: the worst case is the best
-decoding plus a recorded defect.
+decoding plus a recorded defect. Raw 8-bit header text without a charset of its own
+(``decode_header_text``) is read as UTF-8, else as charset-normalizer ranks the
+charsets the mail declares, then a short list of legacy ones.
 """
 
 from __future__ import annotations
 
 import codecs
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 # Declared name (lower case) → codecs to try in order.
 _FAMILIES: dict[str, tuple[str, ...]] = {
@@ -264,18 +266,191 @@ def _jis_to_cp932(data: bytes) -> bytes:
     return bytes(out)
 
 
-def decode_raw(value: str, hints: Iterable[str] = ()) -> str:
-    """Header text as parsed by the stdlib (8-bit bytes surrogate-escaped) → real text.
+# --- raw 8-bit header text ----------------------------------------------------------------
 
-    Raw 8-bit header text is UTF-8 (RFC 6532) or, from older Japanese mailers,
-    Shift_JIS or raw ISO-2022-JP; ``hints`` (the message's declared charsets) settle
-    the rest.
+# Legacy charsets that raw 8-bit header text is written in, in the order that settles a
+# tie: Japanese first (our users), then Chinese, Korean, the Windows code pages and the
+# ISO-8859 family. Names as charset-normalizer spells them.
+_LEGACY_HEADER_CHARSETS = (
+    "cp932", "euc_jp", "gb18030", "big5", "cp949",
+    "cp1252", "cp1250", "cp1251", "cp1253", "cp1254", "cp1255", "cp1256", "cp1257",
+    "koi8_r", "iso8859_2", "iso8859_15", "latin_1",
+)  # fmt: skip
+# Detected name → the declared name our decode() reads it as (Japanese stays on our codecs).
+_JAPANESE_DETECTED = {"cp932": "shift_jis", "shift_jis": "shift_jis", "euc_jp": "euc-jp", "euc_jis_2004": "euc-jp"}
+_MULTI_BYTE = {"cp932", "euc_jp", "gb18030", "big5", "cp949"}
+# A detector sample: enough for a display name, a subject or a file name; cost stays flat.
+_DETECT_BYTES = 4096
+# Detector runs per mail: 10,000 parts with raw 8-bit names must not run it 10,000 times.
+_MAX_DETECTIONS = 16
+
+
+class _GuessState:
+    """What one mail declares (looked up on first use) and what was guessed so far."""
+
+    def __init__(self, declared: Iterable[str] | Callable[[], Iterable[str]]) -> None:
+        self.source = declared
+        self.declared: list[str] | None = None
+        self.guessed: str | None = None
+        self.detections = 0
+
+    def charsets(self) -> list[str]:
+        if self.declared is None:
+            found = self.source() if callable(self.source) else self.source
+            self.declared = list(dict.fromkeys(c for c in map(normalize_charset, found) if c))
+        return self.declared
+
+
+class CharsetHints:
+    """The charsets a mail declares, for reading its raw 8-bit header text.
+
+    Iterating yields them in order of appearance (a callable source is only called when
+    a mail really has raw 8-bit header text). One object per mail: it also remembers the
+    charset guessed so far, and bounds how often the detector runs.
     """
+
+    def __init__(
+        self,
+        declared: Iterable[str] | Callable[[], Iterable[str]] = (),
+        *,
+        first: str | None = None,
+        _state: _GuessState | None = None,
+    ) -> None:
+        self._state = _state if _state is not None else _GuessState(declared)
+        self._first = normalize_charset(first)
+
+    def __iter__(self) -> Iterator[str]:
+        if self._first:
+            yield self._first
+        yield from (c for c in self._state.charsets() if c != self._first)
+
+    def preferring(self, charset: str | None) -> CharsetHints:
+        """The same hints with ``charset`` (e.g. the part's own) tried first."""
+        return CharsetHints(first=charset, _state=self._state)
+
+
+def decode_header_text(
+    data: bytes, hints: Iterable[str] = (), defects: list[str] | None = None, where: str = ""
+) -> str:
+    """Raw header bytes (no charset of their own) → text. Never raises.
+
+    ASCII and raw ISO-2022-JP as they are; then strict UTF-8 (RFC 6532); else a guess,
+    recorded in ``defects``: the charset detector (charset-normalizer) limited to the
+    charsets the mail declares (``hints``), then to a short list of legacy charsets.
+    Japanese is decoded by this module's codecs whichever way it was found.
+    """
+    if data.isascii():
+        if b"\x1b" in data and _JIS_ESCAPE.search(data):
+            return decode_iso2022jp(data)
+        return data.decode("ascii")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    state = hints if isinstance(hints, CharsetHints) else CharsetHints(hints)
+    text, used = _header_guess(data, state)
+    if defects is not None:
+        defects.append(f"{where}raw 8-bit text, charset guessed: {used}")
+    return text
+
+
+def decode_raw_header(
+    value: str, hints: Iterable[str] = (), defects: list[str] | None = None, where: str = ""
+) -> str:
+    """Header text as the stdlib parsed it (8-bit bytes surrogate-escaped) → real text."""
     if value.isascii() and "\x1b" not in value:
         return value
     try:
         raw = value.encode("ascii", "surrogateescape")
     except UnicodeEncodeError:
         return value  # already real text
-    return _guess(raw, hints)[0]
+    return decode_header_text(raw, hints, defects, where)
 
+
+def _header_guess(data: bytes, hints: CharsetHints) -> tuple[str, str]:
+    state = hints._state
+    # A mail's raw header text is mostly in one charset: a multi-byte guess that decodes
+    # these bytes cleanly is taken again without asking the detector.
+    if state.guessed in _MULTI_BYTE:
+        text = _strict(data, state.guessed)
+        if text is not None:
+            return text, state.guessed
+    if state.detections < _MAX_DETECTIONS:
+        state.detections += 1
+        declared = _detectable(hints)
+        used = _detect(data, declared, pua_ok=True) or _detect(data, _LEGACY_HEADER_CHARSETS, pua_ok=False)
+        if used is not None:
+            state.guessed = used
+            return _read_as(data, used), used
+    return _guess(data, hints)
+
+
+def _detectable(hints: Iterable[str]) -> list[str]:
+    """The declared charsets as detector candidates: 8-bit ones only (ISO-2022-JP mail
+    carries raw Shift_JIS or EUC-JP), in charset-normalizer's spelling."""
+    from charset_normalizer.constant import IANA_SUPPORTED
+
+    out: list[str] = []
+    for cs in hints:
+        if _ISO2022JP.match(cs):
+            names: tuple[str, ...] = ("cp932", "euc_jp")
+        else:
+            names = tuple(c.replace("-", "_").lower() for c in codecs_for(cs)[:1])
+        for name in names:
+            name = {"euc_jis_2004": "euc_jp", "iso8859_1": "latin_1"}.get(name, name)
+            if name in IANA_SUPPORTED and name not in ("ascii", "utf_8", "utf_7") and name not in out:
+                out.append(name)
+    return out
+
+
+def _detect(data: bytes, candidates: Iterable[str], pua_ok: bool) -> str | None:
+    """The candidate charset-normalizer finds least messy; a tie goes to the earlier one."""
+    order = list(candidates)
+    if not order:
+        return None
+    from charset_normalizer import from_bytes
+
+    sample = data[:_DETECT_BYTES]
+    if len(data) > _DETECT_BYTES:
+        # End the sample on an ASCII byte so that no multi-byte character is cut in two.
+        cut = max(sample.rfind(b" "), sample.rfind(b"."), sample.rfind(b"_"))
+        sample = sample[:cut] if cut > 0 else sample
+    matches = from_bytes(sample, cp_isolation=order, preemptive_behaviour=False, enable_fallback=False)
+    ranked = []
+    for m in matches:
+        if m.encoding not in order:
+            continue
+        if not pua_ok and m.encoding in _JAPANESE_DETECTED and not _plausible_japanese(str(m)):
+            continue
+        ranked.append((round(m.chaos, 3), -round(m.coherence, 3), order.index(m.encoding), m.encoding))
+    return min(ranked)[3] if ranked else None
+
+
+_HALF_WIDTH_KANA = re.compile("[\uff61-\uff9f]")
+
+
+def _plausible_japanese(text: str) -> bool:
+    """Undeclared bytes read as Japanese: the user-defined area, or text made mostly of
+    half-width katakana (what Chinese and Korean bytes become in CP932), mean a wrong guess."""
+    if _PUA.search(text):
+        return False
+    wide = sum(1 for ch in text if ord(ch) > 0x7F)
+    return len(_HALF_WIDTH_KANA.findall(text)) * 2 <= wide
+
+
+def _strict(data: bytes, detected: str) -> str | None:
+    japanese = _JAPANESE_DETECTED.get(detected)
+    for codec in codecs_for(japanese) if japanese else (detected,):
+        try:
+            text = data.decode(codec)
+        except (UnicodeDecodeError, LookupError):
+            continue
+        return None if japanese and _PUA.search(text) else text
+    return None
+
+
+def _read_as(data: bytes, detected: str) -> str:
+    japanese = _JAPANESE_DETECTED.get(detected)
+    if japanese is not None:
+        return decode(data, japanese)[0]
+    return data.decode(detected, errors="replace")

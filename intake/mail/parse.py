@@ -1,10 +1,11 @@
 """Raw bytes → ParsedMail: headers, charsets, text/html, attachments. Pure.
 
-MIME structure, RFC 2047 and RFC 2231 come from the standard library (``email`` with
-``policy.compat32``, the fastest and most forgiving); every byte-to-text step goes through
-our charset layer (``intake.mail.charsets``) because the codecs alone mis-decode everyday
-Japanese mail. Parsing never raises on bad input: what was wrong is listed in
-``ParsedMail.defects``.
+MIME structure and RFC 2231 come from the standard library (``email`` with
+``policy.compat32``, the fastest and most forgiving); a broken header section is first
+read leniently and RFC 2047 words are decoded in linear time (``intake.mail.headers``);
+every byte-to-text step goes through our charset layer (``intake.mail.charsets``) because
+the codecs alone mis-decode everyday Japanese mail. Parsing never raises on bad input:
+what was wrong, and what was repaired, is listed in ``ParsedMail.defects``.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ import hashlib
 import mimetypes
 import re
 import unicodedata
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from collections.abc import Iterable
-from email import errors, message_from_bytes, utils
+from email import errors, utils
+from email.feedparser import BytesFeedParser
 from email.generator import BytesGenerator
-from email.header import decode_header
 from email.message import Message
 from email.parser import BytesParser
 from email.policy import compat32
@@ -28,6 +30,7 @@ from io import BytesIO
 from urllib.parse import unquote_to_bytes
 
 from intake.mail import charsets
+from intake.mail.headers import cut_value, decode_words, recover_header
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,9 @@ class Address:
 
     @property
     def domain(self) -> str:
-        return self.address.rpartition("@")[2].lower()
+        """The lower-cased domain; empty for a local part alone (``MAILER-DAEMON``)."""
+        local, at, domain = self.address.rpartition("@")
+        return domain.lower() if at else ""
 
     def as_dict(self) -> dict[str, str]:
         return {"name": self.name, "address": self.address}
@@ -52,25 +57,26 @@ class Address:
 
 @dataclass(frozen=True)
 class Attachment:
-    """An attachment, inline image or attached message; ``filename`` as the mail names it."""
+    """An attachment, inline image or attached message.
 
-    filename: str | None
+    ``filename`` is never empty: the name the mail gives (``name_given``), else one made
+    for it: an attached message's subject + ``.eml``, a file-like Content-ID, or
+    ``attachment-N`` with the extension of its type.
+    """
+
+    filename: str
     content_type: str
     size: int
     sha256: str
     inline: bool
     content_id: str | None
     payload: bytes = field(repr=False)
+    name_given: bool = True
 
     @property
     def display_name(self) -> str:
-        """A name to show and save under: the mail's, else one made from the type."""
-        if self.filename:
-            return self.filename
-        if self.content_type == "message/rfc822":
-            return "forwarded-message.eml"
-        ext = mimetypes.guess_extension(self.content_type) or ".bin"
-        return f"attachment{ext}"
+        """A name to show and save under (the store keeps this one)."""
+        return self.filename or f"attachment{_extension(self.content_type)}"
 
 
 @dataclass
@@ -94,8 +100,12 @@ class ParsedMail:
     charsets: list[str]
     content_type: str
     headers: list[tuple[str, str]]
-    # The decoded From text when it holds no usable address (``from_`` is then None).
+    # The decoded From text when it holds no usable address (``from_`` is then None, or
+    # the sender found elsewhere: see ``sender_source``).
     from_display: str = ""
+    # Where ``from_`` comes from: "from", "sender", "reply-to", "return-path", "mbox"
+    # (the mbox "From " line), "envelope" (the SMTP/LMTP MAIL FROM), or "" (no sender).
+    sender_source: str = ""
 
     def header(self, name: str) -> str | None:
         """First decoded value of a header, or ``None``."""
@@ -120,9 +130,6 @@ class ParsedMail:
 _MSGID = re.compile(r"<([^<>\s]+)>")
 
 
-_OBS_FIELD_NAME = re.compile(rb"^([!-9;-~]+)[ \t]+:", re.M)
-
-
 # Message-IDs we make up for mail that has none; never to be shown to other mail systems.
 SYNTHESISED_DOMAIN = "synthesised.intake.invalid"
 
@@ -132,27 +139,31 @@ def is_synthesised_id(message_id: str) -> bool:
     return message_id.endswith("@" + SYNTHESISED_DOMAIN)
 
 
-def parse(raw: bytes) -> ParsedMail:
-    """Parse raw message bytes. Never raises for malformed mail."""
-    data = _header_syntax_repaired(raw)
+def parse(raw: bytes, *, envelope_from: str | None = None) -> ParsedMail:
+    """Parse raw message bytes. Never raises for malformed mail.
+
+    ``envelope_from`` is the SMTP/LMTP MAIL FROM the mail came with, the last place a
+    sender is looked for when the header names none.
+    """
+    recovered = recover_header(raw)
+    data = recovered.data
+    defects: list[str] = list(recovered.defects)
     try:
-        msg = message_from_bytes(data, policy=compat32)
-        defects: list[str] = [f"headers: {type(d).__name__}" for d in msg.defects]
+        msg = _read_mime(data)
+        defects += [f"headers: {type(d).__name__}" for d in msg.defects]
     except RecursionError:
         # Thousands of nested parts exhaust the stdlib parser: keep the header, and the
         # body as one attachment.
-        msg = BytesParser(policy=compat32).parsebytes(data, headersonly=True)
-        del msg["content-type"]
-        msg["Content-Type"] = "application/octet-stream"
-        defects = ["MIME parts nested too deep to read: the body is kept as one attachment"]
-    body = _Body(defects)
+        msg = _header_only(data)
+        defects.append("MIME parts nested too deep to read: the body is kept as one attachment")
+    # Raw 8-bit header text is read in the light of the charsets the mail declares.
+    hints = charsets.CharsetHints(lambda: _declared_charsets(data))
+    body = _Body(defects, hints)
     body.walk(msg)
-    # Raw 8-bit header text is read in the light of the charsets the body declares.
-    hints = tuple(body.declared)
 
     # raw_items(): compat32 would turn raw 8-bit values into lossy Header objects.
     raw_headers = [(k, str(v)) for k, v in msg.raw_items()]
-    headers = [(k, decode_header_value(v, defects, hints)) for k, v in raw_headers]
+    headers = [(k, decode_header_value(v, defects, hints, where=f"{k.lower()}: ")) for k, v in raw_headers]
     lowered = [(k.lower(), v) for k, v in raw_headers]
     hdr: dict[str, str] = {}  # first raw value of each header
     decoded: dict[str, str] = {}  # and its decoded text
@@ -160,12 +171,14 @@ def parse(raw: bytes) -> ParsedMail:
         if k not in hdr:
             hdr[k] = v
             decoded[k] = text
+    if len(hdr) < len(lowered):
+        _note_repeated_fields(lowered, defects)
 
     # Message-IDs may carry raw UTF-8 (RFC 6532): decoded like every other header.
-    mid = _first_id(charsets.decode_raw(hdr.get("message-id", ""), hints))
+    mid = _first_id(charsets.decode_raw_header(hdr.get("message-id", ""), hints))
     synthesised = False
     if mid is None:
-        mid = _synthesise_message_id(raw, hdr)
+        mid = _synthesise_message_id(raw, hdr, recovered.clean_boundary)
         synthesised = True
         defects.append("no Message-ID: synthesised from the content")
 
@@ -173,72 +186,150 @@ def parse(raw: bytes) -> ParsedMail:
     if not text.strip() and body.html:
         text = html_to_text(body.html)
 
-    senders, from_display = _addresses(lowered, "from", defects, hints, with_display=True)
+    sender, source, from_display = _sender(lowered, defects, hints, recovered.mbox_sender, envelope_from)
     return ParsedMail(
         message_id=mid,
         message_id_synthesised=synthesised,
         subject=_clean_subject_whitespace(decoded.get("subject", "")),
-        from_=next(iter(senders), None),
+        from_=sender,
         to=_addresses(lowered, "to", defects, hints)[0],
         cc=_addresses(lowered, "cc", defects, hints)[0],
         reply_to=_addresses(lowered, "reply-to", defects, hints)[0],
         date=_date(hdr.get("date"), defects),
-        in_reply_to=_ids(charsets.decode_raw(hdr.get("in-reply-to", ""), hints)),
-        references=_ids(charsets.decode_raw(" ".join(v for k, v in lowered if k == "references"), hints)),
+        in_reply_to=_ids(charsets.decode_raw_header(hdr.get("in-reply-to", ""), hints)),
+        references=_ids(charsets.decode_raw_header(" ".join(v for k, v in lowered if k == "references"), hints)),
         text=text,
         html=body.html,
-        attachments=body.attachments,
-        defects=defects,
+        attachments=_named(body.attachments),
+        # The same repair can be met twice (a From value is read as a header and as an
+        # address list): each is listed once.
+        defects=list(dict.fromkeys(defects)),
         charsets=sorted(body.charsets),
         content_type=msg.get_content_type(),
         headers=headers,
         from_display=from_display,
+        sender_source=source,
     )
 
 
-def _header_syntax_repaired(raw: bytes) -> bytes:
-    """RFC 5322 4.5 allows white space before a field's colon ("Subject :"); the stdlib
-    takes such a line for the end of the header, so the colon is moved up to the name."""
-    end = raw.find(b"\n\n")
-    end_crlf = raw.find(b"\r\n\r\n")
-    if end < 0 or 0 <= end_crlf < end:
-        end = end_crlf
-    head = raw if end < 0 else raw[:end]
-    if not _OBS_FIELD_NAME.search(head):
-        return raw
-    return _OBS_FIELD_NAME.sub(rb"\1:", head) + (b"" if end < 0 else raw[end:])
+def _read_mime(data: bytes) -> Message:
+    """The stdlib's reading of a mail (compat32), fed in chunks.
+
+    ``email.message_from_bytes`` reads through a StringIO, which holds every character
+    in 4 bytes: 100 MB more for a 25 MB mail. The parser itself is fed in chunks anyway.
+    """
+    parser = BytesFeedParser(policy=compat32)
+    for start in range(0, len(data), _FEED_CHUNK):
+        parser.feed(data[start : start + _FEED_CHUNK])
+    return parser.close()
 
 
-def decode_header_value(value: str | None, defects: list[str] | None = None, hints: Iterable[str] = ()) -> str:
+_FEED_CHUNK = 64 * 1024
+_END_OF_HEADER = re.compile(rb"\n\r?\n")
+
+
+def _header_only(data: bytes) -> Message:
+    """The header of a mail whose MIME tree cannot be read, with the whole body as one
+    opaque part (its bytes as they are)."""
+    end = _END_OF_HEADER.search(data)
+    head, body = (data[: end.end()], data[end.end() :]) if end else (data, b"")
+    msg = BytesParser(policy=compat32).parsebytes(head, headersonly=True)
+    del msg["content-type"]
+    del msg["content-transfer-encoding"]
+    msg["Content-Type"] = "application/octet-stream"
+    msg.set_payload(body.decode("ascii", "surrogateescape"))
+    return msg
+
+
+_DECLARED = re.compile(
+    rb"charset\s*=\s*[\"']?([A-Za-z0-9_.:+-]+)|=\?([A-Za-z0-9_.:+-]+)(?:\*[A-Za-z-]*)?\?[BbQq]\?"
+    rb"|\*=\s*\"?([A-Za-z0-9_.:+-]+)'",
+    re.I,
+)
+
+
+def _declared_charsets(data: bytes) -> list[str]:
+    """Every charset the mail names (parameters, encoded words, RFC 2231), in order."""
+    return [next(g for g in m.groups() if g).decode("ascii") for m in _DECLARED.finditer(data)]
+
+
+# Fields a mail has once (RFC 5322 3.6); of two, the first is read. To, Cc and
+# References are read from all their fields.
+_SINGLE_FIELDS = {
+    "from": "From", "sender": "Sender", "reply-to": "Reply-To", "subject": "Subject", "date": "Date",
+    "message-id": "Message-ID", "in-reply-to": "In-Reply-To", "content-type": "Content-Type",
+    "content-transfer-encoding": "Content-Transfer-Encoding", "mime-version": "MIME-Version",
+}  # fmt: skip
+_MERGED_FIELDS = {"to": "To", "cc": "Cc", "references": "References"}
+
+
+def _note_repeated_fields(lowered: list[tuple[str, str]], defects: list[str]) -> None:
+    for name, n in Counter(k for k, _ in lowered).items():
+        if n < 2:
+            continue
+        if name in _SINGLE_FIELDS:
+            defects.append(f"headers: {n} {_SINGLE_FIELDS[name]} fields; the first is read")
+        elif name in _MERGED_FIELDS:
+            defects.append(f"headers: {n} {_MERGED_FIELDS[name]} fields; all are read")
+
+
+# Where a sender is looked for when From names none, in order (ParsedMail.sender_source).
+_SENDER_HEADERS = ("sender", "reply-to", "return-path")
+_SENDER_LABELS = {"sender": "Sender", "reply-to": "Reply-To", "return-path": "Return-Path",
+                  "mbox": "the mbox 'From ' line", "envelope": "the SMTP envelope"}
+
+
+def _sender(
+    lowered: list[tuple[str, str]],
+    defects: list[str],
+    hints: Iterable[str],
+    mbox_sender: str,
+    envelope_from: str | None,
+) -> tuple[Address | None, str, str]:
+    """(sender, where it was found, the From text when it holds no address)."""
+    found, display = _addresses(lowered, "from", defects, hints, with_display=True)
+    if found:
+        return found[0], "from", display
+    sender: Address | None = None
+    source = ""
+    for name in _SENDER_HEADERS:
+        candidates = _addresses(lowered, name, defects, hints)[0]
+        if candidates:
+            sender, source = candidates[0], name
+            break
+    else:
+        for source, value in (("mbox", mbox_sender), ("envelope", envelope_from)):
+            address = (value or "").strip().strip("<>").strip()
+            if address:
+                sender = Address(name="", address=address)
+                break
+    if sender is None:
+        return None, "", display
+    if not sender.name and display:
+        # From named the person without an address: the name stays theirs.
+        sender = Address(name=display, address=sender.address)
+    has_from = any(k == "from" for k, _ in lowered)
+    defects.append(
+        f"from: {'no usable address' if has_from else 'missing'}; the sender is taken from {_SENDER_LABELS[source]}"
+    )
+    return sender, source, display
+
+
+def decode_header_value(
+    value: str | None, defects: list[str] | None = None, hints: Iterable[str] = (), where: str = "header: "
+) -> str:
     """Decode a header value: RFC 2047 words in any charset, raw 8-bit or JIS text.
 
     ``hints`` are the charsets the message declares, used for raw 8-bit text that is
-    neither UTF-8 nor Japanese.
+    not UTF-8; ``where`` starts each defect recorded. A value longer than
+    ``headers.MAX_FIELD_CHARS`` is cut (with a defect).
     """
     if value is None:
         return ""
-    value = _unfold(str(value))
+    value = cut_value(_unfold(str(value)), defects, where)
     if "=?" not in value:
-        return charsets.decode_raw(value, hints).strip()
-    latin = value
-    if not value.isascii():
-        # decode_header() hands unencoded text back as raw-unicode-escape bytes: map
-        # every raw byte to one Latin-1 code point so that those bytes are the original
-        # ones, which our charset layer then decodes (8-bit text inside an encoded word
-        # is read in the word's charset).
-        latin = value.encode("utf-8", "surrogateescape").decode("latin-1")
-    try:
-        parts = decode_header(latin)
-    except Exception:  # noqa: BLE001 - the stdlib raises several kinds on broken words
-        if defects is not None:
-            defects.append("header: undecodable encoded-word left as is")
-        return charsets.decode_raw(value, hints).strip()
-    out = []
-    for chunk, cs in parts:
-        if isinstance(chunk, str):  # no encoded word recognised
-            chunk = chunk.encode("latin-1")
-        out.append(charsets.decode(chunk, cs, defects, "header: ", hints)[0])
-    return "".join(out).strip()
+        return charsets.decode_raw_header(value, hints, defects, where).strip()
+    return decode_words(value, defects, where, hints).strip()
 
 
 def _unfold(value: str) -> str:
@@ -264,27 +355,51 @@ def _addresses(
     hints: Iterable[str],
     with_display: bool = False,
 ) -> tuple[list[Address], str]:
-    """The addresses of one header kind, and (when asked) the text of a header that held none."""
+    """The addresses of one header kind, and (when asked) the text of a header that held none.
+
+    A local part alone (``MAILER-DAEMON``, ``<moderator>``) is an address as written; a
+    phrase without an address (``From: Taro Yamada``) is display text.
+    """
+    where = f"{name}: "
     values = []
     for k, v in lowered:
         if k == name:
             # Raw 8-bit and JIS text is decoded first: its bytes may look like the
             # address syntax (ESC ( B opens a comment, a Shift_JIS byte is a backslash).
-            values.append(charsets.decode_raw(_unfold(v), hints))
+            values.append(charsets.decode_raw_header(cut_value(_unfold(v), defects, where), hints, defects, where))
     out: list[Address] = []
     display = ""
     for text, addr in getaddresses(values):
         addr = addr.strip()
-        if not addr or "@" not in addr:
-            if addr and defects is not None:
-                defects.append(f"{name}: not an address: {addr!r}")
+        if addr and "@" not in addr and not _written_alone(addr, values):
+            # getaddresses() took the first word of a name for an address: the whole
+            # value is the name ("山田 太郎" must not become "山田").
+            if defects is not None:
+                defects.append(f"{name}: a name without an address: {', '.join(values)[:80]!r}")
+            text = next((v for v in values if addr in v), text)
+            addr = ""
+        if not addr:
             if with_display and not display:
-                display = decode_header_value(text or addr, defects, hints)
+                display = _clean_subject_whitespace(decode_header_value(text, defects, hints, where))
             continue
-        out.append(Address(name=_clean_subject_whitespace(decode_header_value(text, defects, hints)), address=addr))
+        display_name = _clean_subject_whitespace(decode_header_value(text, defects, hints, where))
+        out.append(Address(name=display_name, address=addr))
     if out:
         display = ""
     return out, display
+
+
+def _written_alone(local: str, values: list[str]) -> bool:
+    """True when ``local`` (plain ASCII, as system senders write) is an address of its own:
+    in angle brackets, or the whole value but for a comment. Not when getaddresses() cut
+    it from a name ("Taro Yamada" gives "Taro", "Smith, John" gives "Smith" and "John")."""
+    if not _LOCAL_PART.fullmatch(local):
+        return False
+    return any(f"<{local}>" in v.replace(" ", "") or _COMMENT.sub("", v).strip() == local for v in values)
+
+
+_LOCAL_PART = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+")
+_COMMENT = re.compile(r"\([^()]*\)")
 
 
 def _ids(value: str) -> list[str]:
@@ -301,7 +416,12 @@ def _first_id(value: str) -> str | None:
     return bare if "@" in bare else None
 
 
-def _synthesise_message_id(raw: bytes, hdr: dict[str, str]) -> str:
+def _synthesise_message_id(raw: bytes, hdr: dict[str, str], clean_boundary: bool) -> str:
+    if not clean_boundary:
+        # No blank line ends the header: which lines are header and which are body is a
+        # guess, so every byte counts (web-form mail is all "Name: value" lines).
+        whole = hashlib.sha256(raw.replace(b"\r\n", b"\n")).hexdigest()
+        return f"{whole[:40]}@{SYNTHESISED_DOMAIN}"
     # From the content, not the trace headers: the same mail relayed twice hashes alike.
     sep = raw.find(b"\r\n\r\n")
     body = raw[sep + 4 :] if sep >= 0 else raw[raw.find(b"\n\n") + 2 :] if b"\n\n" in raw else b""
@@ -345,8 +465,9 @@ class _Body:
     message/* part, is an attachment (a forwarded mail never mixes into the text).
     """
 
-    def __init__(self, defects: list[str]) -> None:
+    def __init__(self, defects: list[str], hints: charsets.CharsetHints) -> None:
         self.defects = defects
+        self.hints = hints  # the whole mail's declared charsets, for raw 8-bit names
         self.texts: list[str] = []
         self.htmls: list[str] = []
         self.attachments: list[Attachment] = []
@@ -413,7 +534,7 @@ class _Body:
         # and the first HTML version, attachments come from all of them.
         versions = []
         for child in children:
-            sub = _Body(self.defects)
+            sub = _Body(self.defects, self.hints)
             if child.get_content_type() in ("text/plain", "text/html"):
                 sub.walk(child, "multipart/alternative", True, depth + 1)
             else:
@@ -451,7 +572,7 @@ class _Body:
             return None
         self.defects.append(f"{part.get_content_type()}: malformed boundary parameter, read as {boundary!r}")
         rebuilt = f'Content-Type: {part.get_content_type()}; boundary="{boundary}"\n\n'
-        return message_from_bytes(rebuilt.encode("ascii", "replace") + body, policy=compat32)
+        return _read_mime(rebuilt.encode("ascii", "replace") + body)
 
     def _payload(self, part: Message) -> bytes:
         try:
@@ -501,31 +622,52 @@ class _Body:
         return text.replace("\r\n", "\n").replace("\r", "\n"), clean
 
     def _filename(self, part: Message) -> str | None:
-        name = _rfc2231_param(part, "filename", "content-disposition")
+        hints = self.hints
+        if any(k.lower() in _NAMING_FIELDS and not str(v).isascii() for k, v in part.raw_items()):
+            # Raw 8-bit in a name is read first in the part's own charset, if it has one.
+            hints = hints.preferring(part.get_param("charset"))
+        name = _rfc2231_param(part, "filename", "content-disposition", self.defects, hints)
         if name is None:
-            name = _rfc2231_param(part, "name", "content-type")
+            name = _rfc2231_param(part, "name", "content-type", self.defects, hints)
         if name is None:
             return None
         # Outlook and many Japanese mailers put RFC 2047 words in quoted parameters.
-        return decode_header_value(name, self.defects, self.declared) or None
+        return decode_header_value(name, self.defects, hints, where="attachment name: ") or None
 
     def _attach(self, part: Message) -> None:
         ctype = part.get_content_type()
         payload = self._message_payload(part) if part.get_content_maintype() == "message" else self._payload(part)
-        cid = part.get("content-id")
-        cid = str(cid).strip().strip("<>") if cid else None
+        cid = _raw_header(part, "content-id")
+        cid = charsets.decode_raw_header(cid, self.hints).strip().strip("<>") if cid else None
         disposition = (part.get_content_disposition() or "").lower()
+        given = self._filename(part)
         self.attachments.append(
             Attachment(
-                filename=self._filename(part),
+                # "" until _named() numbers it among all the mail's attachments.
+                filename=given or self._made_name(part, ctype, payload, cid),
                 content_type=ctype,
                 size=len(payload),
                 sha256=hashlib.sha256(payload).hexdigest(),
                 inline=disposition == "inline" or (disposition == "" and cid is not None),
                 content_id=cid,
                 payload=payload,
+                name_given=given is not None,
             )
         )
+
+    def _made_name(self, part: Message, ctype: str, payload: bytes, cid: str | None) -> str:
+        """A name for an attachment the mail leaves unnamed; "" when only a number fits."""
+        if ctype in _MESSAGE_TYPES:
+            subject = decode_header_value(_inner_subject(part, payload), self.defects, self.hints, "attached message: ")
+            stem = _file_stem(_clean_subject_whitespace(subject))
+            if stem:
+                return stem + ".eml"
+        if cid:
+            local = cid.rpartition("@")[0] or cid
+            m = _CID_FILE_NAME.fullmatch(local)
+            if m is not None and _TYPES.guess_type("x." + m.group(1))[0] is not None:
+                return _file_stem(local)
+        return ""
 
 
 def _as_bytes(part: Message) -> bytes:
@@ -538,22 +680,100 @@ def _as_bytes(part: Message) -> bytes:
             return b""
 
 
-def _rfc2231_param(part: Message, param: str, header: str) -> str | None:
-    """A parameter value with RFC 2231 continuations and charset decoded by our layer."""
+def _rfc2231_param(
+    part: Message, param: str, header: str, defects: list[str] | None = None, hints: Iterable[str] = ()
+) -> str | None:
+    """A parameter value with RFC 2231 continuations and charset decoded by our layer.
+
+    Raw 8-bit bytes in a value come back surrogate-escaped, as in every raw header value.
+    """
+    raw = _raw_header(part, header)
+    eight_bit = raw is not None and not raw.isascii()
+    if eight_bit:
+        # The stdlib turns a value with 8-bit bytes into replacement characters: let it
+        # read the parameters of a copy that holds each byte as one Latin-1 character.
+        probe = Message()
+        probe[header] = raw.encode("ascii", "surrogateescape").decode("latin-1")
+        part = probe
     try:
         value = part.get_param(param, header=header)
     except Exception:  # noqa: BLE001 - a broken parameter list is no parameter
         return None
     if value is None:
         return None
+    if eight_bit and not isinstance(value, tuple):
+        value = value.encode("latin-1", "replace").decode("ascii", "surrogateescape")
     if isinstance(value, tuple):
         cs, _lang, text = value
         # The stdlib unquotes %XX to Latin-1 code points: those are the original bytes.
-        raw = unquote_to_bytes(text) if "%" in text else text.encode("latin-1", "surrogateescape")
+        data = text.encode("latin-1", "surrogateescape")
+        data = unquote_to_bytes(data) if b"%" in data else data
         if not cs:
-            return charsets.decode_raw(raw.decode("ascii", "surrogateescape"))
-        return charsets.decode(raw, cs)[0]
+            return charsets.decode_header_text(data, hints, defects, "attachment name: ")
+        return charsets.decode(data, cs, defects, "attachment name: ", hints)[0]
     return utils.collapse_rfc2231_value(value)
+
+
+_NAMING_FIELDS = ("content-type", "content-disposition")
+_MESSAGE_TYPES = ("message/rfc822", "message/global")
+# Only the built-in table, not the machine's /etc/mime.types: the same names everywhere.
+_TYPES = mimetypes.MimeTypes()
+# A Content-ID local part that is a file name: Outlook's "image001.png@01D9...".
+_CID_FILE_NAME = re.compile(r"\w[\w .()+-]{0,150}\.([A-Za-z0-9]{1,8})")
+# Characters no file system takes in a name (Windows' set, which covers the others).
+_UNSAFE_IN_NAME = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]')
+_RESERVED_NAMES = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
+_MAX_STEM_BYTES = 200  # file systems take 255 bytes; room for ".eml" and a "(2)"
+
+
+def _extension(content_type: str) -> str:
+    """The file extension for a MIME type: .eml for mail, .txt for text, else .bin."""
+    if content_type in _MESSAGE_TYPES:
+        return ".eml"
+    ext = _TYPES.guess_extension(content_type)
+    if ext:
+        return ext
+    return ".txt" if content_type.startswith(("text/", "message/")) else ".bin"
+
+
+def _file_stem(text: str) -> str:
+    """``text`` made safe as a file name on any file system; "" when nothing is left."""
+    stem = " ".join(_UNSAFE_IN_NAME.sub("_", text).split()).strip(" .")
+    if len(stem.encode("utf-8")) > _MAX_STEM_BYTES:
+        stem = stem.encode("utf-8")[:_MAX_STEM_BYTES].decode("utf-8", "ignore").rstrip(" .")
+    if stem.partition(".")[0].upper() in _RESERVED_NAMES:
+        stem = "_" + stem
+    return stem
+
+
+def _inner_subject(part: Message, payload: bytes) -> str:
+    """The raw Subject of an attached message."""
+    inner = part.get_payload()
+    if isinstance(inner, list) and inner and isinstance(inner[0], Message):
+        return _raw_header(inner[0], "subject") or ""
+    # Not parsed by the stdlib (an encoded message/rfc822): read its header only.
+    end = payload.find(b"\n\n")
+    head = payload[: end if 0 <= end < 256 * 1024 else 256 * 1024]
+    try:
+        return _raw_header(BytesParser(policy=compat32).parsebytes(head, headersonly=True), "subject") or ""
+    except Exception:  # noqa: BLE001 - a broken inner header has no subject
+        return ""
+
+
+def _raw_header(part: Message, name: str) -> str | None:
+    """The first value of a header as parsed, 8-bit bytes surrogate-escaped (``get()``
+    would turn them into replacement characters)."""
+    lname = name.lower()
+    return next((str(v) for k, v in part.raw_items() if k.lower() == lname), None)
+
+
+def _named(attachments: list[Attachment]) -> list[Attachment]:
+    """Every attachment with a file name: the unnamed get ``attachment-N.ext``, N their
+    place among the mail's attachments."""
+    return [
+        a if a.filename else replace(a, filename=f"attachment-{n}{_extension(a.content_type)}")
+        for n, a in enumerate(attachments, 1)
+    ]
 
 
 class _HTMLText(HTMLParser):
