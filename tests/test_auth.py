@@ -24,10 +24,10 @@ from email.header import Header
 
 import dkim
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from intake.mail.auth import Authentication, aligned, authenticate
 from intake.mail.parse import parse
