@@ -217,19 +217,21 @@ class CaseOps:
     # -- messages ------------------------------------------------------------------------
 
     def customer_comment(self, case: CaseRec, message: Incoming, *, actor: str, person: bool, threading: str,
-                         trigger: Trigger | None = None) -> None:
+                         trigger: Trigger | None = None, unauthenticated: str | None = None) -> None:
         """A customer's message on a case, or an automated one (``person`` False: an auto-reply,
         our own mail coming back). A person's message reopens a pending, resolved or closed
         case and its agents hear of it (with the customer's files). The requester's To/Cc
         become participants; anyone else who writes joins as a contributor (in Cc of agent
-        replies only while in the To/Cc of the mail being answered)."""
-        row = self._store(case, message, Visibility.PUBLIC, actor, threading=threading)
+        replies only while in the To/Cc of the mail being answered). ``unauthenticated`` is
+        why mail from an agent's address was not taken as the agent's: its sender joins nobody."""
+        row = self._store(case, message, Visibility.PUBLIC, actor, threading=threading,
+                          data={"unauthenticated": unauthenticated} if unauthenticated else None)
         status_change: tuple[str, str] | None = None
         if person:
             sender = (message.from_address or "").lower()
             if case.requester is not None and sender == case.requester.address:
                 self._add_cc(case, message)
-            elif message.from_address:
+            elif message.from_address and not unauthenticated:
                 self.tx.cases.add_participant(case.id, self.contact(message.from_address, message.from_name),
                                               "contributor")
             if case.status in (Status.RESOLVED, Status.CLOSED, Status.PENDING):
@@ -283,7 +285,7 @@ class CaseOps:
     def internal_message(self, case: CaseRec, message: Incoming, *, actor: str, threading: str,
                          **data: Any) -> int:
         """A message kept for agents only, mailed to nobody (our own mail coming back, an
-        unauthenticated one); its row id."""
+        agent's auto-reply); its row id."""
         row = self._store(case, message, Visibility.INTERNAL, actor, threading=threading, event=False)
         self._event(case, "message", {"threading": threading, **data}, actor=actor, message_row=row,
                     inbound_id=message.inbound_id)
@@ -292,14 +294,19 @@ class CaseOps:
         return row
 
     def unauthenticated(self, case: CaseRec, message: Incoming, *, agent: str, reason: str, threading: str,
-                        trigger: Trigger | None = None) -> None:
+                        trigger: Trigger) -> None:
         """Mail from an agent's address that could not be shown to be the agent's (DESIGN 5):
-        kept for agents only, its commands not applied, nothing relayed; the agent is told why."""
-        self.internal_message(case, message, actor=message.from_address or agent, threading=threading,
-                              unauthenticated=True, reason=reason)
+        a customer comment, never relayed to customers, its commands not applied; the agent
+        is told why by mail."""
+        self.customer_comment(case, message, actor=agent, person=True, threading=threading, trigger=trigger,
+                              unauthenticated=reason)
+        self.agent_refused(case, agent, reason, trigger)
+
+    def agent_refused(self, case: CaseRec, agent: str, reason: str, trigger: Trigger) -> None:
+        """Tell an agent their mail was not accepted as theirs (it opened or joined ``case`` as a
+        customer's), and why."""
         self.remark(case, f"mail from {agent} not accepted as the agent's: {reason}", actor=SYSTEM)
         if self.env.notifier is not None:
-            trigger = trigger or self._trigger(agent, message)
             self._notified(case, self.env.notifier.agent_notice(
                 self.tx, case, trigger, (agent, self.env.team().name_of(agent)), "unauthenticated", [{"reason": reason}]))
 
@@ -468,6 +475,9 @@ class CaseOps:
         """Two cases belong together; both timelines show it. False when they were linked."""
         if case.id == other.id:
             raise Refused("a case cannot be linked to itself")
+        # A link has no direction: B-A is the A-B link already made.
+        if (other.label, "related") in {(label, kind) for label, kind, _ in self.tx.cases.links(case.id)}:
+            return False
         if not self.tx.cases.add_link(case.id, other.id, "related", actor, self.at):
             return False
         self._event(case, "link", {"case": other.label}, actor=actor)
@@ -572,7 +582,7 @@ class CaseOps:
                        subject=message.subject if message else "", text=message.text if message else "")
 
     def _store(self, case: CaseRec, message: Incoming, visibility: str, actor: str, *, threading: str | None = None,
-               event: bool = True, text: str | None = None) -> int:
+               event: bool = True, text: str | None = None, data: dict[str, Any] | None = None) -> int:
         row = self.tx.cases.add_message(
             case.id, direction=Direction.IN, visibility=visibility, message_id=message.message_id,
             from_address=message.from_address, from_name=message.from_name or None,
@@ -580,8 +590,8 @@ class CaseOps:
             text=message.text if text is None else text, html=message.html, sent_at=message.sent_at,
             inbound_id=message.inbound_id, thread_index=message.thread_index, attachments=message.attachments)
         if event:
-            self._event(case, "message", {"threading": threading} if threading else None, actor=actor,
-                        message_row=row, inbound_id=message.inbound_id)
+            data = {**({"threading": threading} if threading else {}), **(data or {})}
+            self._event(case, "message", data or None, actor=actor, message_row=row, inbound_id=message.inbound_id)
         return row
 
     def _event(self, case: CaseRec, type_: str, data: dict[str, Any] | None, *, actor: str,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import socket
 import tomllib
 from dataclasses import dataclass, field, fields, is_dataclass
 from functools import cached_property, lru_cache
@@ -20,7 +21,11 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from intake.mail.addresses import base_address
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from intake.business_hours import BusinessHours
+    from intake.mail.auth import Authentication
+    from intake.mail.parse import ParsedMail
 
 
 class ConfigError(Exception):
@@ -146,6 +151,7 @@ class TemplatesConfig:
 @dataclass(frozen=True)
 class SecurityConfig:
     trusted_authserv_ids: tuple[str, ...] = ()
+    verify_dkim: bool = False
 
 
 @dataclass(frozen=True)
@@ -252,6 +258,25 @@ class Config:
     def own_addresses(self) -> frozenset[str]:
         """Every address intake receives for (without plus parts)."""
         return frozenset(mb.address.lower() for mb in self.mailbox)
+
+    @cached_property
+    def smtp_hostname(self) -> str:
+        """The name intake's SMTP listener greets with and writes into its ``Received``."""
+        return self.smtp.hostname or socket.getfqdn()
+
+    def authenticator(self, raw: bytes) -> "Callable[[ParsedMail], Authentication]":
+        """How ``classify`` checks that a mail from an agent's address is the agent's
+        (DESIGN 5 "Who is an agent"), by ``[security]``."""
+        sec = self.security
+
+        def check(mail: "ParsedMail") -> "Authentication":
+            from intake.mail.auth import authenticate  # DKIM and DNS are loaded for agents' mail only
+
+            return authenticate(raw, mail, trusted_authserv_ids=sec.trusted_authserv_ids,
+                                boundary_hosts=(*sec.trusted_authserv_ids, self.smtp_hostname),
+                                verify_dkim=sec.verify_dkim)
+
+        return check
 
     @property
     def installation(self) -> str:

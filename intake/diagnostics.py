@@ -7,23 +7,28 @@ processing log into readable lines for ``intake messages show``.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from datetime import datetime, tzinfo
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from intake.mail.classify import classify
-from intake.mail.parse import parse
+from intake.mail.parse import ParsedMail, parse
+
+if TYPE_CHECKING:
+    from intake.mail.auth import Authentication
 
 
 def parse_report(
-    raw: bytes, *, own_addresses: Collection[str], agents: Collection[str], envelope_from: str | None = None
+    raw: bytes, *, own_addresses: Collection[str], agents: Collection[str], envelope_from: str | None = None,
+    authenticate: Callable[[ParsedMail], Authentication] | None = None,
 ) -> dict[str, Any]:
     """Everything intake sees in one message, without storing anything.
 
-    ``envelope_from`` is the SMTP envelope sender, when the mail came with one.
+    ``envelope_from`` is the SMTP envelope sender, when the mail came with one;
+    ``authenticate`` checks mail from an agent's address (``Config.authenticator``).
     """
     mail = parse(raw, envelope_from=envelope_from)
-    cls = classify(mail, own_addresses=own_addresses, agents=agents)
+    cls = classify(mail, own_addresses=own_addresses, agents=agents, authenticate=authenticate)
     return {
         "message_id": mail.message_id,
         "message_id_synthesised": mail.message_id_synthesised,
@@ -47,7 +52,7 @@ def parse_report(
         "defects": list(mail.defects),
         "charsets": list(mail.charsets),
         "content_type": mail.content_type,
-        "classification": {"sender": cls.sender, "kind": cls.kind, "reasons": list(cls.reasons),
+        "classification": {**cls.as_dict(),
                            **({"bounced_message_ids": list(cls.bounced_message_ids)} if cls.bounced_message_ids else {})},
         "language": mail.language,
         "size": len(raw),
@@ -83,6 +88,7 @@ def parse_lines(report: dict[str, Any]) -> list[str]:
         f"Class       sender {cls['sender']}, kind {cls['kind']}"
         + (f" ({'; '.join(cls['reasons'])})" if cls["reasons"] else ""),
     ]
+    lines += [f"Agent auth  {line}" for line in _auth_lines(cls.get("authentication"))]
     for a in report["attachments"]:
         inline = ", inline" if a["inline"] else ""
         made = "" if a["name_given"] else ", name made by intake"
@@ -90,6 +96,14 @@ def parse_lines(report: dict[str, Any]) -> list[str]:
     lines += [f"Defect      {d}" for d in report["defects"]]
     lines += ["", report["text"].rstrip()]
     return lines
+
+
+def _auth_lines(auth: dict[str, Any] | None) -> list[str]:
+    """The authentication check of an agent's mail: its verdict, then each header set aside."""
+    if not auth:
+        return []
+    return [f"{'passed' if auth['passed'] else 'failed'}: {auth['reason']}",
+            *(f"set aside: {line}" for line in auth.get("ignored") or [])]
 
 
 def _describe(entry: dict[str, Any]) -> str:
@@ -108,7 +122,8 @@ def _describe(entry: dict[str, Any]) -> str:
         return line
     if step == "classified":
         reasons = "; ".join(entry.get("reasons") or []) or "no automated-mail signal"
-        return f"classified: sender {entry.get('sender')}, kind {entry.get('kind')} ({reasons})"
+        return "\n      ".join([f"classified: sender {entry.get('sender')}, kind {entry.get('kind')} ({reasons})",
+                                   *(f"agent authentication: {line}" for line in _auth_lines(entry.get("authentication")))])
     if step == "threaded":
         case = entry.get("case") or "new case"
         return f"threading: {entry.get('method')} → {case}: {entry.get('reason')}"

@@ -21,7 +21,7 @@ import logging
 import os
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -202,7 +202,8 @@ class Processor:
             if rec.raw is None:
                 raise ValueError("raw bytes are no longer stored (retention) and cannot be processed")
             run.mail = parse(rec.raw, envelope_from=rec.envelope_from)
-            run.cls = classify(run.mail, own_addresses=self.cfg.own_addresses, agents=ruleset.team.addresses)
+            run.cls = classify(run.mail, own_addresses=self.cfg.own_addresses, agents=ruleset.team.addresses,
+                               authenticate=self.cfg.authenticator(rec.raw))
         except Exception as exc:  # noqa: BLE001 - quarantined in the apply phase, with its traceback
             run.error, run.error_traceback = exc, traceback.format_exc()
         return run
@@ -234,7 +235,7 @@ class Processor:
         run.step("parsed", message_id=mail.message_id, synthesised=mail.message_id_synthesised,
                  subject=mail.subject, **{"from": mail.from_.address if mail.from_ else None},
                  charsets=mail.charsets, defects=mail.defects, attachments=len(mail.attachments))
-        run.step("classified", sender=cls.sender, kind=cls.kind, reasons=list(cls.reasons))
+        run.step("classified", **cls.as_dict())
         ops = CaseOps(tx, run.env, run.now, on_step=run.step)
         outcome = self._duplicate(tx, ops, run) or self._flow(tx, ops, run)
         rec.state = outcome.state
@@ -296,7 +297,10 @@ class Processor:
         """What the store knows about the message's case (``intake rules explain`` shows it too)."""
         assert run.mail is not None and run.cls is not None
         return threads.gather(tx.cases, run.mail, recipients=run.rec.envelope_to, secret=self.secret,
-                              prefixes={self.cfg.cases.prefix}, sender_is_agent=run.cls.sender == AGENT)
+                              prefixes={self.cfg.cases.prefix},
+                              # An agent's address may name the case even unauthenticated: its
+                              # mail then lands there as a customer's comment, not on a new case.
+                              sender_is_agent=run.cls.sender == AGENT or run.cls.unauthenticated)
 
     # -- route --------------------------------------------------------------------------
 
@@ -338,6 +342,8 @@ class Processor:
             assignment=assignment.choose(tx, run.ruleset.team, queue, decision, run.now), ack=decision.ack,
             mentions=mentions, trigger=self._trigger(run), language_from=language_from)
         case = ops.follow_up(follow_up_of, **opening) if follow_up_of else ops.open(**opening)
+        if run.cls is not None and run.cls.unauthenticated and run.cls.auth is not None:
+            ops.agent_refused(case, run.cls.claimed_agent, run.cls.auth.reason, self._trigger(run))
         self._belongs(tx, run, case)
         return case
 
@@ -346,7 +352,7 @@ class Processor:
         mail, cls = run.mail, run.cls
         assert mail is not None and cls is not None
         person = cls.kind == MESSAGE and cls.sender != OWN
-        if person and cls.sender != AGENT and ops.needs_follow_up(case):
+        if person and cls.sender != AGENT and not cls.unauthenticated and ops.needs_follow_up(case):
             follow = self._new_case(tx, ops, run, self._route(tx, run), (), follow_up_of=case)
             return Outcome(InboundState.PROCESSED, follow.label, f"follow-up of closed {case.label}", mail.message_id)
         message, actor = self._incoming(run), _actor(mail)
@@ -354,9 +360,19 @@ class Processor:
             case = self._agent_mail(tx, ops, run, case, match, message)
         elif cls.sender == AGENT:
             ops.internal_message(case, message, actor=actor, threading=match.method, automated=True)
+        elif person:
+            # The timeline and the agents' notices show what is new, without the quoted history.
+            new = message.with_text(reply_text(mail.text, mail.html))
+            trigger = replace(self._trigger(run), text=new.text)
+            if cls.unauthenticated:
+                assert cls.auth is not None
+                ops.unauthenticated(case, new, agent=cls.claimed_agent, reason=cls.auth.reason,
+                                    threading=match.method, trigger=trigger)
+            else:
+                ops.customer_comment(case, new, actor=actor, person=True, threading=match.method, trigger=trigger)
         else:
-            ops.customer_comment(case, message.with_text(reply_text(mail.text, mail.html)) if person else message,
-                                 actor=actor, person=person, threading=match.method, trigger=self._trigger(run))
+            ops.customer_comment(case, message, actor=actor, person=False, threading=match.method,
+                                 trigger=self._trigger(run))
         self._belongs(tx, run, case)
         return Outcome(InboundState.PROCESSED, case.label, f"comment ({match.method})", mail.message_id)
 

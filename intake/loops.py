@@ -14,6 +14,9 @@ from intake.mail.classify import MESSAGE
 LOOP_TAG = "mail-loop"
 #: Written by a person (an agent), not by intake: sent even on a case flagged as a loop.
 HUMAN_TEMPLATES = frozenset({"agent_reply"})
+#: Addressed to the agent who acted, about that very mail (a refused command): the one
+#: kind of mail an agent gets about their own action.
+ANSWER_TEMPLATES = frozenset({"agent_notice"})
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,7 @@ class Verdict:
 
 
 def _own_action(f: LoopFacts, _: LoopLimits) -> str | None:
-    if f.actor and f.actor.lower() == f.recipient.lower():
+    if f.actor and f.actor.lower() == f.recipient.lower() and f.template not in ANSWER_TEMPLATES:
         return "agents are not notified of their own actions"
     return None
 

@@ -66,6 +66,8 @@ def write_config(folder: Path, extra: str = "", *, database: str | None = None, 
         [[mailbox]]
         address = "billing@example.com"
         queue = "billing"
+        [security]
+        trusted_authserv_ids = ["mx.example.com"]
         [outbound]
         path = "{folder / 'outbox'}"
         """
@@ -174,6 +176,7 @@ def case_ops(app: App, at=None):
     from intake.cases import CaseOps
     from intake.db import utcnow
 
+    app.processor.secret  # made in a transaction of its own (SQLite has one writer)
     with app.store.transaction() as tx:
         yield CaseOps(tx, app.processor.case_env(), at or utcnow())
 

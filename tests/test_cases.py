@@ -8,7 +8,7 @@ from datetime import timedelta
 from conftest import SIMPLE_TEAM, case_detail, case_ops, case_record, open_test_app, outbox_items, write_config
 from intake.db import utcnow
 from intake.states import Status
-from mailfactory import make_mail
+from mailfactory import agent_auth, make_mail
 
 
 def ingest(app, raw: bytes, mailbox: str = "support@example.com", envelope_to: list[str] | None = None):
@@ -58,7 +58,7 @@ def test_the_first_public_agent_reply_sets_the_first_response_time_once(tmp_path
         assert case_record(app, 1).first_response_at is None
         for n in (1, 2):
             ingest(app, make_mail(subject="Re: [CASE-1] Printer", sender="hanako@example.com",
-                                  body=f"Answer {n}.\n", headers={"In-Reply-To": "<p1@client.example.net>"}))
+                                  body=f"Answer {n}.\n", headers={**agent_auth(), "In-Reply-To": "<p1@client.example.net>"}))
             if n == 1:
                 first = case_record(app, 1).first_response_at
         case = case_record(app, 1)

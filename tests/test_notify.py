@@ -18,7 +18,7 @@ def write_config(folder, extra: str = "", **kw):
 @pytest.fixture
 def config_path(tmp_path):
     return write_config(tmp_path)
-from mailfactory import make_mail
+from mailfactory import agent_auth, make_mail
 
 from intake.db.outbox import OutboxMail
 from intake.edges.outbox_sender import build_mime
@@ -168,7 +168,7 @@ def test_agent_reply_goes_to_the_customer_without_quotes_and_not_to_the_agent(ap
     body = ("ドライバーを更新してください。\n\n山田 花子\n\n"
             "2026年11月20日(金) 10:00 山田太郎 <taro@bigcorp.co.jp>:\n> 印刷できません。\n")
     ingest(app, make_mail(subject="Re: [CASE-1] プリンター", sender="山田 花子 <hanako@example.com>", to=case_addr,
-                          body=body), envelope_to=[case_addr])
+                          body=body, headers=agent_auth()), envelope_to=[case_addr])
     replies = [i for i in outbox(app) if i.template == "agent_reply"]
     assert len(replies) == 1
     r = replies[0]
@@ -191,7 +191,8 @@ def test_an_internal_note_never_reaches_the_customer(app):
 
     note = reply_address("support@example.com", 1, secret(app), "n")
     before = len(outbox(app))
-    ingest(app, make_mail(subject="note", sender="ken@example.com", to=note, body="Customer is VIP.\n"),
+    ingest(app, make_mail(subject="note", sender="ken@example.com", to=note, body="Customer is VIP.\n",
+                          headers=agent_auth()),
            envelope_to=[note])
     # Only the queue's other agent hears of it: never the customer, never its author.
     new = outbox(app)[before:]
@@ -280,7 +281,7 @@ def test_acknowledgements_per_sender_are_rate_limited(app):
 
 
 def test_an_agent_opening_a_case_gets_no_notice_of_it(app):
-    ingest(app, make_mail(subject="Customer called", sender="ken@example.com"))
+    ingest(app, make_mail(subject="Customer called", sender="ken@example.com", headers=agent_auth()))
     sent = outbox(app)
     assert [i.recipient for i in sent] == ["hanako@example.com"]
     skipped = {e["template"]: e["check"] for e in timeline(app, "CASE-1") if e["type"] == "mail_skipped"}

@@ -161,7 +161,8 @@ def _entry_line(e: dict[str, Any], tz: Any) -> str:
         line = f"{head}mail → {', '.join(e.get('to') or []) or '-'}{cc}{vis}{what}: {e['subject']}"
     else:
         via = f" via {e['threading']}" if e.get("threading") else ""
-        line = f"{head}mail ← {e['from']}{vis}{via}: {e['subject']}"
+        refused = " (agent's address, not authenticated)" if e.get("unauthenticated") else ""
+        line = f"{head}mail ← {e['from']}{vis}{via}{refused}: {e['subject']}"
     lines = [line, *(f"      | {text}" for text in (e.get("text") or "").strip().splitlines()[:20])]
     lines += [f"      📎 #{a['id']} {a['filename']} ({a['content_type']}, {a['size']} bytes)"
               for a in e.get("attachments", [])]
@@ -186,6 +187,7 @@ def _acting(ctx: click.Context, actor: str, *, agent: bool = False) -> Any:
 
     @contextmanager
     def ops() -> Any:
+        app.processor.secret  # made in a transaction of its own, before this one holds the lock
         with app.store.transaction() as tx:
             yield CaseOps(tx, app.processor.case_env(), utcnow())
 

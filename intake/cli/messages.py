@@ -195,7 +195,7 @@ def parse_cmd(ctx: click.Context, file: str, as_json: bool) -> None:
         # The mail is still shown: only who counts as an agent is unknown.
         warn(f"the routing rules are refused, so agents are not recognised: {str(exc).splitlines()[0]}")
         agents = frozenset()
-    report = parse_report(raw, own_addresses=cfg.own_addresses, agents=agents)
+    report = parse_report(raw, own_addresses=cfg.own_addresses, agents=agents, authenticate=cfg.authenticator(raw))
     if as_json:
         click.echo(dumps(report))
         return

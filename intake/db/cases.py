@@ -82,6 +82,9 @@ class CaseRec:
             "organization": self.organization, "channel": self.channel, "mailbox": self.mailbox,
             "tags": list(self.tags), "created_at": self.created_at.isoformat(),
             "updated_at": self.updated_at.isoformat(),
+            **{k: (v.isoformat() if v else None) for k, v in (
+                ("first_response_at", self.first_response_at), ("resolved_at", self.resolved_at),
+                ("closed_at", self.closed_at))},
         }
 
 
@@ -226,6 +229,10 @@ _LINKS = Statement(lambda k: select(s.case_links.c.other_id, s.case_links.c.kind
 _MOVE_MESSAGES = Statement(lambda k: update(m).where(m.c.case_id == bindparam("old")).values(case_id=bindparam("new")))
 _MOVE_KEYS = Statement(lambda k: update(s.message_keys).where(s.message_keys.c.case_id == bindparam("old"))
                        .values(case_id=bindparam("new")))
+# A message's timeline entry goes with it; the case's other events stay its history.
+_MOVE_MESSAGE_EVENTS = Statement(lambda k: update(ev).where(ev.c.case_id == bindparam("old"),
+                                                            ev.c.message_row_id.is_not(None))
+                                 .values(case_id=bindparam("new")))
 _MOVE_INBOUND = Statement(lambda k: update(s.inbound).where(s.inbound.c.case_id == bindparam("old"))
                           .values(case_id=bindparam("new")))
 _PARTICIPANT_CONTACTS = Statement(lambda k: select(ct.c.id, ct.c.address, ct.c.name, ct.c.organization_id,
@@ -446,6 +453,7 @@ class CaseRepo:
         """Move a case's messages and thread evidence (Message-IDs, inbound records) to another
         case (a merge); the number of messages moved."""
         moved = self.sql.run(_MOVE_MESSAGES, {"old": from_case, "new": to_case})
+        self.sql.run(_MOVE_MESSAGE_EVENTS, {"old": from_case, "new": to_case})
         self.sql.run(_MOVE_KEYS, {"old": from_case, "new": to_case})
         self.sql.run(_MOVE_INBOUND, {"old": from_case, "new": to_case})
         return moved

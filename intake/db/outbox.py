@@ -226,7 +226,20 @@ class OutboxRepo:
             q = q.where(s.cases.c.number == (parse_case_label(case) or -1))
         if limit:
             q = q.limit(limit)
-        return [_mail(r) for r in self.conn.execute(q)]
+        rows = self.conn.execute(q).all()
+        files = self._files_of([r[0] for r in rows])
+        return [_mail(r, files.get(r[0], ())) for r in rows]
+
+    def _files_of(self, ids: Sequence[int]) -> dict[int, tuple[OutboxFile, ...]]:
+        """The files of many rows in one query (most rows have none)."""
+        a = s.outbox_attachments
+        out: dict[int, list[OutboxFile]] = {}
+        for chunk in (ids[i:i + 500] for i in range(0, len(ids), 500)):
+            q = select(a.c.outbox_id, a.c.sha256, a.c.filename, a.c.content_type, a.c.size).where(
+                a.c.outbox_id.in_(chunk)).order_by(a.c.id)
+            for oid, *f in self.conn.execute(q):
+                out.setdefault(oid, []).append(OutboxFile(*f))
+        return {k: tuple(v) for k, v in out.items()}
 
     # -- delivery ------------------------------------------------------------------------
 

@@ -1,7 +1,9 @@
 """Who sent a message and what kind of message it is. Pure.
 
-``sender`` is ``customer``, ``agent`` (an address in the rules' ``agents:``) or ``own``
-(one of our mailboxes); ``kind`` is ``message``, ``automated`` (auto-replies,
+``sender`` is ``customer``, ``agent`` (an address in the rules' ``agents:`` whose mail
+passed the authentication check, DESIGN 5 "Who is an agent") or ``own`` (one of our
+mailboxes); mail from an agent's address that fails the check is a customer's, with
+``claimed_agent`` and ``auth`` saying whose address and why; ``kind`` is ``message``, ``automated`` (auto-replies,
 mailing lists, no-reply senders) or ``bounce`` (delivery-status reports). Each signal is
 a small named check so that the reason can be shown to an admin.
 """
@@ -10,10 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from intake.mail.addresses import base_address, is_noreply
 from intake.mail.dsn import DeliveryReport, read_report
 from intake.mail.parse import ParsedMail
+
+if TYPE_CHECKING:  # DKIM and DNS libraries are loaded only when an agent's mail is checked
+    from intake.mail.auth import Authentication
 
 CUSTOMER, AGENT, OWN = "customer", "agent", "own"
 MESSAGE, AUTOMATED, BOUNCE = "message", "automated", "bounce"
@@ -26,6 +32,14 @@ class Classification:
     reasons: tuple[str, ...] = ()
     # For a bounce: what it reports on (our Message-IDs, the recipients, permanent or not).
     report: DeliveryReport | None = field(default=None)
+    # Mail from an agent's address: the agent, and the authentication check's verdict.
+    claimed_agent: str = ""
+    auth: Authentication | None = None
+
+    @property
+    def unauthenticated(self) -> bool:
+        """From an agent's address, but not shown to be the agent's."""
+        return bool(self.claimed_agent) and self.sender != AGENT
 
     @property
     def opens_case(self) -> bool:
@@ -37,7 +51,10 @@ class Classification:
         return self.report.message_ids if self.report else ()
 
     def as_dict(self) -> dict[str, object]:
-        return {"sender": self.sender, "kind": self.kind, "reasons": list(self.reasons)}
+        out: dict[str, object] = {"sender": self.sender, "kind": self.kind, "reasons": list(self.reasons)}
+        if self.auth is not None:
+            out["authentication"] = self.auth.as_dict()
+        return out
 
 
 def _auto_submitted(m: ParsedMail) -> str | None:
@@ -87,28 +104,38 @@ AUTOMATED_SIGNALS: tuple[Callable[[ParsedMail], str | None], ...] = (
 )
 
 
-def classify(m: ParsedMail, *, own_addresses: Collection[str], agents: Collection[str]) -> Classification:
-    """Classify a parsed message; ``own_addresses`` and ``agents`` are lower-cased addresses."""
+def classify(m: ParsedMail, *, own_addresses: Collection[str], agents: Collection[str],
+             authenticate: Callable[[ParsedMail], Authentication] | None = None) -> Classification:
+    """Classify a parsed message; ``own_addresses`` and ``agents`` are lower-cased addresses.
+
+    ``authenticate`` checks mail from an agent's address (``Config.authenticator``); without
+    it the address alone makes an agent (for what reads mail without acting on it).
+    """
     sender_addr = m.from_.key if m.from_ else ""
     base = base_address(sender_addr)
+    reasons: list[str] = []
+    claimed, auth = "", None
     if base in own_addresses:
         sender = OWN
+        reasons.append(f"from our own address {sender_addr}")
     elif sender_addr in agents or base in agents:
-        sender = AGENT
+        sender, claimed = AGENT, base if base in agents else sender_addr
+        if authenticate is not None:
+            auth = authenticate(m)
+            if not auth.passed:
+                sender = CUSTOMER
+                reasons.append(f"from agent address {claimed}, not authenticated: {auth.reason}")
     else:
         sender = CUSTOMER
-    reasons: list[str] = []
-    if sender == OWN:
-        reasons.append(f"from our own address {sender_addr}")
 
     report = read_report(m)
     if report is not None:
         reasons.append("delivery-status report" if m.content_type == "multipart/report" else "bounce from mail system")
-        return Classification(sender, BOUNCE, tuple(reasons), report)
+        return Classification(sender, BOUNCE, tuple(reasons), report, claimed_agent=claimed, auth=auth)
 
     signals = [reason for signal in AUTOMATED_SIGNALS if (reason := signal(m))]
     reasons.extend(signals)
     # Our own mail coming back (a CC loop, a re-imported notification) is never a new case.
     if sender == OWN or signals:
-        return Classification(sender, AUTOMATED, tuple(reasons))
-    return Classification(sender, MESSAGE, tuple(reasons))
+        return Classification(sender, AUTOMATED, tuple(reasons), claimed_agent=claimed, auth=auth)
+    return Classification(sender, MESSAGE, tuple(reasons), claimed_agent=claimed, auth=auth)

@@ -25,7 +25,8 @@ def explain(cfg: Config, raw: bytes, *, mailbox: str, channel: str, now: datetim
     """The explanation as plain data (``intake rules explain --json`` prints it as is)."""
     ruleset = load_rules(cfg.rules_path)
     mail = parse(raw)
-    cls = classify(mail, own_addresses=cfg.own_addresses, agents=ruleset.team.addresses)
+    cls = classify(mail, own_addresses=cfg.own_addresses, agents=ruleset.team.addresses,
+                   authenticate=cfg.authenticator(raw))
     mb = cfg.mailbox_for(mailbox) or cfg.mailbox[0]
     ctx = rule_context(cfg, mail, cls, mb, [mb.address], channel, now)
     decision = evaluate(ruleset, ctx)
