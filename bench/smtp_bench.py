@@ -1,6 +1,7 @@
 """SMTP intake throughput: Postfix's smtp-source against `intake serve` and a bare aiosmtpd.
 
     .venv/bin/python bench/smtp_bench.py [--count 10000] [--sizes 4096,51200] [--connections 1,10,50]
+        [--repeat 3] [--skip-bare] [--before DIR]
 
 For every message size and number of connections, in the same run:
 (a) a bare aiosmtpd server (own process, one asyncio loop) whose handler only answers 250;
@@ -16,6 +17,14 @@ sending ``--latency-count`` messages over the same number of connections right a
 for intake also whether every accepted message is stored, the backlog (spooled or
 ``received``, not yet processed) when sending ended, the processing rate while receiving
 and after, and how long the backlog took to drain.
+
+What the SMTP limits cost (issue 15), in the same run: (c) `intake serve` with the
+``[smtp]`` limits effectively off (the same code; a command line may be as long as a
+message, 300 s timeouts as aiosmtpd's default, no per-address or session limit in
+reach), receiving the same load; ``cost`` is 1 - (b)/(c). ``--repeat N`` runs (b) and (c)
+N times each, alternately, and compares their medians (single runs vary by several
+per cent). ``--before DIR`` adds (d): an earlier intake source tree (e.g.
+``git archive REV | tar -x -C DIR``) run the same way, for the cost of the new code too.
 
 smtp-source is in Debian's ``postfix`` package; install it without configuring an MTA:
     echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
@@ -100,8 +109,18 @@ def run_bare_server(port: int, memo: bool) -> None:
 # -- (b) intake serve ----------------------------------------------------------------------
 
 
+# The [smtp] limits at values that never act on this load: what the listener was before them.
+NO_LIMITS = """
+max_command_line = "25MB"
+max_connections_per_ip = 100000
+max_session_time = "3650d"
+command_timeout = "300s"
+data_timeout = "300s"
+"""
+
+
 class Intake:
-    def __init__(self, folder: Path, port: int) -> None:
+    def __init__(self, folder: Path, port: int, smtp_extra: str = "", root: Path = ROOT) -> None:
         self.folder = folder
         self.port = port
         (folder / "routing_rules").mkdir(parents=True)
@@ -115,12 +134,13 @@ class Intake:
             listen = "127.0.0.1:{port}"
             hostname = "intake.bench"
             max_connections = 200
+            {textwrap.indent(smtp_extra.strip(), " " * 12).lstrip()}
             [[mailbox]]
             address = "{RCPT}"
             [outbound]
             path = "{folder / 'outbox'}"
             """), "utf-8")
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        env = dict(os.environ, PYTHONPATH=str(root))
         self.log = open(folder / "serve.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen([sys.executable, "-m", "intake", "--config", str(self.config), "serve"],
                                      stdout=self.log, stderr=self.log, env=env, cwd=str(folder))
@@ -144,6 +164,16 @@ class Intake:
 
 
 # -- load and latency ------------------------------------------------------------------------
+
+
+def intake_rate(folder: Path, count: int, size: int, connections: int, smtp_extra: str = "",
+                root: Path = ROOT) -> float:
+    """Messages per second a fresh `intake serve` accepted from smtp-source (nothing else measured)."""
+    intake = Intake(folder, free_port(), smtp_extra, root)
+    try:
+        return count / smtp_source(intake.port, count, size, connections)
+    finally:
+        intake.stop()
 
 
 def smtp_source(port: int, count: int, size: int, connections: int) -> float:
@@ -170,8 +200,6 @@ async def _latency(port: int, count: int, size: int, connections: int) -> list[f
     per = [count // connections + (1 if i < count % connections else 0) for i in range(connections)]
 
     async def session(n: int, offset: int) -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-
         async def reply() -> bytes:
             while True:
                 line = await reader.readline()
@@ -182,7 +210,14 @@ async def _latency(port: int, count: int, size: int, connections: int) -> list[f
             writer.write(text + b"\r\n")
             return await reply()
 
-        await reply()
+        for attempt in range(50):  # as an MTA does: 421 (smtp-source's sessions still closing), again later
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            if (await reply()).startswith(b"220"):
+                break
+            writer.close()
+            await asyncio.sleep(0.1)
+        else:
+            raise SystemExit("latency client: no session in 50 attempts")
         await cmd(b"EHLO latency.client.example")
         for i in range(n):
             for c in (f"MAIL FROM:<{SENDER}>".encode(), f"RCPT TO:<{RCPT}>".encode(), b"DATA"):
@@ -222,6 +257,10 @@ def main() -> int:
     ap.add_argument("--connections", default="1,10,50", help="concurrent connections")
     ap.add_argument("--latency-count", type=int, default=1000, help="messages of the DATA latency probe")
     ap.add_argument("--drain-seconds", type=float, default=120, help="longest wait for processing after sending")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs of intake with and without the SMTP limits per cell; their medians are compared")
+    ap.add_argument("--skip-bare", action="store_true", help="no bare server: intake with and without the limits only")
+    ap.add_argument("--before", type=Path, help="an earlier intake source tree, run as a further variant")
     ap.add_argument("--keep", action="store_true", help="keep the installations (databases, logs)")
     ap.add_argument("--bare-server", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--memo", action="store_true", help=argparse.SUPPRESS)
@@ -235,24 +274,30 @@ def main() -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
     conns = [int(c) for c in args.connections.split(",")]
     work = Path(tempfile.mkdtemp(prefix="intake-smtp-bench-"))
-    bare_port, memo_port = free_port(), free_port()
-    bare = subprocess.Popen([sys.executable, __file__, "--bare-server", str(bare_port)])
-    memo = subprocess.Popen([sys.executable, __file__, "--bare-server", str(memo_port), "--memo"])
-    wait_listening(bare_port, bare)
-    wait_listening(memo_port, memo)
+    bare = memo = None
+    if not args.skip_bare:
+        bare_port, memo_port = free_port(), free_port()
+        bare = subprocess.Popen([sys.executable, __file__, "--bare-server", str(bare_port)])
+        memo = subprocess.Popen([sys.executable, __file__, "--bare-server", str(memo_port), "--memo"])
+        wait_listening(bare_port, bare)
+        wait_listening(memo_port, memo)
     print(f"smtp-source -d, {args.count} messages per cell; DATA latency from {args.latency_count} messages; "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start")
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start"
+          + (f"; intake with and without the limits {args.repeat} times each (medians)" if args.repeat > 1 else ""))
     head = (f"{'size':>5} {'conns':>5} | {'bare':>6} {'p50':>5} {'p99':>5} | {'bare+':>6} | {'intake':>6} {'p50':>5} "
             f"{'p99':>5} | {'ratio':>5} {'ratio+':>6} | {'stored/acc':>11} {'backlog':>7} {'proc':>5} {'after':>5} "
-            f"{'drained':>7} {'left':>4}")
+            f"{'drained':>7} {'left':>4} | {'nolim':>6} {'cost':>5}" + (f" | {'before':>6} {'vs bef':>6}" if args.before else ""))
     print(head)
     print("-" * len(head))
     try:
         for size in sizes:
             for n in conns:
-                bare_s = smtp_source(bare_port, args.count, size, n)
-                bare_lat = latency(bare_port, args.latency_count, size, n)
-                memo_s = smtp_source(memo_port, args.count, size, n)
+                bare_cols = f"{'-':>6} {'-':>5} {'-':>5} | {'-':>6}"
+                ratios = f"{'-':>5} {'-':>6}"
+                if bare is not None:
+                    bare_s = smtp_source(bare_port, args.count, size, n)
+                    bare_lat = latency(bare_port, args.latency_count, size, n)
+                    memo_s = smtp_source(memo_port, args.count, size, n)
                 port = free_port()
                 intake = Intake(work / f"intake-{size}-{n}", port)
                 started = time.perf_counter()
@@ -270,24 +315,47 @@ def main() -> int:
                 rc = intake.stop()
                 accepted = args.count + args.latency_count
                 processed = stored - drain_from
-                bare_rate, memo_rate, intake_rate = args.count / bare_s, args.count / memo_s, args.count / intake_s
-                print(f"{size // 1024:>4}K {n:>5} | {bare_rate:>6.0f} {bare_lat[0]:>5.1f} {bare_lat[1]:>5.1f} | "
-                      f"{memo_rate:>6.0f} | {intake_rate:>6.0f} {int_lat[0]:>5.1f} {int_lat[1]:>5.1f} | "
-                      f"{intake_rate / bare_rate:>5.0%} {intake_rate / memo_rate:>6.0%} | "
-                      f"{stored:>5}/{accepted:<5} {backlog:>7} {processed / elapsed:>5.0f} "
-                      f"{(drain_from - pending) / max(1e-9, drained):>5.0f} {drained:>6.1f}s {pending:>4}"
+                # The same load with the limits effectively off (and from --before), alternating.
+                limited, unlimited, before = [args.count / intake_s], [], []
+                for r in range(args.repeat):
+                    unlimited.append(intake_rate(work / f"nolim-{size}-{n}-{r}", args.count, size, n, NO_LIMITS))
+                    if args.before:
+                        before.append(intake_rate(work / f"before-{size}-{n}-{r}", args.count, size, n,
+                                                  root=args.before.resolve()))
+                    if r + 1 < args.repeat:
+                        limited.append(intake_rate(work / f"lim-{size}-{n}-{r}", args.count, size, n))
+                int_rate, nolim_rate = statistics.median(limited), statistics.median(unlimited)
+                if bare is not None:
+                    bare_rate, memo_rate = args.count / bare_s, args.count / memo_s
+                    bare_cols = (f"{bare_rate:>6.0f} {bare_lat[0]:>5.1f} {bare_lat[1]:>5.1f} | {memo_rate:>6.0f}")
+                    ratios = f"{int_rate / bare_rate:>5.0%} {int_rate / memo_rate:>6.0%}"
+                extra = ""
+                if before:
+                    before_rate = statistics.median(before)
+                    extra = f" | {before_rate:>6.0f} {1 - int_rate / before_rate:>6.1%}"
+                print(f"{size // 1024:>4}K {n:>5} | {bare_cols} | {int_rate:>6.0f} {int_lat[0]:>5.1f} {int_lat[1]:>5.1f} | "
+                      f"{ratios} | {stored:>5}/{accepted:<5} {backlog:>7} {processed / elapsed:>5.0f} "
+                      f"{(drain_from - pending) / max(1e-9, drained):>5.0f} {drained:>6.1f}s {pending:>4} | "
+                      f"{nolim_rate:>6.0f} {1 - int_rate / nolim_rate:>5.1%}{extra}"
                       + ("" if rc == 0 else f"  (serve exited {rc})"), flush=True)
+                if args.repeat > 1:
+                    runs = f"      runs (msg/s): limits {[round(x) for x in limited]}, no limits {[round(x) for x in unlimited]}"
+                    print(runs + (f", before {[round(x) for x in before]}" if before else ""), flush=True)
                 if stored != accepted:
                     print(f"  !! {accepted} messages answered 250 but {stored} stored", flush=True)
     finally:
         for proc in (bare, memo):
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=30)
+            if proc is not None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=30)
     print("bare: stock aiosmtpd; bare+: with intake's remembered address parse; msg/s, DATA latency in ms;")
     print("ratio: intake / bare (the target: >= 75 % at 10 connections); ratio+: intake / bare+ (intake's own cost);")
     print("backlog: spooled or received, not yet processed, when smtp-source finished (processing follows the 250);")
     print("proc: messages processed per second while receiving; after: per second once sending stopped;")
-    print("drained: time from the end of sending until nothing waited; left: still waiting then.")
+    print("drained: time from the end of sending until nothing waited; left: still waiting then;")
+    print("intake: with the [smtp] limits at their defaults; nolim: the same code with them effectively off;")
+    print("cost: 1 - intake / nolim (the target: below 5 %)"
+          + ("; before: the --before source tree, vs bef: 1 - intake / before." if args.before else "."))
     if args.keep:
         print(f"work files: {work}")
     else:
