@@ -25,6 +25,10 @@ reach), receiving the same load; ``cost`` is 1 - (b)/(c). ``--repeat N`` runs (b
 N times each, alternately, and compares their medians (single runs vary by several
 per cent). ``--before DIR`` adds (d): an earlier intake source tree (e.g.
 ``git archive REV | tar -x -C DIR``) run the same way, for the cost of the new code too.
+Besides messages/second, each of these prints the CPU time serve's own process (the
+listener's; processing runs in its children) spent per message accepted: on a machine
+shared with other work the rate swings by a quarter from run to run, the CPU time much
+less, so a cost of a few per cent shows there first.
 
 smtp-source is in Debian's ``postfix`` package; install it without configuring an MTA:
     echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
@@ -155,6 +159,11 @@ class Intake:
         spooled = self.store.spool_backlog()
         return self.store.count_inbound() + spooled, self.store.count_inbound("received") + spooled
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) serve's own process has used: the listener's, not its workers'."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> int:
         self.store.close()
         self.proc.send_signal(signal.SIGTERM)
@@ -167,11 +176,14 @@ class Intake:
 
 
 def intake_rate(folder: Path, count: int, size: int, connections: int, smtp_extra: str = "",
-                root: Path = ROOT) -> float:
-    """Messages per second a fresh `intake serve` accepted from smtp-source (nothing else measured)."""
+                root: Path = ROOT) -> tuple[float, float]:
+    """Messages per second a fresh `intake serve` accepted from smtp-source, and the CPU
+    milliseconds its listener's process spent per message meanwhile."""
     intake = Intake(folder, free_port(), smtp_extra, root)
     try:
-        return count / smtp_source(intake.port, count, size, connections)
+        cpu = intake.cpu_seconds()
+        rate = count / smtp_source(intake.port, count, size, connections)
+        return rate, (intake.cpu_seconds() - cpu) / count * 1000
     finally:
         intake.stop()
 
@@ -286,7 +298,8 @@ def main() -> int:
           + (f"; intake with and without the limits {args.repeat} times each (medians)" if args.repeat > 1 else ""))
     head = (f"{'size':>5} {'conns':>5} | {'bare':>6} {'p50':>5} {'p99':>5} | {'bare+':>6} | {'intake':>6} {'p50':>5} "
             f"{'p99':>5} | {'ratio':>5} {'ratio+':>6} | {'stored/acc':>11} {'backlog':>7} {'proc':>5} {'after':>5} "
-            f"{'drained':>7} {'left':>4} | {'nolim':>6} {'cost':>5}" + (f" | {'before':>6} {'vs bef':>6}" if args.before else ""))
+            f"{'drained':>7} {'left':>4} | {'nolim':>6} {'cost':>5} | {'cpu':>5} {'cpu-':>5} {'cost':>6}"
+            + (f" | {'before':>6} {'vs bef':>6} {'cpu':>5} {'vs bef':>6}" if args.before else ""))
     print(head)
     print("-" * len(head))
     try:
@@ -301,7 +314,9 @@ def main() -> int:
                 port = free_port()
                 intake = Intake(work / f"intake-{size}-{n}", port)
                 started = time.perf_counter()
+                cpu_started = intake.cpu_seconds()
                 intake_s = smtp_source(port, args.count, size, n)
+                intake_cpu = (intake.cpu_seconds() - cpu_started) / args.count * 1000
                 stored_end, backlog = intake.counts()
                 int_lat = latency(port, args.latency_count, size, n)
                 stored, pending = intake.counts()
@@ -316,7 +331,7 @@ def main() -> int:
                 accepted = args.count + args.latency_count
                 processed = stored - drain_from
                 # The same load with the limits effectively off (and from --before), alternating.
-                limited, unlimited, before = [args.count / intake_s], [], []
+                limited, unlimited, before = [(args.count / intake_s, intake_cpu)], [], []
                 for r in range(args.repeat):
                     unlimited.append(intake_rate(work / f"nolim-{size}-{n}-{r}", args.count, size, n, NO_LIMITS))
                     if args.before:
@@ -324,23 +339,29 @@ def main() -> int:
                                                   root=args.before.resolve()))
                     if r + 1 < args.repeat:
                         limited.append(intake_rate(work / f"lim-{size}-{n}-{r}", args.count, size, n))
-                int_rate, nolim_rate = statistics.median(limited), statistics.median(unlimited)
+                int_rate, nolim_rate = (statistics.median(r for r, _ in runs) for runs in (limited, unlimited))
+                int_cpu, nolim_cpu = (statistics.median(c for _, c in runs) for runs in (limited, unlimited))
                 if bare is not None:
                     bare_rate, memo_rate = args.count / bare_s, args.count / memo_s
                     bare_cols = (f"{bare_rate:>6.0f} {bare_lat[0]:>5.1f} {bare_lat[1]:>5.1f} | {memo_rate:>6.0f}")
                     ratios = f"{int_rate / bare_rate:>5.0%} {int_rate / memo_rate:>6.0%}"
                 extra = ""
                 if before:
-                    before_rate = statistics.median(before)
-                    extra = f" | {before_rate:>6.0f} {1 - int_rate / before_rate:>6.1%}"
+                    before_rate = statistics.median(r for r, _ in before)
+                    before_cpu = statistics.median(c for _, c in before)
+                    extra = (f" | {before_rate:>6.0f} {1 - int_rate / before_rate:>6.1%} {before_cpu:>5.3f} "
+                             f"{int_cpu / before_cpu - 1:>6.1%}")
                 print(f"{size // 1024:>4}K {n:>5} | {bare_cols} | {int_rate:>6.0f} {int_lat[0]:>5.1f} {int_lat[1]:>5.1f} | "
                       f"{ratios} | {stored:>5}/{accepted:<5} {backlog:>7} {processed / elapsed:>5.0f} "
                       f"{(drain_from - pending) / max(1e-9, drained):>5.0f} {drained:>6.1f}s {pending:>4} | "
-                      f"{nolim_rate:>6.0f} {1 - int_rate / nolim_rate:>5.1%}{extra}"
+                      f"{nolim_rate:>6.0f} {1 - int_rate / nolim_rate:>5.1%} | {int_cpu:>5.3f} {nolim_cpu:>5.3f} "
+                      f"{int_cpu / nolim_cpu - 1:>6.1%}{extra}"
                       + ("" if rc == 0 else f"  (serve exited {rc})"), flush=True)
                 if args.repeat > 1:
-                    runs = f"      runs (msg/s): limits {[round(x) for x in limited]}, no limits {[round(x) for x in unlimited]}"
-                    print(runs + (f", before {[round(x) for x in before]}" if before else ""), flush=True)
+                    def show(runs: list[tuple[float, float]]) -> str:
+                        return "[" + ", ".join(f"{r:.0f}/{c:.3f}" for r, c in runs) + "]"
+                    line = f"      runs (msg/s / cpu ms): limits {show(limited)}, no limits {show(unlimited)}"
+                    print(line + (f", before {show(before)}" if before else ""), flush=True)
                 if stored != accepted:
                     print(f"  !! {accepted} messages answered 250 but {stored} stored", flush=True)
     finally:
@@ -354,8 +375,10 @@ def main() -> int:
     print("proc: messages processed per second while receiving; after: per second once sending stopped;")
     print("drained: time from the end of sending until nothing waited; left: still waiting then;")
     print("intake: with the [smtp] limits at their defaults; nolim: the same code with them effectively off;")
-    print("cost: 1 - intake / nolim (the target: below 5 %)"
-          + ("; before: the --before source tree, vs bef: 1 - intake / before." if args.before else "."))
+    print("cost: 1 - intake / nolim (the target: below 5 %); cpu, cpu-: CPU ms per message of serve's own process")
+    print("(the listener's) with and without the limits, and their cost: cpu / cpu- - 1"
+          + ("; before: the --before source tree (msg/s, 1 - intake / before, cpu, cpu / cpu before - 1)."
+             if args.before else "."))
     if args.keep:
         print(f"work files: {work}")
     else:
