@@ -188,6 +188,20 @@ def test_idle_clients_are_told_and_closed_in_the_command_and_the_data_phase(tmp_
         srv.stop()
 
 
+def test_a_data_timeout_shorter_than_the_command_timeout_acts_on_its_own(tmp_path):
+    srv = IntakeServer(smtp_config(tmp_path, 'command_timeout = "60s"\ndata_timeout = "1s"\n')).start()
+    try:
+        stalled = RawClient(srv.port, timeout=30)
+        stalled.transaction()
+        stalled.send(make_mail(subject="stalled")[:200])
+        code, text = stalled.reply()  # well before the 60 s of the command timeout
+        assert code == 421 and text.startswith("421 4.4.2 "), text
+        stalled.close()
+        assert srv.wait_for_refusals({"data timeout": 1}) == {"data timeout": 1}
+    finally:
+        srv.stop()
+
+
 def test_a_session_ends_after_max_session_time_however_busy(tmp_path):
     """A client keeping its connection alive with NOOPs (never idle) is closed after
     ``max_session_time`` with ``421 4.4.2``; a new session is welcome."""
