@@ -20,11 +20,12 @@ and after, and how long the backlog took to drain.
 
 What the SMTP limits cost (issue 15), in the same run: (b) runs with the ``[smtp]``
 limits at their defaults, but for 200 sessions per address (smtp-source is one address
-opening up to 50 at once); (c) `intake serve` with the limits effectively off (the same code; a command line may be as long as a
-message, 300 s timeouts as aiosmtpd's default, no per-address or session limit in
-reach), receiving the same load; ``cost`` is 1 - (b)/(c). ``--repeat N`` runs (b) and (c)
-N times each, alternately, and compares their medians (single runs vary by several
-per cent). ``--before DIR`` adds (d): an earlier intake source tree (e.g.
+opening up to 50 at once); (c) `intake serve` with the limits effectively off (the same
+code; a command line may be as long as a message, 300 s timeouts as aiosmtpd's default,
+no per-address or session limit in reach), receiving the same load; ``cost`` is
+1 - (b)/(c). ``--repeat N`` runs (b) and (c) N times each, alternately, and compares
+their medians (single runs vary by a quarter). ``--before DIR`` adds (d): an earlier
+intake source tree (e.g.
 ``git archive REV | tar -x -C DIR``) run the same way, for the cost of the new code too.
 Besides messages/second, each of these prints the CPU time serve's own process (the
 listener's; processing runs in its children) spent per message accepted: on a machine
