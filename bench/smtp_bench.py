@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/smtp_bench.py [--count 10000] [--sizes 4096,51200] [--connections 1,10,50]
         [--repeat 3] [--skip-bare] [--before DIR]
+    .venv/bin/python bench/smtp_bench.py --ehlo-attack 20x8 [--before DIR]
 
 For every message size and number of connections, in the same run:
 (a) a bare aiosmtpd server (own process, one asyncio loop) whose handler only answers 250;
@@ -31,6 +32,10 @@ Besides messages/second, each of these prints the CPU time serve's own process (
 listener's; processing runs in its children) spent per message accepted: on a machine
 shared with other work the rate swings by a quarter from run to run, the CPU time much
 less, so a cost of a few per cent shows there first.
+
+``--ehlo-attack NxM`` measures instead what N connections each sending an EHLO line of M
+MB do to serve's resident memory (VmRSS): before, while the lines are in flight, at the
+peak and after the sessions closed (issue 15: 95 x 24 MB took serve to 2.4 GB).
 
 smtp-source is in Debian's ``postfix`` package; install it without configuring an MTA:
     echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
@@ -180,6 +185,49 @@ class Intake:
         return rc
 
 
+# -- memory under long command lines ---------------------------------------------------------
+
+
+def rss_mib(pid: int) -> float:
+    """A process's resident memory (VmRSS) in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise SystemExit(f"no VmRSS for {pid}")
+
+
+def ehlo_attack(folder: Path, connections: int, megabytes: int, root: Path = ROOT) -> str:
+    """What ``connections`` sessions each sending an EHLO line of ``megabytes`` MB do to
+    the resident memory of a fresh `intake serve` (the tree at ``root``, default config)."""
+    intake = Intake(folder, free_port(), "", root)
+    pid = intake.proc.pid
+    socks = [socket.create_connection(("127.0.0.1", intake.port), timeout=60) for _ in range(connections)]
+    try:
+        admitted = [s for s in socks if s.recv(512).startswith(b"220")]
+        before = peak = rss_mib(pid)
+        line = b"EHLO " + b"x" * (megabytes * 1024 * 1024)
+        for s in admitted:  # no line end yet: every line is in flight at once
+            s.sendall(line)
+            peak = max(peak, rss_mib(pid))
+        in_flight = rss_mib(pid)
+        replies = set()
+        for s in admitted:
+            s.sendall(b"\r\n")
+            replies.add(s.recv(512).decode("ascii", "replace").strip())
+            peak = max(peak, rss_mib(pid))
+    finally:
+        for s in socks:
+            s.close()
+    deadline = time.monotonic() + 2  # the listener notices the closed sessions
+    while time.monotonic() < deadline:
+        peak = max(peak, rss_mib(pid))
+        time.sleep(0.1)
+    after = rss_mib(pid)
+    intake.stop()
+    return (f"{len(admitted)} of {connections} sessions admitted; RSS {before:.0f} MiB before, {in_flight:.0f} with "
+            f"the lines in flight, {peak:.0f} at the peak, {after:.0f} after the sessions closed; replies {sorted(replies)}")
+
+
 # -- load and latency ------------------------------------------------------------------------
 
 
@@ -281,12 +329,24 @@ def main() -> int:
                     help="runs of intake with and without the SMTP limits per cell; their medians are compared")
     ap.add_argument("--skip-bare", action="store_true", help="no bare server: intake with and without the limits only")
     ap.add_argument("--before", type=Path, help="an earlier intake source tree, run as a further variant")
+    ap.add_argument("--ehlo-attack", metavar="NxM", help="instead: N connections sending M MB EHLO lines; serve's memory")
     ap.add_argument("--keep", action="store_true", help="keep the installations (databases, logs)")
     ap.add_argument("--bare-server", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--memo", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.bare_server:
         run_bare_server(args.bare_server, args.memo)
+        return 0
+    if args.ehlo_attack:
+        n, mb = (int(x) for x in args.ehlo_attack.lower().split("x"))
+        work = Path(tempfile.mkdtemp(prefix="intake-smtp-bench-"))
+        try:
+            print(f"EHLO lines of {mb} MB over {n} connections, default [smtp] config")
+            print(f"this tree:   {ehlo_attack(work / 'now', n, mb)}", flush=True)
+            if args.before:
+                print(f"--before:    {ehlo_attack(work / 'before', n, mb, args.before.resolve())}", flush=True)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
         return 0
     if shutil.which("smtp-source") is None:
         print("smtp-source not found: install Debian's postfix package (see this script's docstring)", file=sys.stderr)
