@@ -47,6 +47,12 @@ class SmtpConfig:
     tls_key: str = ""
     max_connections: int = 100
     max_recipients: int = 100
+    # What one client can hold (docs/smtp.md "Limits"): memory, slots and time.
+    max_command_line: str = "4KB"  # longer command lines: 500 5.5.2; DATA lines may be as long as a message
+    max_connections_per_ip: int = 50  # Postfix's smtpd_client_connection_count_limit
+    max_session_time: str = "10m"
+    command_timeout: str = "60s"  # for the next command
+    data_timeout: str = "60s"  # between received pieces of a message
 
 
 @dataclass(frozen=True)
@@ -160,6 +166,7 @@ class CasesConfig:
     reopen_days: int = 14  # a queue's reopen_days overrides it
     # People the requester's To/Cc make participants of a case, at most.
     max_participants: int = 20
+    postmaster_queue: str = "support"  # where mail to postmaster@ each of our domains goes
     time_zone: str = "Asia/Tokyo"
     retention_days: int = 365
     # Mail domains that never make an organization (people, not companies).
@@ -247,11 +254,22 @@ class Config:
         return url
 
     def mailbox_for(self, address: str) -> MailboxConfig | None:
-        """The mailbox an address belongs to, plus-addresses included."""
+        """The mailbox an address belongs to, plus-addresses included.
+
+        ``postmaster@`` each domain of our mailboxes is one too (RFC 5321 4.5.1 requires
+        accepting it): queue ``[cases] postmaster_queue``, brand and language of the first
+        mailbox of that domain, unless a ``[[mailbox]]`` has that address itself.
+        """
         base = base_address(address)
         for mb in self.mailbox:
             if mb.address.lower() == base:
                 return mb
+        local, _, domain = base.partition("@")
+        if local == "postmaster" and domain:
+            for mb in self.mailbox:
+                if mb.address.lower().rpartition("@")[2] == domain:
+                    return MailboxConfig(address=base, queue=self.cases.postmaster_queue, brand=mb.brand,
+                                         language=mb.language, name=mb.name)
         return None
 
     @cached_property
@@ -466,6 +484,11 @@ def _validate(cfg: Config, where: str) -> None:
             raise ConfigError(f"{name}: keyword {acct.keyword!r} is not an IMAP keyword (e.g. $Intake)")
     try:
         parse_size(cfg.smtp.max_message_size)
+        if parse_size(cfg.smtp.max_command_line) < 512:
+            raise ValueError("smtp.max_command_line must be at least 512 bytes (RFC 5321 4.5.3.1.4)")
+        for key in ("max_session_time", "command_timeout", "data_timeout"):
+            if parse_duration(getattr(cfg.smtp, key)) <= 0:
+                raise ValueError(f"smtp.{key} must be longer than 0s")
         parse_duration(cfg.outbound.give_up_after)
         parse_duration(cfg.outbound.retry_initial)
         parse_duration(cfg.outbound.retry_max)
@@ -490,8 +513,9 @@ def _validate(cfg: Config, where: str) -> None:
     if cfg.processing.workers < 0 or cfg.processing.batch_size < 1 or not 0 <= cfg.processing.nice <= 19:
         raise ConfigError(f"{where}: processing.workers must be 0 or more, processing.batch_size at least 1 "
                           "and processing.nice between 0 and 19")
-    if cfg.smtp.max_connections < 1 or cfg.smtp.max_recipients < 1:
-        raise ConfigError(f"{where}: smtp.max_connections and smtp.max_recipients must be at least 1")
+    if cfg.smtp.max_connections < 1 or cfg.smtp.max_recipients < 1 or cfg.smtp.max_connections_per_ip < 1:
+        raise ConfigError(f"{where}: smtp.max_connections, smtp.max_connections_per_ip and smtp.max_recipients "
+                          "must be at least 1")
     try:
         ZoneInfo(cfg.cases.time_zone)
     except (ZoneInfoNotFoundError, ValueError):

@@ -8,8 +8,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from conftest import intake_env, write_config
 
@@ -91,6 +93,36 @@ class IntakeServer:
         assert res.returncode == 0, res.stderr
         return json.loads(res.stdout)
 
+    def status(self, name: str = "smtp") -> dict[str, Any]:
+        """The line of ``intake status --json`` for one component."""
+        res = self.intake("status", "--json")
+        assert res.returncode == 0, res.stderr
+        return {s["name"]: s for s in json.loads(res.stdout)}[name]
+
+    def wait_for_refusals(self, expected: dict[str, int], timeout: float = 30) -> dict[str, int]:
+        """The listener's refusal counts in ``intake status`` once they reach ``expected``
+        (each reason at least its count), or as they are when ``timeout`` has passed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            refused = (self.status().get("details") or {}).get("refused") or {}
+            if all(refused.get(k, 0) >= n for k, n in expected.items()) or time.monotonic() > deadline:
+                return refused
+            time.sleep(0.3)
+
+    def wait_for_log(self, text: str, timeout: float = 30) -> str:
+        """serve.log once it contains ``text`` (or as it is when ``timeout`` has passed)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            log = self.log_text()
+            if text in log or time.monotonic() > deadline:
+                return log
+            time.sleep(0.1)
+
+    def rss_mib(self) -> float:
+        """serve's resident memory (VmRSS of /proc/PID/status) in MiB."""
+        assert self.proc is not None
+        return rss_mib(self.proc.pid)
+
     def wait_for_cases(self, count: int, timeout: float = 60) -> list[dict]:
         """The case list once it has ``count`` cases (processing runs after the 250)."""
         deadline = time.monotonic() + timeout
@@ -101,11 +133,51 @@ class IntakeServer:
             time.sleep(0.2)
 
 
-class RawClient:
-    """A line-level SMTP/LMTP client: sends commands, reads complete (multi-line) replies."""
+def rss_mib(pid: int) -> float:
+    """Resident memory of a process (VmRSS of /proc/PID/status) in MiB."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for process {pid}")
 
-    def __init__(self, port: int, timeout: float = 60) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+
+class PeakRss:
+    """Samples a process's resident memory every ``interval`` seconds in a thread while
+    used as a context manager; ``peak`` and ``samples`` in MiB."""
+
+    def __init__(self, pid: int, interval: float = 0.05) -> None:
+        self.pid, self.interval = pid, interval
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @property
+    def peak(self) -> float:
+        return max(self.samples)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append(rss_mib(self.pid))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakRss":
+        self.samples.append(rss_mib(self.pid))
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.samples.append(rss_mib(self.pid))
+
+
+class RawClient:
+    """A line-level SMTP/LMTP client: sends commands, reads complete (multi-line) replies.
+    ``source``: the loopback address to connect from (127.0.0.2 … is another client)."""
+
+    def __init__(self, port: int, timeout: float = 60, source: str = "127.0.0.1") -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source, 0))
         self.file = self.sock.makefile("rb")
 
     def reply(self) -> tuple[int, str]:
@@ -125,6 +197,15 @@ class RawClient:
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
+
+    def transaction(self, sender: str = "alice@customer.example.org", rcpt: str = "support@example.com",
+                    helo: str = "client.example.org") -> None:
+        """Greeting, EHLO, MAIL and RCPT, each answered as a willing server does; then DATA (354)."""
+        assert self.reply()[0] == 220
+        for line, code in ((f"EHLO {helo}", 250), (f"MAIL FROM:<{sender}>", 250), (f"RCPT TO:<{rcpt}>", 250),
+                           ("DATA", 354)):
+            got, text = self.cmd(line)
+            assert got == code, f"{line} → {text}"
 
     def close(self) -> None:
         self.file.close()
