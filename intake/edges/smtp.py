@@ -19,7 +19,6 @@ import collections
 import ctypes
 import logging
 import re
-import socket
 import ssl
 import threading
 import time
@@ -855,7 +854,7 @@ async def run_listener(service: "Host", cfg: Config, *,
     in flight finish (bounded), close idle sessions with ``421`` and commit what is queued."""
     sc = cfg.smtp
     host, port = parse_listen(sc.listen)
-    hostname = sc.hostname or socket.getfqdn()
+    hostname = cfg.smtp_hostname
     tls = None
     if sc.tls_cert and sc.tls_key:
         try:
