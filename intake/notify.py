@@ -27,7 +27,7 @@ from intake.mail.addresses import base_address, is_noreply
 from intake.mail.classify import AGENT, MESSAGE
 from intake.mail.parse import detect_language, is_synthesised_id
 from intake.mail.subjects import clean_header, subject_with_token
-from intake.states import Audience, Visibility
+from intake.states import Audience, Status, Visibility
 from intake.team import Team
 from intake.templates import TemplateError, TemplateSet
 from intake.threads import reply_address
@@ -223,14 +223,15 @@ class Notifier:
 
     def customer_comment(self, tx: "Tx", case: CaseRec, trigger: Trigger, status: tuple[str, str] | None = None,
                          files: Sequence[OutboxFile] = ()) -> Notified:
-        """A customer wrote on a case: its agents hear of it; a reopen is confirmed to the customer."""
+        """A customer wrote on a case: its agents hear of it; reopening a resolved or closed case
+        is confirmed to the customer (an answer to a pending case is the expected next step)."""
         done = Notified()
         status_data = {"old": status[0], "new": status[1], "reason": "customer replied"} if status else None
         if self.cfg.notify.notify_agents:
             for addr, name in self.team().notified_of(case.assignee, case.queue):
                 self._send(tx, done, case, "customer_reply_agent", trigger, to=(addr, name), status=status_data,
                            files=files)
-        if status and case.requester is not None:
+        if status and status[0] in (Status.RESOLVED, Status.CLOSED) and case.requester is not None:
             self._send(tx, done, case, "status_changed", trigger, to=(case.requester.address, case.requester.name),
                        status=status_data)
         return done
@@ -399,7 +400,8 @@ class Notifier:
             if is_ack and not fresh else 0,
             case_traffic_in_window=1 if fresh else
             tx.outbox.count(since=window_start, case_id=case.id, audience=Audience.CUSTOMER)
-            + tx.cases.count_inbound_messages(case.id, window_start),
+            # Our agents' own mail is not traffic with the outside.
+            + tx.cases.count_inbound_messages(case.id, window_start, excluding=self.team().addresses),
         )
 
     def _skip(self, tx: "Tx", done: Notified, case: CaseRec, template: str, to: str, check: str, reason: str,

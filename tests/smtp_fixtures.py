@@ -23,9 +23,9 @@ def free_port() -> int:
 
 
 def smtp_config(folder: Path, smtp: str = "", extra: str = "", *, port: int | None = None,
-                database: str | None = None) -> Path:
+                database: str | None = None, team: str | None = None) -> Path:
     """A config (example mailboxes) whose ``[smtp]`` listens on a free loopback port."""
-    path = write_config(folder, extra, database=database)
+    path = write_config(folder, extra, database=database, team=team)
     port = port or free_port()
     text = path.read_text("utf-8").replace(
         '[smtp]\nlisten = ""', f'[smtp]\nlisten = "127.0.0.1:{port}"\nhostname = "mx.intake.test"\n{smtp}')

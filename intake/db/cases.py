@@ -4,7 +4,7 @@ attachments and the timeline. Rows only: what a change means is ``intake.cases``
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -213,7 +213,7 @@ _ATTACHMENT = Statement(lambda k: k.insert(s.attachments).values(
 _PUBLIC_MESSAGES = Statement(lambda k: select(m.c.message_id, m.c.direction, m.c.from_address)
                              .where(m.c.case_id == bindparam("case_id"), m.c.visibility == "public")
                              .order_by(m.c.id.desc()).limit(bindparam("limit")))
-_INBOUND_SINCE = Statement(lambda k: select(func.count(m.c.id)).where(
+_INBOUND_SINCE = Statement(lambda k: select(m.c.from_address).where(
     m.c.case_id == bindparam("case_id"), m.c.direction == "in", m.c.created_at >= bindparam("since")))
 _EVENT = Statement(lambda k: k.insert(ev).values(
     **{n: bindparam(n) for n in ("case_id", "at", "type", "actor", "message_row_id", "inbound_id", "data")}))
@@ -416,9 +416,11 @@ class CaseRepo:
         rows = self.sql.all(_PUBLIC_MESSAGES, {"case_id": case_id, "limit": limit})
         return [(mid, d, f.lower() if f else None) for mid, d, f in reversed(rows)]
 
-    def count_inbound_messages(self, case_id: int, since: datetime) -> int:
-        """Messages that came in on a case since ``since``."""
-        return int(self.sql.scalar(_INBOUND_SINCE, {"case_id": case_id, "since": since}))
+    def count_inbound_messages(self, case_id: int, since: datetime, excluding: Collection[str] = ()) -> int:
+        """Messages that came in on a case since ``since``, but those from ``excluding``
+        (lower-case addresses)."""
+        return sum(1 for (sender,) in self.sql.all(_INBOUND_SINCE, {"case_id": case_id, "since": since})
+                   if (sender or "").lower() not in excluding)
 
     def add_event(self, case_id: int, type_: str, data: dict[str, Any] | None = None, *, actor: str | None,
                   message_row: int | None = None, inbound_id: int | None = None,
