@@ -4,6 +4,7 @@ as ``intake serve`` stores it; what comes out is read from the outbox, as it wou
 
 from __future__ import annotations
 
+import base64
 import json
 from datetime import timedelta
 from email import message_from_bytes, policy
@@ -189,6 +190,51 @@ def test_parse_shows_why_an_agents_mail_is_not_believed(app, run_intake, tmp_pat
     shown = run_intake("parse", str(eml), check=True).stdout
     assert "sender customer" in shown and "not authenticated" in shown
     assert "Agent auth  failed:" in shown and "Agent auth  set aside:" in shown
+
+
+# -- threading: which case a mail joins (DESIGN 5) ---------------------------------------------
+
+THREAD_INDEX = base64.b64encode(bytes(range(22))).decode()
+
+
+def _threading_cases(app) -> dict:
+    """Ways a mail may name CASE-1, each with the method intake should report."""
+    ack = sent(app, "ack")[0]
+    signed = reply_address("support@example.com", 1, app.processor.secret, "c")
+    local, _, domain = signed.partition("@")
+    forged = f"{local[:-3]}{'zzz' if not local.endswith('zzz') else 'yyy'}@{domain}"  # a wrong signature
+    return {
+        "signed-address": (dict(subject="別件", to=signed), [signed], "signed-address"),
+        "references": (dict(subject="Re: 受付", headers={"In-Reply-To": f"<{ack.message_id}>"}), None, "references"),
+        "thread-index": (dict(subject="RE: プリンター", headers={"Thread-Index": base64.b64encode(
+            bytes(range(22)) + b"\x01\x02\x03\x04\x05").decode()}), None, "thread-index"),
+        "token-participant": (dict(subject="Re: [CASE-1] プリンター"), None, "subject-token"),
+        "token-same-organization": (dict(subject="Re: [CASE-1] プリンター", sender="佐藤 <sato@bigcorp.co.jp>"), None,
+                                    "subject-token"),
+        "token-stranger": (dict(subject="Re: [CASE-1] プリンター", sender="Mallory <m@attacker.example>"), None, "new"),
+        "forged-signed-address": (dict(subject="別件", to=forged), [forged], "new"),
+    }
+
+
+@pytest.mark.parametrize("way", ["signed-address", "references", "thread-index", "token-participant",
+                                 "token-same-organization", "token-stranger", "forged-signed-address"])
+def test_each_way_of_naming_a_case_joins_it_only_with_evidence(app, way):
+    open_case(app, headers={"Thread-Index": THREAD_INDEX})
+    kw, envelope, method = _threading_cases(app)[way]
+    kw = {"sender": CUSTOMER, "body": "追加の情報です。\n", **kw}
+    out = ingest(app, make_mail(**kw), envelope_to=envelope)
+    threaded = next(e for e in inbound_detail(app, str(ingest.last))["log"] if e["step"] == "threaded")
+    assert threaded["method"] == method
+    if method == "new":
+        assert out.case_number == "CASE-2"
+        # A stranger's token leaves a link on both cases; a forged address names no case at all.
+        links = [link["case"] for link in case(app, "CASE-2")["links"]]
+        assert links == (["CASE-1"] if way == "token-stranger" else [])
+    else:
+        assert out.case_number == "CASE-1" and len(list_cases(app)) == 1
+    came_in = [e["text"].strip() for e in case(app, out.case_number)["timeline"]
+               if e["type"] == "message" and e["direction"] == "in"]
+    assert came_in[-1] == "追加の情報です。"
 
 
 # -- mail commands ----------------------------------------------------------------------------
