@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 import re
-import socket
 import tomllib
 from dataclasses import dataclass, field, fields, is_dataclass
 from functools import cached_property, lru_cache
@@ -280,6 +279,8 @@ class Config:
     @cached_property
     def smtp_hostname(self) -> str:
         """The name intake's SMTP listener greets with and writes into its ``Received``."""
+        import socket  # only serve and agent authentication need it, not every command
+
         return self.smtp.hostname or socket.getfqdn()
 
     def authenticator(self, raw: bytes) -> "Callable[[ParsedMail], Authentication]":
