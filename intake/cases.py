@@ -188,7 +188,8 @@ class CaseOps:
                                  "it became a case of its own", actor=SYSTEM, linked=case.label)
         self._step("stored", case=case.label, created=True, language=language, language_from=language_from)
         if self.env.notifier is not None and trigger is not None:
-            self._notified(case, self.env.notifier.new_case(self.tx, case, trigger, ack, files=self._files(row)))
+            self._notified(case, self.env.notifier.new_case(self.tx, case, trigger, ack,
+                                                            files=self._files(row, message)))
         return case
 
     def follow_up(self, old: CaseRec, **opening: Any) -> CaseRec:
@@ -241,7 +242,7 @@ class CaseOps:
         self._step("stored", case=case.label, created=False, visibility=Visibility.PUBLIC)
         if self.env.notifier is not None and trigger is not None and person:
             self._notified(case, self.env.notifier.customer_comment(self.tx, case, trigger, status_change,
-                                                                    files=self._files(row)))
+                                                                    files=self._files(row, message)))
 
     def reply(self, case: CaseRec, message: Incoming, *, actor: str, text: str, threading: str | None = None,
               trigger: Trigger | None = None, keep_status: bool = False) -> None:
@@ -264,7 +265,7 @@ class CaseOps:
         if self.env.notifier is not None:
             trigger = trigger or self._trigger(actor, message)
             self._notified(case, self.env.notifier.agent_reply(self.tx, case, trigger, text, self._cc(case, actor),
-                                                               files=self._files(row)))
+                                                               files=self._files(row, message)))
 
     def note(self, case: CaseRec, message: Incoming, *, actor: str, text: str, threading: str | None = None,
              trigger: Trigger | None = None) -> None:
@@ -280,7 +281,7 @@ class CaseOps:
                   if a != me]
             trigger = trigger or self._trigger(actor, message)
             self._notified(case, self.env.notifier.internal_note(self.tx, case, trigger, text, list(dict.fromkeys(to)),
-                                                                 files=self._files(row)))
+                                                                 files=self._files(row, message)))
 
     def internal_message(self, case: CaseRec, message: Incoming, *, actor: str, threading: str,
                          **data: Any) -> int:
@@ -541,11 +542,13 @@ class CaseOps:
         cfg = self.env.cfg
         own = cfg.own_addresses
         sender = (message.from_address or "").lower()
-        room = cfg.cases.max_participants - len(self.tx.cases.participants(case.id))
+        room: int | None = None  # counted at the first candidate: most mail names only us
         for address, name in [*message.to, *message.cc]:
             key = address.lower()
             if base_address(key) in own or key == sender or cfg.mailbox_for(key) is not None:
                 continue
+            if room is None:
+                room = cfg.cases.max_participants - len(self.tx.cases.participants(case.id))
             if room <= 0:
                 self.remark(case, f"not a participant: {key} (a case keeps at most {cfg.cases.max_participants})",
                             actor=SYSTEM)
@@ -567,9 +570,11 @@ class CaseOps:
                 out.append((a, n))
         return out
 
-    def _files(self, message_row: int) -> list[OutboxFile]:
+    def _files(self, message_row: int, message: Incoming) -> list[OutboxFile]:
         """The files of a stored message as mail attachments (inline images of an HTML body
         are not files anybody sent)."""
+        if not message.attachments:  # most mail: no query
+            return []
         return [OutboxFile(sha, name or "attachment", ctype, size)
                 for sha, name, ctype, size, inline in self.tx.cases.message_files(message_row) if not inline]
 

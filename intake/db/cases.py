@@ -217,8 +217,16 @@ _INBOUND_SINCE = Statement(lambda k: select(m.c.from_address).where(
     m.c.case_id == bindparam("case_id"), m.c.direction == "in", m.c.created_at >= bindparam("since")))
 _EVENT = Statement(lambda k: k.insert(ev).values(
     **{n: bindparam(n) for n in ("case_id", "at", "type", "actor", "message_row_id", "inbound_id", "data")}))
-_OPEN_COUNT = Statement(lambda k: select(func.count(c.c.id)).where(
-    c.c.assignee == bindparam("agent"), or_(*(c.c.status == st.value for st in OPEN_STATUSES))))
+
+
+@functools.lru_cache(maxsize=16)
+def _open_counts(agents: int) -> Statement:
+    # One statement per number of agents (queues have a few): one query for all of them.
+    return Statement(lambda k: select(c.c.assignee, func.count(c.c.id)).where(
+        c.c.assignee.in_([bindparam(f"a{i}") for i in range(agents)]),
+        or_(*(c.c.status == st.value for st in OPEN_STATUSES))).group_by(c.c.assignee))
+
+
 _LINK = Statement(lambda k: k.insert(s.case_links).values(
     case_id=bindparam("case_id"), other_id=bindparam("other_id"), kind=bindparam("kind"), actor=bindparam("actor"),
     created_at=bindparam("at")).on_conflict_do_nothing().returning(s.case_links.c.id))
@@ -343,7 +351,11 @@ class CaseRepo:
 
     def open_counts(self, agents: Sequence[str]) -> dict[str, int]:
         """Open (not resolved or closed) cases per assignee, across all queues."""
-        return {a: int(self.sql.scalar(_OPEN_COUNT, {"agent": a})) for a in dict.fromkeys(agents)}
+        wanted = list(dict.fromkeys(agents))
+        if not wanted:
+            return {}
+        found = dict(self.sql.all(_open_counts(len(wanted)), {f"a{i}": a for i, a in enumerate(wanted)}))
+        return {a: int(found.get(a, 0)) for a in wanted}
 
     # -- contacts and participants -------------------------------------------------------
 

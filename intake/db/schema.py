@@ -33,7 +33,7 @@ from sqlalchemy.types import TypeDecorator
 from intake.db.base import read_time, sqlite_time
 
 #: The newest migration (``intake/db/migrations/versions``); a test keeps the two equal.
-REVISION = "0007"
+REVISION = "0008"
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -171,6 +171,8 @@ cases = Table(
     Column("linked_case_id", Integer, ForeignKey("cases.id")),
     # Merged into another case: later mail to this one's threads lands there (DESIGN 5).
     Column("merged_into_id", Integer),  # a case id (no foreign key: see migration 0007)
+    # least_open assignment counts each agent's open cases for every new case.
+    Index("ix_cases_assignee_status", "assignee", "status"),
 )
 
 #: Cases that belong together: ``related`` (linked by a person), ``follow-up`` (a reply to a
