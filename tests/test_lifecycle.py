@@ -637,3 +637,11 @@ def test_every_status_change_stamps_its_time_once(app):
     agent_writes(app, label, "#status resolved\n")
     assert case_record(app, 1).resolved_at == resolved_at
     assert len(events(app, label, "status")) == 1
+
+
+def test_a_japanese_reply_carries_the_agents_own_salutation_only(app):
+    label = open_case(app)
+    agent_writes(app, label, "山田 太郎 様\n\nお世話になっております。サポートの山田です。\nドライバーを更新してください。\n")
+    text = sent(app, "agent_reply")[0].text
+    assert text.lstrip().startswith("山田 太郎 様") and text.count("様") == 1
+    assert "お世話になっております。" in text and "受付番号：CASE-1" in text
