@@ -791,6 +791,9 @@ class _HTMLText(HTMLParser):
         super().__init__(convert_charrefs=True)
         self.lines: list[str] = []
         self.cur: list[str] = []
+        # Whether ``cur`` holds more than white space: asked at every <br>, so kept as we
+        # go (joining ``cur`` each time made " <br>" * n quadratic).
+        self.cur_has_text = False
         self.cur_depth = 0
         self.depth = 0  # blockquote nesting
         self.pending = 0  # 1: end the line before the next text; 2: and leave a blank line
@@ -807,6 +810,7 @@ class _HTMLText(HTMLParser):
         if text or force:
             self.lines.append(("> " * self.cur_depth + text).rstrip())
         self.cur = []
+        self.cur_has_text = False
 
     def _break(self, n: int) -> None:
         self.pending = max(self.pending, n)
@@ -820,6 +824,8 @@ class _HTMLText(HTMLParser):
         if not self.cur:
             self.cur_depth = self.depth
         self.cur.append(text)
+        if not self.cur_has_text and text and not text.isspace():
+            self.cur_has_text = True
         if self.link is not None:
             self.link_text.append(text)
 
@@ -835,7 +841,7 @@ class _HTMLText(HTMLParser):
             if self.pending:  # the line has ended already: this break makes a blank line
                 self._finish()
                 self.pending = 2
-            elif "".join(self.cur).strip():
+            elif self.cur_has_text:
                 self._finish()
                 self.pending = 1
             return
