@@ -958,12 +958,25 @@ def html_to_text(html: str) -> str:
     try:
         # One feed: html.parser keeps what it cannot finish and parses it again at each
         # feed, so feeding in pieces would rescan an unfinished tag once per piece.
-        p.feed(html)
+        p.feed(_LONG_DECIMAL_REF.sub(_shorter_decimal_ref, html))
         p.close()
         text = p.text()
     except Exception:  # noqa: BLE001 - html.parser is lenient; stay safe on anything odd
         return _strip_tags(html)
     return re.sub(r"\n{3,}", "\n\n", text)
+
+
+# html.unescape reads a decimal character reference with int(), which refuses more than
+# 4,300 digits (Python's guard against its quadratic conversion): html.parser raises and
+# the whole body would be read by _strip_tags, entities and styles left as they are.
+_LONG_DECIMAL_REF = re.compile(r"&#([0-9]{8,})")
+
+
+def _shorter_decimal_ref(m: re.Match[str]) -> str:
+    """The same reference in at most 7 digits: past U+10FFFF (8 digits and more,
+    leading zeros aside) unescape gives U+FFFD whatever the number, as for 1114112."""
+    digits = m[1].lstrip("0") or "0"
+    return "&#" + (digits if len(digits) <= 7 else "1114112")
 
 
 _TAG = re.compile(r"<[^>]+>")
