@@ -802,8 +802,9 @@ class _HTMLText(HTMLParser):
     }  # fmt: skip
     _SKIP = {"script", "style", "head", "title", "template"}
 
-    def __init__(self) -> None:
+    def __init__(self, cut: bool = False) -> None:
         super().__init__(convert_charrefs=True)
+        self.cut = cut  # the HTML given is the start of a longer one: its end is no end
         self.lines: list[str] = []
         self.cur: list[str] = []
         # Whether ``cur`` holds more than white space: asked at every <br>, so kept as we
@@ -945,10 +946,10 @@ class _HTMLText(HTMLParser):
         browsers follow and html.parser follows since that fix (CVE-2025-6069), drop an
         unfinished tag and close a comment or declaration at the end; none of them is
         shown, so the rest is dropped here, the same text on every Python. A lone "<" or
-        "</" at the very end stays text, as in both.
+        "</" at the very end stays text, as in both, unless the HTML was cut there.
         """
         rest = self.rawdata
-        if self.cdata_elem is None and rest.startswith("<") and rest not in ("<", "</"):
+        if self.cdata_elem is None and rest.startswith("<") and (self.cut or rest not in ("<", "</")):
             self.rawdata = ""
         super().close()
 
@@ -969,11 +970,12 @@ def html_to_text(html: str, defects: list[str] | None = None) -> str:
     ``MAX_HTML_CHARS`` are read (issue 14: bounded cost); the cut is recorded in
     ``defects`` when given.
     """
-    if len(html) > MAX_HTML_CHARS:
+    cut = len(html) > MAX_HTML_CHARS
+    if cut:
         if defects is not None:
             defects.append(f"text/html: {len(html):,} characters; the text is made from the first {MAX_HTML_CHARS:,}")
         html = html[:MAX_HTML_CHARS]
-    p = _HTMLText()
+    p = _HTMLText(cut)
     try:
         # One feed: html.parser keeps what it cannot finish and parses it again at each
         # feed, so feeding in pieces would rescan an unfinished tag once per piece.
