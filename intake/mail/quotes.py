@@ -648,7 +648,12 @@ def reply_text(text: str, html: str | None = None) -> str:
     """
     if not html or not html.strip():
         return strip_reply(text)
-    marked = _marked_html(html)
+    try:
+        marked = _marked_html(html)
+    except ValueError:
+        # html.unescape raises on a decimal character reference of more than 4,300
+        # digits (int()'s limit): such HTML is read without its structure.
+        marked = None
     if marked is None:
         # No structure: cutting the HTML's text or the plain text is the same work.
         return strip_reply(text if text.strip() else html_to_text(html))
