@@ -112,3 +112,17 @@ def test_the_text_of_a_huge_html_body_is_its_first_mib_and_the_cut_is_noted() ->
 def test_a_tag_broken_by_the_cut_is_not_shown() -> None:
     assert html_to_text("<div>" * (MAX_HTML_CHARS // 5 + 1)) == ""
     assert html_to_text("x" * (MAX_HTML_CHARS - 1) + "</p>").endswith("x")
+
+
+def test_a_reply_with_a_huge_div_tag_is_cut_within_bounded_memory() -> None:
+    # The quote finder's regex once kept ~200 bytes per character of a tag: 10 MB in one
+    # <div ...> needed about 2 GB. A child limited to 1 GiB of address space must finish.
+    code = (
+        "import resource; resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
+        "from intake.mail.quotes import reply_text\n"
+        "html = '<p>Thanks</p><div class=\"gmail_quote\">On Mon, Bob wrote:<blockquote>x</blockquote></div>'\n"
+        "print(reply_text('', html + '<div ' + 'x' * 10_000_000 + '>'))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-500:]
+    assert res.stdout.strip() == "Thanks"
