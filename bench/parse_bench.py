@@ -166,7 +166,7 @@ def _html(unit: str, size: int = 10_000_000, before: str = "") -> Callable[[], b
 # at a time, parsing again from each next "<" to the end: quadratic (CVE-2025-6069).
 # Nested quotes made text quadratic in the nesting; '<' alone is the costliest markup per
 # byte; '<![ ' makes html.parser raise, and the tags are stripped instead. Text is made
-# from the first 256 KiB (parse.MAX_HTML_CHARS): the 10 MB shapes show what that bounds.
+# from the first 128 KiB (parse.MAX_HTML_CHARS): the 10 MB shapes show what that bounds.
 HTML_HOSTILE: dict[str, Callable[[], bytes]] = {
     "HTML 1 MB of '<a'": _html("<a", 1_000_000),
     "HTML 10 MB of '<a'": _html("<a"),

@@ -957,11 +957,12 @@ class _HTMLText(HTMLParser):
 # The characters of HTML read into text. html.parser is linear but costs up to about 1.3
 # µs a character on the worst markup ("<" repeated), so a 25 MB HTML body would hold a
 # worker for half a minute; and its start-tag regex keeps up to 250 bytes a character of
-# one tag with many attributes (1 MB of '<a x x x ...' takes 250 MB). At 256 KiB the
-# worst is a third of a second and 65 MB. Mail readers bound it too (Gmail shows the first
-# 102 KB of a mail's HTML); the HTML itself stays whole in ParsedMail.html and in the raw
+# one tag with many attributes (1 MB of '<a x x x ...' takes 250 MB). At 128 KiB the
+# worst is 0.17 s and 32 MB, and a 25 MB HTML mail peaks no higher than any 25 MB mail
+# (256 KiB: 208 MB, over issue 14's 200). Mail readers bound it too: Gmail shows the first
+# 102 KB of a mail's HTML. The HTML itself stays whole in ParsedMail.html and in the raw
 # mail, and a mail with a plain-text part is read from that part.
-MAX_HTML_CHARS = 256 * 1024
+MAX_HTML_CHARS = 128 * 1024
 
 
 def html_to_text(html: str, defects: list[str] | None = None) -> str:
