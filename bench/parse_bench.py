@@ -1,14 +1,17 @@
 """Parse speed on small mixed mails, and the cost of hostile mail.
 
-Run: .venv/bin/python bench/parse_bench.py [ROUNDS] [--hostile | --no-hostile]
+Run: .venv/bin/python bench/parse_bench.py [ROUNDS] [--hostile | --no-hostile] [--only=TEXT] [--timeout=S]
 Prints one line per kind of mail and one for the mix: messages per second (wall clock)
 and CPU microseconds per message. Pure CPU, no I/O; on a shared machine the wall-clock
 figure varies with the load of the other users, the CPU figure less so.
 
 Then each hostile shape (100,000 encoded words, 10,000 parts, nesting 1,000 deep, a 1 MB
-header line, a mail at the 25 MB limit...) is parsed once in a fresh process: seconds
+header line, a mail at the 25 MB limit, HTML bodies of tag soup, unclosed comments and
+nested quotes...) is parsed once in a fresh process: seconds
 (wall and CPU) and the peak memory of that whole process (VmHWM: interpreter, the raw
-mail and the parse). Targets: at most 2 s and 200 MB each. ``--hostile`` runs only these.
+mail and the parse). Targets: at most 2 s and 200 MB each. ``--hostile`` runs only these;
+``--only=HTML`` only the shapes whose name holds "HTML"; ``--timeout`` ends a shape that
+takes longer (600 s; the code before issue 14 takes hours on some HTML shapes).
 """
 
 from __future__ import annotations
@@ -149,6 +152,40 @@ def _huge_header() -> bytes:
     return _head() + b"X-Junk: " + b"x" * (25 * 1024 * 1024) + b"\r\n"
 
 
+def _html(unit: str, size: int = 10_000_000, before: str = "") -> Callable[[], bytes]:
+    """An HTML-only mail of ``size`` bytes of ``unit`` repeated (after ``before``): its
+    text is made by html_to_text. Built when measured, not when the module is imported."""
+    def build() -> bytes:
+        body = before + unit * (size // len(unit))
+        return (_head("html") + b"Content-Type: text/html; charset=utf-8\r\n"
+                b"Content-Transfer-Encoding: 8bit\r\n\r\n<p>Hello,</p>" + body.encode() + b"\r\n")
+    return build
+
+
+# What html.parser cannot finish at the end of the input it used to show as text a piece
+# at a time, parsing again from each next "<" to the end: quadratic (CVE-2025-6069).
+# Nested quotes made text quadratic in the nesting; '<' alone is the costliest markup per
+# byte; '<![ ' makes html.parser raise, and the tags are stripped instead. Text is made
+# from the first 128 KiB (parse.MAX_HTML_CHARS): the 10 MB shapes show what that bounds.
+HTML_HOSTILE: dict[str, Callable[[], bytes]] = {
+    "HTML 1 MB of '<a'": _html("<a", 1_000_000),
+    "HTML 10 MB of '<a'": _html("<a"),
+    "HTML 10 MB of '<a x=\"'": _html('<a x="'),
+    "HTML 10 MB of '<!--'": _html("<!--"),
+    "HTML 10 MB of '</'": _html("</"),
+    "HTML 10 MB of '<?'": _html("<?"),
+    "HTML 10 MB of '<![CDATA['": _html("<![CDATA["),
+    "HTML 10 MB '<style>' open": _html("<a", before="<style>"),
+    "HTML 10 MB of ' <br>'": _html(" <br>"),
+    "HTML 10 MB '<blockquote>x'": _html("<blockquote>x"),
+    "HTML 10 MB of '<'": _html("<"),
+    "HTML 10 MB of '<p>x</p>'": _html("<p>x</p>"),
+    "HTML 10 MB '<![ ' + '<x'": _html("<x", before="<![ "),
+    # One tag of many attributes: html.parser's regex keeps ~250 bytes a character of it.
+    "HTML 25 MB '<a x x x...'": _html(" x", 25_000_000, before="<a"),
+}
+
+
 HOSTILE: dict[str, Callable[[], bytes]] = {
     "100,000 encoded words": _encoded_words,
     "100,000 unclosed words": _unterminated_words,
@@ -160,6 +197,7 @@ HOSTILE: dict[str, Callable[[], bytes]] = {
     "100,000 header fields": _many_fields,
     "25 MB attachment": _huge_attachment,
     "25 MB header field": _huge_header,
+    **HTML_HOSTILE,
 }
 
 
@@ -194,19 +232,22 @@ def _words_uncut() -> None:
     print(f"decode_words alone, 100,000 words (1.7 MB), no cut: {cpu:.2f} CPU s")
 
 
-def hostile() -> None:
-    """Each hostile shape in its own process, so that each peak is its own."""
+def hostile(only: str = "", timeout: float = 600) -> None:
+    """Each hostile shape in its own process, so that each peak is its own; ``only``
+    keeps the shapes whose name holds it, ``timeout`` bounds each (seconds)."""
     print()
     _words_uncut()
     print(f"{'hostile mail':26s} {'MB':>6s}  {'wall s':>7s}  {'CPU s':>6s}  {'peak MB':>8s}  (process peak RSS)")
     for name, build in HOSTILE.items():
+        if only not in name:
+            continue
         raw = build()
         with tempfile.NamedTemporaryFile(suffix=".eml") as f:
             f.write(raw)
             f.flush()
             try:
                 res = subprocess.run([sys.executable, __file__, "--one", f.name], capture_output=True,
-                                     text=True, timeout=600, check=True)
+                                     text=True, timeout=timeout, check=True)
             except subprocess.SubprocessError as exc:
                 print(f"{name:26s} {len(raw) / 1e6:6.1f}  failed: {exc}")
                 continue
@@ -219,8 +260,10 @@ def main() -> None:
     if args[:1] == ["--one"]:
         _measure_one(args[1])
         return
+    options = dict(a[2:].split("=", 1) for a in args if a.startswith("--") and "=" in a)
+    only, timeout = options.get("only", ""), float(options.get("timeout", 600))
     if "--hostile" in args:
-        hostile()
+        hostile(only, timeout)
         return
     numbers = [a for a in args if not a.startswith("--")]
     rounds = int(numbers[0]) if numbers else 2000
@@ -239,7 +282,7 @@ def main() -> None:
         print(f"{name:26s} {len(raw):6d}  {rounds / wall:9.0f}  {cpu / rounds * 1e6:10.1f}")
     print(f"{'mix':26s} {'':6s}  {total_n / total_wall:9.0f}  {total_cpu / total_n * 1e6:10.1f}")
     if "--no-hostile" not in args:
-        hostile()
+        hostile(only, timeout)
 
 
 if __name__ == "__main__":

@@ -184,7 +184,7 @@ def parse(raw: bytes, *, envelope_from: str | None = None) -> ParsedMail:
 
     text = body.text
     if not text.strip() and body.html:
-        text = html_to_text(body.html)
+        text = html_to_text(body.html, defects)
 
     sender, source, from_display = _sender(lowered, defects, hints, recovered.mbox_sender, envelope_from)
     return ParsedMail(
@@ -776,6 +776,21 @@ def _named(attachments: list[Attachment]) -> list[Attachment]:
     ]
 
 
+# Quote marks shown at most on a line. Every line of a quote carries its depth in "> ", so
+# without a bound 1 MB of nested <blockquote> (77,000 levels) would make 6 GB of text. 20
+# levels is deeper than a reader can count and than reply threads nest in practice.
+_MAX_QUOTE_MARKS = 20
+
+
+def _quote_prefix(depth: int) -> str:
+    return "> " * min(depth, _MAX_QUOTE_MARKS)
+
+
+# Runs of white space, shown as one space outside <pre>; compiled once, not at every
+# piece of text (re.sub's cache lookup was a fifth of the time on tag-dense HTML).
+_SPACES = re.compile(r"\s+")
+
+
 class _HTMLText(HTMLParser):
     """Walks HTML once and writes lines: blocks break lines, paragraphs leave a blank
     line, lists get markers, quotes get "> ", links keep their address."""
@@ -787,10 +802,14 @@ class _HTMLText(HTMLParser):
     }  # fmt: skip
     _SKIP = {"script", "style", "head", "title", "template"}
 
-    def __init__(self) -> None:
+    def __init__(self, cut: bool = False) -> None:
         super().__init__(convert_charrefs=True)
+        self.cut = cut  # the HTML given is the start of a longer one: its end is no end
         self.lines: list[str] = []
         self.cur: list[str] = []
+        # Whether ``cur`` holds more than white space: asked at every <br>, so kept as we
+        # go (joining ``cur`` each time made " <br>" * n quadratic).
+        self.cur_has_text = False
         self.cur_depth = 0
         self.depth = 0  # blockquote nesting
         self.pending = 0  # 1: end the line before the next text; 2: and leave a blank line
@@ -805,8 +824,9 @@ class _HTMLText(HTMLParser):
         text = "".join(self.cur)
         text = text.rstrip() if self.pre else text.strip()
         if text or force:
-            self.lines.append(("> " * self.cur_depth + text).rstrip())
+            self.lines.append((_quote_prefix(self.cur_depth) + text).rstrip())
         self.cur = []
+        self.cur_has_text = False
 
     def _break(self, n: int) -> None:
         self.pending = max(self.pending, n)
@@ -815,11 +835,13 @@ class _HTMLText(HTMLParser):
         if self.pending:
             self._finish()
             if self.pending == 2 and self.lines and self.lines[-1].strip("> "):
-                self.lines.append(("> " * self.depth).rstrip())
+                self.lines.append(_quote_prefix(self.depth).rstrip())
             self.pending = 0
         if not self.cur:
             self.cur_depth = self.depth
         self.cur.append(text)
+        if not self.cur_has_text and text and not text.isspace():
+            self.cur_has_text = True
         if self.link is not None:
             self.link_text.append(text)
 
@@ -835,7 +857,7 @@ class _HTMLText(HTMLParser):
             if self.pending:  # the line has ended already: this break makes a blank line
                 self._finish()
                 self.pending = 2
-            elif "".join(self.cur).strip():
+            elif self.cur_has_text:
                 self._finish()
                 self.pending = 1
             return
@@ -901,7 +923,7 @@ class _HTMLText(HTMLParser):
         if self.skip or not data:
             return
         if not self.pre:
-            self._emit(re.sub(r"\s+", " ", data))
+            self._emit(_SPACES.sub(" ", data))
             return
         for i, piece in enumerate(data.replace("\r\n", "\n").split("\n")):
             if i:
@@ -914,18 +936,87 @@ class _HTMLText(HTMLParser):
         self._finish()
         return "\n".join(self.lines).strip("\n")
 
+    def close(self) -> None:
+        """End of input: a tag, comment or declaration still open there is not text.
 
-def html_to_text(html: str) -> str:
+        ``feed()`` stops at the first construct it cannot finish and keeps the rest in
+        ``rawdata``. Python's ``close()`` before 3.11.13 / 3.12.11 / 3.13.4 then showed
+        it as text a piece at a time, parsing again from each next "<" to the end:
+        quadratic (``"<a" * 20_000`` took 0.2 s, twice that 0.7 s, 1 MB minutes).
+        HTML5's end-of-file rules, which browsers follow and html.parser follows since
+        that fix (CVE-2025-6069), drop an unfinished tag and close a comment or
+        declaration at the end; none of them is shown, so the rest is dropped here, the
+        same text on every Python. A lone "<" or "</" at the very end stays text, as in
+        both, unless the HTML was cut there.
+        """
+        rest = self.rawdata
+        if self.cdata_elem is None and rest.startswith("<") and (self.cut or rest not in ("<", "</")):
+            self.rawdata = ""
+        super().close()
+
+
+# The characters of HTML read into text. html.parser is linear but costs up to about 1.3
+# µs a character on the worst markup ("<" repeated), so a 25 MB HTML body would hold a
+# worker for half a minute; and its start-tag regex keeps up to 250 bytes a character of
+# one tag with many attributes (1 MB of '<a x x x ...' takes 250 MB). At 128 KiB the
+# worst is 0.17 s and 32 MB, and a 25 MB HTML mail peaks no higher than any 25 MB mail
+# (256 KiB: 208 MB, over issue 14's 200). Mail readers bound it too: Gmail shows the first
+# 102 KB of a mail's HTML. The HTML itself stays whole in ParsedMail.html and in the raw
+# mail, and a mail with a plain-text part is read from that part.
+MAX_HTML_CHARS = 128 * 1024
+
+
+def html_to_text(html: str, defects: list[str] | None = None) -> str:
     """Readable plain text from an HTML body: paragraphs and line breaks kept, lists
-    marked, quotes prefixed with "> ", link addresses kept, scripts and styles dropped."""
-    p = _HTMLText()
+    marked, quotes prefixed with "> ", link addresses kept, scripts and styles dropped.
+
+    Linear in the size of the HTML, whatever its shape, and only the first
+    ``MAX_HTML_CHARS`` are read (issue 14: bounded cost); the cut is recorded in
+    ``defects`` when given.
+    """
+    cut = len(html) > MAX_HTML_CHARS
+    if cut:
+        if defects is not None:
+            defects.append(f"text/html: {len(html):,} characters; the text is made from the first {MAX_HTML_CHARS:,}")
+        html = html[:MAX_HTML_CHARS]
+    p = _HTMLText(cut)
     try:
-        p.feed(html)
+        # One feed: html.parser keeps what it cannot finish and parses it again at each
+        # feed, so feeding in pieces would rescan an unfinished tag once per piece.
+        p.feed(_LONG_DECIMAL_REF.sub(_shorter_decimal_ref, html))
         p.close()
         text = p.text()
     except Exception:  # noqa: BLE001 - html.parser is lenient; stay safe on anything odd
-        return re.sub(r"<[^>]+>", "", html)
+        return _strip_tags(html)
     return re.sub(r"\n{3,}", "\n\n", text)
+
+
+# html.unescape reads a decimal character reference with int(), which refuses more than
+# 4,300 digits (Python's guard against its quadratic conversion): html.parser raises and
+# the whole body would be read by _strip_tags, entities and styles left as they are.
+_LONG_DECIMAL_REF = re.compile(r"&#([0-9]{8,})")
+
+
+def _shorter_decimal_ref(m: re.Match[str]) -> str:
+    """The same reference in at most 7 digits: past U+10FFFF (8 digits and more,
+    leading zeros aside) unescape gives U+FFFD whatever the number, as for 1114112."""
+    digits = m[1].lstrip("0") or "0"
+    return "&#" + (digits if len(digits) <= 7 else "1114112")
+
+
+_TAG = re.compile(r"<[^>]+>")
+
+
+def _strip_tags(html: str) -> str:
+    """The HTML without its tags: the text when html.parser gives up (it raises on
+    ``<![`` not followed by a keyword it knows, for one).
+
+    No tag can start after the last ">", and looking for one there from every "<" was
+    quadratic (``"<![ " + "<x" * 20_000``: 0.06 s, twice that: 0.25 s): that end is
+    kept as it is.
+    """
+    end = html.rfind(">") + 1
+    return _TAG.sub("", html[:end]) + html[end:]
 
 
 _JA = re.compile(r"[\u3040-\u30ff\u31f0-\u31ff\uff66-\uff9f\u4e00-\u9fff]")

@@ -488,11 +488,15 @@ _OUTLOOK_BOX = re.compile(r"(?i)border-top\s*:\s*solid")
 _FIELD_START = re.compile(r"(?i)\s*(?:" + _FROM_NAMES + r")\s*[:：]")
 # Only these elements can be marks (or hide text); other tags are skipped as text markup.
 # The alternatives start differently and none crosses a "<" it did not open, so a failed
-# match costs no more than the text up to the next "<": the scan stays linear.
+# match costs no more than the text up to the next "<": the scan stays linear. The
+# attributes' repeat is possessive (*+): each of its steps starts with a different
+# character, so giving one back never finds the ">", and the regex engine kept a record
+# of every step for nothing (about 200 bytes a character: 4 MB in one <div ...> took
+# 886 MB).
 _TOKEN = re.compile(
     r"<!--.*?(?:-->|\Z)"
     r"|<(script|style|head|title)\b[^<>]*>.*?(?:</\1\s*>|\Z)"
-    r"|<(/?)(div|blockquote|hr|pre)\b((?:[^<>\"']|\"[^<\"]*\"|'[^<']*')*)>",
+    r"|<(/?)(div|blockquote|hr|pre)\b((?:[^<>\"']|\"[^<\"]*\"|'[^<']*')*+)>",
     re.S | re.I,
 )
 _ANY_TAG = re.compile(r"<[^<>]*>")
@@ -648,7 +652,12 @@ def reply_text(text: str, html: str | None = None) -> str:
     """
     if not html or not html.strip():
         return strip_reply(text)
-    marked = _marked_html(html)
+    try:
+        marked = _marked_html(html)
+    except ValueError:
+        # html.unescape raises on a decimal character reference of more than 4,300
+        # digits (int()'s limit): such HTML is read without its structure.
+        marked = None
     if marked is None:
         # No structure: cutting the HTML's text or the plain text is the same work.
         return strip_reply(text if text.strip() else html_to_text(html))
