@@ -33,7 +33,7 @@ from sqlalchemy.types import TypeDecorator
 from intake.db.base import read_time, sqlite_time
 
 #: The newest migration (``intake/db/migrations/versions``); a test keeps the two equal.
-REVISION = "0008"
+REVISION = "0009"
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -277,7 +277,11 @@ outbox = Table(
     Column("attempts", Integer, nullable=False),
     _ts("next_attempt_at"),
     _ts("give_up_at"),
+    # The claim of a sending process (a lease): who holds it, renewed while it sends.
     _ts("claimed_at", nullable=True),
+    Column("claimed_by", String(200)),
+    # How often an expired claim put the row back to queued (at most once: then failed).
+    Column("requeued", Integer, nullable=False, server_default="0"),
     _ts("sent_at", nullable=True),
     _ts("finished_at", nullable=True),
     Column("permanent", Boolean, nullable=False),
