@@ -29,7 +29,7 @@ from intake.mail.classify import AGENT
 from intake.mail.dsn import DeliveryReport
 from intake.mail.subjects import clean_subject
 from intake.notify import Notified, Notifier, Trigger
-from intake.states import Direction, OutboxState, Priority, Status, Visibility
+from intake.states import Audience, Direction, OutboxState, Priority, Status, Visibility
 from intake.team import Team
 
 if TYPE_CHECKING:
@@ -335,22 +335,28 @@ class CaseOps:
     def record_bounce(self, case: CaseRec, message: Incoming, report: DeliveryReport, ref: str | None) -> list[int]:
         """A bounce of our mail (DESIGN 4): on the timeline, internal. It acts only on what it
         proves: the outbox rows it names (by Message-ID, else by a recipient of this case's
-        mail when it came to the case's signed return path) are marked bounced and those
-        rows' failed recipients get no automated mail for a while; every other address it
-        names is recorded, not acted on. Returns the outbox rows marked."""
+        mail to the customer side when it came to the case's signed return path) are marked
+        bounced and those rows' failed recipients get no automated mail for a while; every
+        other address it names is recorded, not acted on. Returns the outbox rows marked."""
         row = self._store(case, message, Visibility.INTERNAL, BOUNCES, event=False)
         outbox = self.tx.outbox
         failed = {a.lower() for a in report.recipients}
+        # A Message-ID that is none of our mails (the customer's own, which everyone on the
+        # mail knows) proves nothing; the signed address alone is known to everyone who got
+        # mail of the case, agents included, so it stands only for the customer side's mail.
         rows = outbox.by_message_ids([ref]) if ref else []
         rows = [r for r in rows if r.case_id == case.id or r.case_id is None]
-        if not rows and failed:
+        if not ref and failed:
             live = (OutboxState.SENT, OutboxState.SENDING, OutboxState.QUEUED)
-            rows = [r for r in outbox.for_case(case.id, states=live) if r.recipient in failed][:1]
+            rows = [r for r in outbox.for_case(case.id, states=live)
+                    if r.recipient in failed and r.audience == Audience.CUSTOMER][:1]
         marked: list[int] = []
         suppressed: list[str] = []
         if report.permanent:
             until = self.at + timedelta(seconds=parse_duration(self.env.cfg.notify.suppress_after_failure))
             for r in rows:
+                if failed and not failed & {a.lower() for a in r.recipients}:
+                    continue  # names our mail, but none of its recipients
                 if r.state in (OutboxState.SENT, OutboxState.QUEUED, OutboxState.SENDING):
                     outbox.mark_bounced(r.id, self.at, f"bounced (inbound #{message.inbound_id})")
                     marked.append(r.id)

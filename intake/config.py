@@ -114,6 +114,9 @@ class OutboundConfig:
     retry_max: str = "1h"
     interval: float = 5.0
     installation: str = ""
+    # A sending process renews its claims; one not renewed this long belongs to a process
+    # that stopped, and its mail is queued again (docs/outbox.md).
+    claim_expiry: str = "45s"
 
 
 @dataclass(frozen=True)
@@ -493,6 +496,8 @@ def _validate(cfg: Config, where: str) -> None:
         parse_duration(cfg.outbound.give_up_after)
         parse_duration(cfg.outbound.retry_initial)
         parse_duration(cfg.outbound.retry_max)
+        if parse_duration(cfg.outbound.claim_expiry) < 1:
+            raise ValueError("outbound.claim_expiry must be at least 1s")
         parse_duration(cfg.notify.loop_window)
         parse_duration(cfg.notify.suppress_after_failure)
         parse_size(cfg.notify.max_output)

@@ -292,23 +292,66 @@ def test_maildir_mode_writes_one_complete_file_per_mail(run_intake, tmp_path):
     assert res.returncode == 1 and "never sent twice" in res.stdout
 
 
-def test_an_interrupted_delivery_is_not_resent_until_an_operator_says_so(tmp_path, run_intake, monkeypatch):
+def test_an_interrupted_delivery_is_queued_again_once_and_failed_the_second_time(tmp_path, run_intake):
+    """A process that dies holding claims: while its claims are fresh nobody takes them; once
+    expired, each row goes back to queued by itself (no operator), and is then sent alone;
+    a row interrupted a second time (it may be what crashes the sender) is failed with a
+    reason an operator can act on. This used to fail all three after 15 minutes."""
     app = open_test_app(write_config(tmp_path))
     try:
         rid = app.store.receive(make_mail(subject="Crash"), channel="email", mailbox="support@example.com",
                                 envelope_to=["support@example.com"])
         app.processor.process(rid)
-        claimed = outbox_sender.claim(app.store, utcnow(), 100)  # …and the process dies here
+        claimed = outbox_sender.claim(app.store, utcnow(), 100, "host-a pid 1 dead")  # …and the process dies here
         assert len(claimed) == 3
-        monkeypatch.setattr(outbox_sender, "STALE_AFTER", timedelta(0))  # as if long ago
+        # A pass now: the claims are younger than claim_expiry, so they may belong to a live process.
         report = deliver_due(app.cfg, app.store, utcnow())
-        assert report.interrupted == 3 and report.sent == 0
-        assert list((tmp_path / "outbox").glob("*.eml")) == []
-        failed = rows(app, state="failed")
-        assert len(failed) == 3 and "interrupted" in failed[0].last_error
+        assert (report.sent, report.requeued) == (0, 0) and len(rows(app, state="sending")) == 3
+        # Later (as if claim_expiry had passed): queued again, once, with a note on the timeline.
+        later = utcnow() + timedelta(seconds=1)
+        again, failed = outbox_sender.requeue_interrupted(app.cfg, app.store, later)
+        assert (len(again), failed) == (3, [])
+        queued = rows(app, state="queued")
+        assert [m.requeued for m in queued] == [1, 1, 1] and "host-a pid 1 dead stopped" in queued[0].last_error
+        notes = [e for e in case_detail(app, "CASE-1")["timeline"] if e["type"] == "note"]
+        assert len(notes) == 3 and "queued again automatically" in notes[0]["text"]
+        # A requeued row goes out alone: the next crash then names one mail, not a batch.
+        [alone] = outbox_sender.claim(app.store, utcnow(), 100, "host-b pid 2 dead")  # …and it dies again
+        again, failed = outbox_sender.requeue_interrupted(app.cfg, app.store, utcnow() + timedelta(seconds=1))
+        assert (again, failed) == ([], [alone.id])
+        report = deliver_due(app.cfg, app.store, utcnow())
+        assert (report.sent, report.failed) == (2, 0)
+        [poison] = rows(app, state="failed")
+        assert poison.id == alone.id and "interrupted again" in poison.last_error
+        assert f"intake outbox retry {alone.id}" in poison.last_error
+        failures = [e for e in case_detail(app, "CASE-1")["timeline"] if e["type"] == "mail_failed"]
+        assert len(failures) == 1 and failures[0]["to"] == alone.recipient
     finally:
         app.close()
-    res = run_intake("outbox", "retry", str(failed[0].id))
+    assert len(list((tmp_path / "outbox").glob("*.eml"))) == 2
+    res = run_intake("outbox", "retry", str(poison.id))
     assert res.returncode == 0 and "queued for delivery" in res.stdout
     assert "outbox-delivery: 1 sent" in run_intake("tick", check=True).stdout
-    assert len(list((tmp_path / "outbox").glob("*.eml"))) == 1
+    assert len(list((tmp_path / "outbox").glob("*.eml"))) == 3
+
+
+def test_a_late_result_counts_only_for_the_claim_it_belongs_to(tmp_path, relay_port):
+    """A sender whose claim expired (it was frozen, or the database was away) and whose mail the
+    relay then took: the row, put back but not yet claimed again, is recorded sent (no second
+    copy). Once another process has claimed it, the result is that process's to record."""
+    app = smtp_app(tmp_path, relay_port)
+    try:
+        for n in range(2):
+            ingest(app, make_mail(subject=f"遅延 {n}", sender=f"late{n}@bigcorp.co.jp"))
+        first, second = outbox_sender.claim(app.store, utcnow(), 100, "slow")
+        outbox_sender.requeue_interrupted(app.cfg, app.store, utcnow() + timedelta(seconds=1))
+        [taken] = outbox_sender.claim(app.store, utcnow(), 100, "other")  # the second one, claimed alone
+        assert taken.id == first.id
+        sent = [outbox_sender.OutboxOutcome(i, "sent", utcnow()) for i in (first.id, second.id)]
+        outbox_sender.finish(app.cfg, app.store, sent, holder="slow")
+        assert row(app, second.id).state == "sent"  # put back, unclaimed: the late 250 counts
+        assert row(app, first.id).state == "sending"  # "other" holds it now
+        outbox_sender.finish(app.cfg, app.store, sent[:1], holder="other")
+        assert row(app, first.id).state == "sent"
+    finally:
+        app.close()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from datetime import datetime, timezone
+from typing import Any
 
 UTC = timezone.utc
 
@@ -28,17 +30,36 @@ def utcnow() -> datetime:
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
-def db_text(value: str | None) -> str | None:
-    """Text every database can store.
+def db_text(value: str | None, limit: int | None = None) -> str | None:
+    """Text every database can store, the same way on SQLite and PostgreSQL.
 
     The SMTP edge keeps undecodable bytes of a command as lone surrogates (aiosmtpd's
     ``surrogateescape``: an 8-bit MAIL FROM or EHLO name), which neither SQLite's driver
-    nor PostgreSQL's takes, and PostgreSQL refuses NUL in text: each becomes U+FFFD. The
-    raw message keeps the original bytes.
+    nor PostgreSQL's takes, and PostgreSQL refuses NUL in text: each becomes U+FFFD. With
+    ``limit`` (a column's length), a longer value is shortened to its start, ``…`` and 16
+    hex digits of its SHA-256: the same value always gives the same text, so a long
+    Message-ID still finds its duplicate and its thread. The raw message keeps the original
+    bytes.
     """
-    if value is None or (value.isascii() and "\x00" not in value):
-        return value
-    return _UNSTORABLE.sub("\ufffd", value)
+    if value is None:
+        return None
+    if not (value.isascii() and "\x00" not in value):
+        value = _UNSTORABLE.sub("\ufffd", value)
+    if limit is not None and len(value) > limit:
+        digest = hashlib.sha256(value.encode("utf-8")).hexdigest()[:16]
+        value = f"{value[:limit - 17]}…{digest}"
+    return value
+
+
+def db_json(value: Any) -> Any:
+    """A JSON value with every string (and key) made storable by :func:`db_text`."""
+    if isinstance(value, str):
+        return db_text(value)
+    if isinstance(value, dict):
+        return {db_text(str(k)): db_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [db_json(v) for v in value]
+    return value
 
 
 def sqlite_time(value: datetime) -> str:

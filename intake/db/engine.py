@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -10,14 +11,23 @@ from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
+from intake.db.base import db_json
 from intake.db.schema import REVISION
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _json(value: Any) -> str:
     # Japanese text stays readable in the database (and half the size of \u escapes).
-    return json.dumps(value, ensure_ascii=False, default=str)
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    # PostgreSQL stores "\u0000" in json but cannot read it back out (->>), and no driver
+    # takes a lone surrogate: such strings are made storable (rare: the check is cheap).
+    if "\\u0000" in text or (not text.isascii() and _SURROGATE.search(text)):
+        text = json.dumps(db_json(value), ensure_ascii=False, default=str)
+    return text
 
 
 def sqlite_pragmas(dbapi_conn: Any, busy_timeout_ms: int = 30000) -> None:

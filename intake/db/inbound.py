@@ -16,7 +16,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy import bindparam, func, select, update
 
 from intake.db import schema as s
-from intake.db.base import db_text
+from intake.db.base import db_json, db_text
 from intake.db.sql import Sql, Statement
 from intake.states import InboundState
 
@@ -110,7 +110,7 @@ class InboundRepo:
                 "received_at": meta.get("received_at") or now, "channel": meta["channel"],
                 "mailbox": meta["mailbox"], "envelope_from": db_text(meta.get("envelope_from")),
                 "envelope_to": [db_text(a) for a in meta.get("envelope_to") or ()],
-                "source": _storable(dict(meta.get("source") or {})), "raw": raw,
+                "source": db_json(dict(meta.get("source") or {})), "raw": raw,
                 "raw_sha256": hashlib.sha256(raw).hexdigest(), "size": len(raw), "log": []})[0])
         return ids
 
@@ -286,14 +286,3 @@ def with_received(rec: Any) -> list[Any]:
     read from the columns have it in the log already)."""
     log = list(rec.log or [])
     return log if log and log[0].get("step") == "received" else [received_entry(rec), *log]
-
-
-def _storable(value: Any) -> Any:
-    """JSON values with every string made storable (``db_text``)."""
-    if isinstance(value, str):
-        return db_text(value)
-    if isinstance(value, dict):
-        return {str(db_text(str(k))): _storable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_storable(v) for v in value]
-    return value

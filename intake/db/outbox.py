@@ -1,13 +1,16 @@
 """The outbox: rendered outgoing mail and its delivery state, and suppressed addresses.
 
 States: queued → sending → sent | failed | bounced. A row is claimed (committed as
-``sending``) before anything is sent, and its result committed after, so that it is sent by
-one process only.
+``sending`` with its holder) before anything is sent, and its result committed after, so
+that it is sent by one process only. A claim is a lease: its holder renews ``claimed_at``
+while it sends, and a claim not renewed in time belonged to a process that stopped
+(``docs/outbox.md``).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -87,6 +90,7 @@ class OutboxMail:
     sent_at: datetime | None
     last_error: str | None
     files: tuple[OutboxFile, ...] = ()
+    requeued: int = 0  # times an expired claim put it back (at most once)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -95,6 +99,7 @@ class OutboxMail:
             "message_id": self.message_id, "state": self.state, "attempts": self.attempts,
             "created_at": self.created_at.isoformat(), "next_attempt_at": self.next_attempt_at.isoformat(),
             "sent_at": self.sent_at.isoformat() if self.sent_at else None, "last_error": self.last_error,
+            "requeued": self.requeued,
             "files": [{"filename": f.filename, "content_type": f.content_type, "size": f.size} for f in self.files],
         }
 
@@ -111,7 +116,7 @@ class Suppression:
 _COLUMNS = (o.c.id, o.c.case_id, s.cases.c.prefix, s.cases.c.number, o.c.message_row_id, o.c.template, o.c.audience,
             o.c.auto_submitted, o.c.mail_from, o.c.recipient, o.c.recipients, o.c.message_id, o.c.headers,
             o.c.subject, o.c.text, o.c.html, o.c.state, o.c.attempts, o.c.created_at, o.c.next_attempt_at,
-            o.c.give_up_at, o.c.sent_at, o.c.last_error)
+            o.c.give_up_at, o.c.sent_at, o.c.last_error, o.c.requeued)
 
 
 def _select() -> Any:
@@ -120,11 +125,11 @@ def _select() -> Any:
 
 def _mail(r: Sequence[Any], files: tuple[OutboxFile, ...] = ()) -> OutboxMail:
     (rid, case_id, prefix, number, message_row_id, template, audience, auto, mail_from, recipient, recipients,
-     message_id, headers, subject, text, html, state, attempts, created, next_at, give_up, sent, error) = r
+     message_id, headers, subject, text, html, state, attempts, created, next_at, give_up, sent, error, requeued) = r
     return OutboxMail(rid, case_id, f"{prefix}-{number}" if number is not None else None, message_row_id, template,
                       audience, auto, mail_from, recipient, list(recipients or []), message_id,
                       [list(h) for h in headers or []], subject, text, html, state, attempts or 0, created, next_at,
-                      give_up, sent, error, files)
+                      give_up, sent, error, files, requeued or 0)
 
 
 _ADD = Statement(lambda k: k.insert(o).values(
@@ -132,7 +137,7 @@ _ADD = Statement(lambda k: k.insert(o).values(
                                  "language", "mail_from", "recipient", "recipients", "message_id", "headers",
                                  "subject", "text", "html", "give_up_at")},
     created_at=bindparam("at"), updated_at=bindparam("at"), next_attempt_at=bindparam("at"),
-    state=OutboxState.QUEUED, attempts=0, permanent=False).returning(o.c.id))
+    state=OutboxState.QUEUED, attempts=0, requeued=0, permanent=False).returning(o.c.id))
 _BY_ID = Statement(lambda k: _select().where(o.c.id == bindparam("rid")))
 _FILE = Statement(lambda k: k.insert(s.outbox_attachments).values(
     outbox_id=bindparam("outbox_id"), sha256=bindparam("sha256"), filename=bindparam("filename"),
@@ -142,6 +147,19 @@ _FILES = Statement(lambda k: select(s.outbox_attachments.c.sha256, s.outbox_atta
                    .where(s.outbox_attachments.c.outbox_id == bindparam("outbox_id"))
                    .order_by(s.outbox_attachments.c.id))
 _BLOB = Statement(lambda k: select(s.blobs.c.data).where(s.blobs.c.sha256 == bindparam("sha256")))
+def _claim_of(k: Any) -> Any:
+    q = select(o.c.state, o.c.claimed_by).where(o.c.id == bindparam("rid"))
+    return q.with_for_update() if k.pg else q
+
+
+_CLAIM_OF = Statement(_claim_of)
+# The delivery results, one statement each (the sender commits them as the relay answers).
+_MARK_SENT = Statement(lambda k: update(o).where(o.c.id == bindparam("rid")).values(
+    state=OutboxState.SENT, attempts=bindparam("attempts"), sent_at=bindparam("at"), finished_at=bindparam("at"),
+    updated_at=bindparam("at"), last_error=bindparam("note")))
+_MARK_RETRY = Statement(lambda k: update(o).where(o.c.id == bindparam("rid")).values(
+    state=OutboxState.QUEUED, attempts=bindparam("attempts"), next_attempt_at=bindparam("next_at"),
+    updated_at=bindparam("at"), last_error=bindparam("error")))
 _BY_MESSAGE_ID = Statement(lambda k: _select().where(o.c.message_id == bindparam("mid")))
 _SUPPRESSION = Statement(lambda k: select(s.suppressions.c.address, s.suppressions.c.until, s.suppressions.c.reason)
                          .where(s.suppressions.c.address == bindparam("address")))
@@ -243,37 +261,69 @@ class OutboxRepo:
 
     # -- delivery ------------------------------------------------------------------------
 
-    def claim(self, now: datetime, limit: int) -> list[OutboxMail]:
-        """Claim up to ``limit`` due rows (state ``sending``), oldest first; on PostgreSQL rows
-        another process holds are skipped."""
-        q = (select(o.c.id).where(o.c.state == OutboxState.QUEUED, o.c.next_attempt_at <= now)
+    def claim(self, now: datetime, limit: int, holder: str | None = None) -> list[OutboxMail]:
+        """Claim up to ``limit`` due rows for ``holder`` (state ``sending``), oldest first; on
+        PostgreSQL rows another process holds are skipped.
+
+        A row put back after an interrupted delivery is claimed alone: if it stops the
+        sender again, it alone is failed, not the mails that happened to share its batch."""
+        q = (select(o.c.id, o.c.requeued).where(o.c.state == OutboxState.QUEUED, o.c.next_attempt_at <= now)
              .order_by(o.c.next_attempt_at, o.c.id).limit(limit))
         if self.sql.kit.pg:
             q = q.with_for_update(skip_locked=True)
-        ids = list(self.conn.scalars(q))
-        if not ids:
+        due = self.conn.execute(q).all()
+        if not due:
             return []
+        if due[0][1]:
+            ids = [due[0][0]]
+        else:
+            ids = [rid for rid, requeued in itertools.takewhile(lambda r: not r[1], due)]
         wall = utcnow()
         self.conn.execute(update(o).where(o.c.id.in_(ids)).values(state=OutboxState.SENDING, claimed_at=wall,
-                                                                       updated_at=wall))
+                                                                       claimed_by=holder, updated_at=wall))
         rows = self.conn.execute(_select().where(o.c.id.in_(ids)).order_by(o.c.next_attempt_at, o.c.id)).all()
         return [_mail(r, self.files(r[0])) for r in rows]
 
-    def interrupted(self, claimed_before: datetime) -> list[OutboxMail]:
-        """Rows left ``sending`` by a process that stopped before ``claimed_before``."""
-        q = _select().where(o.c.state == OutboxState.SENDING, o.c.claimed_at < claimed_before).order_by(o.c.id)
-        return [_mail(r) for r in self.conn.execute(q)]
+    def renew(self, holder: str, at: datetime) -> int:
+        """Renew the claims ``holder`` still has (its heartbeat); how many."""
+        res = self.conn.execute(update(o).where(o.c.claimed_by == holder, o.c.state == OutboxState.SENDING)
+                                .values(claimed_at=at))
+        return int(res.rowcount or 0)
+
+    def claim_of(self, outbox_id: int) -> tuple[str, str | None] | None:
+        """(state, holder) of a row, locked on PostgreSQL until the commit (a result is
+        recorded only by the holder of the claim)."""
+        return self.sql.one(_CLAIM_OF, {"rid": outbox_id})  # type: ignore[return-value]
+
+    def expired(self, claimed_before: datetime) -> list[tuple[OutboxMail, str | None]]:
+        """Rows ``sending`` whose claim was last renewed before ``claimed_before`` (their
+        holder stopped), with the holder; on PostgreSQL rows being renewed are skipped."""
+        ids = select(o.c.id).where(o.c.state == OutboxState.SENDING, o.c.claimed_at < claimed_before)
+        if self.sql.kit.pg:
+            ids = ids.with_for_update(skip_locked=True)
+        found = list(self.conn.scalars(ids))
+        if not found:
+            return []
+        holders = dict(self.conn.execute(select(o.c.id, o.c.claimed_by).where(o.c.id.in_(found))).all())
+        rows = self.conn.execute(_select().where(o.c.id.in_(found)).order_by(o.c.id)).all()
+        return [(_mail(r), holders.get(r[0])) for r in rows]
+
+    def requeue_interrupted(self, outbox_id: int, at: datetime, note: str) -> None:
+        """Put a row whose claim expired back to ``queued``, due now, counted in ``requeued``.
+        The holder stays recorded, so that a late result of its send is still taken."""
+        self.conn.execute(update(o).where(o.c.id == outbox_id).values(
+            state=OutboxState.QUEUED, requeued=o.c.requeued + 1, next_attempt_at=at, updated_at=at,
+            last_error=note))
 
     def _set(self, outbox_id: int, **values: Any) -> None:
         self.conn.execute(update(o).where(o.c.id == outbox_id).values(**values))
 
     def mark_sent(self, outbox_id: int, at: datetime, attempts: int, note: str | None = None) -> None:
-        self._set(outbox_id, state=OutboxState.SENT, attempts=attempts, sent_at=at, finished_at=at, updated_at=at,
-                  last_error=note)
+        self.sql.run(_MARK_SENT, {"rid": outbox_id, "attempts": attempts, "at": at, "note": note})
 
     def mark_retry(self, outbox_id: int, at: datetime, attempts: int, next_attempt_at: datetime, error: str) -> None:
-        self._set(outbox_id, state=OutboxState.QUEUED, attempts=attempts, next_attempt_at=next_attempt_at,
-                  updated_at=at, last_error=error)
+        self.sql.run(_MARK_RETRY, {"rid": outbox_id, "attempts": attempts, "next_at": next_attempt_at, "at": at,
+                                   "error": error})
 
     def mark_failed(self, outbox_id: int, at: datetime, error: str, *, attempts: int | None = None,
                     permanent: bool = False) -> None:

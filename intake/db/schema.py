@@ -30,10 +30,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.types import TypeDecorator
 
-from intake.db.base import read_time, sqlite_time
+from intake.db.base import db_text, read_time, sqlite_time
 
 #: The newest migration (``intake/db/migrations/versions``); a test keeps the two equal.
-REVISION = "0008"
+REVISION = "0009"
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -70,6 +70,31 @@ class UTCDateTime(TypeDecorator[datetime]):
         return super().result_processor(dialect, coltype)
 
 
+class MailText(TypeDecorator[str]):
+    """Text that came from outside (a subject, a body, an error quoting them): NUL and lone
+    surrogates become U+FFFD (``db_text``), on every database alike, so that PostgreSQL
+    stores what SQLite stores. The raw message keeps the original bytes."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Any) -> str | None:
+        return db_text(value)
+
+
+class MailString(TypeDecorator[str]):
+    """A header field or address of a length-limited column (a Message-ID, a From): made
+    storable like :class:`MailText`, and a longer value shortened the same way every time
+    (``db_text`` with the length), so that lookups by it still match. Applies to the values
+    compared with the column too (``WHERE message_id = ?``)."""
+
+    impl = String
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Any) -> str | None:
+        return db_text(value, self.impl.length)
+
+
 def _sqlite_text(value: datetime | None) -> str | None:
     return sqlite_time(value) if value is not None else None
 
@@ -93,22 +118,22 @@ inbound = Table(
     _ts("received_at", index=True),
     Column("channel", String(20), nullable=False),
     Column("mailbox", String(320), nullable=False),
-    Column("envelope_from", String(998)),
+    Column("envelope_from", MailString(998)),
     Column("envelope_to", JSON, nullable=False),
     Column("source", JSON, nullable=False),
     Column("raw", LargeBinary),
     Column("raw_sha256", String(64), nullable=False),
     Column("size", Integer, nullable=False),
     Column("state", String(20), nullable=False),
-    Column("message_id", String(998), index=True),
-    Column("from_address", String(320)),
-    Column("subject", Text),
+    Column("message_id", MailString(998), index=True),
+    Column("from_address", MailString(320)),
+    Column("subject", MailText),
     Column("case_id", Integer, ForeignKey("cases.id")),
     Column("duplicate_of", Integer, ForeignKey("inbound.id")),
     _ts("processed_at", nullable=True),
     Column("attempts", Integer, nullable=False),
-    Column("error", Text),
-    Column("traceback", Text),
+    Column("error", MailText),
+    Column("traceback", MailText),
     Column("log", JSON, nullable=False),
     Index("ix_inbound_state", "state", "id"),
 )
@@ -116,7 +141,7 @@ inbound = Table(
 #: The first inbound record of each Message-ID: the duplicate rule's single source.
 message_keys = Table(
     "message_keys", metadata,
-    Column("key", String(998), primary_key=True),
+    Column("key", MailString(998), primary_key=True),
     Column("inbound_id", Integer, ForeignKey("inbound.id"), nullable=False),
     Column("case_id", Integer, ForeignKey("cases.id")),
 )
@@ -126,16 +151,16 @@ message_keys = Table(
 organizations = Table(
     "organizations", metadata,
     Column("id", Integer, primary_key=True),
-    Column("domain", String(255), nullable=False, unique=True),
-    Column("name", String(255), nullable=False),
+    Column("domain", MailString(255), nullable=False, unique=True),
+    Column("name", MailString(255), nullable=False),
     _ts("created_at"),
 )
 
 contacts = Table(
     "contacts", metadata,
     Column("id", Integer, primary_key=True),
-    Column("address", String(320), nullable=False, unique=True),
-    Column("name", String(255), nullable=False),
+    Column("address", MailString(320), nullable=False, unique=True),
+    Column("name", MailString(255), nullable=False),
     Column("organization_id", Integer, ForeignKey("organizations.id")),
     Column("language", String(10)),
     _ts("created_at"),
@@ -146,19 +171,19 @@ cases = Table(
     Column("id", Integer, primary_key=True),
     Column("number", BigInteger, nullable=False, unique=True),
     Column("prefix", String(20), nullable=False),
-    Column("subject", Text, nullable=False),
+    Column("subject", MailText, nullable=False),
     Column("requester_id", Integer, ForeignKey("contacts.id")),
     Column("organization_id", Integer, ForeignKey("organizations.id")),
     Column("status", String(20), nullable=False, index=True),
     Column("priority", String(10), nullable=False),
     Column("queue", String(100), index=True),
-    Column("assignee", String(320)),
-    Column("category", String(100)),
+    Column("assignee", MailString(320)),
+    Column("category", MailString(100)),  # an agent may set it by a mail command
     Column("channel", String(20), nullable=False),
     Column("mailbox", String(320)),
     Column("brand", String(100)),
     Column("language", String(10)),
-    Column("resolution", Text),
+    Column("resolution", MailText),
     Column("tags", JSON, nullable=False),
     Column("escalation_level", Integer, nullable=False),
     _ts("first_response_due", nullable=True),
@@ -183,7 +208,7 @@ case_links = Table(
     Column("case_id", Integer, ForeignKey("cases.id"), nullable=False, index=True),
     Column("other_id", Integer, ForeignKey("cases.id"), nullable=False, index=True),
     Column("kind", String(20), nullable=False),
-    Column("actor", String(320)),
+    Column("actor", MailString(320)),
     _ts("created_at"),
     UniqueConstraint("case_id", "other_id", "kind", name="uq_case_links"),
 )
@@ -203,17 +228,17 @@ messages = Table(
     Column("inbound_id", Integer, ForeignKey("inbound.id")),
     Column("direction", String(3), nullable=False),
     Column("visibility", String(10), nullable=False),
-    Column("message_id", String(998), nullable=False, index=True),
-    Column("from_address", String(320)),
-    Column("from_name", String(255)),
+    Column("message_id", MailString(998), nullable=False, index=True),
+    Column("from_address", MailString(320)),
+    Column("from_name", MailString(255)),
     Column("to", JSON, nullable=False),
     Column("cc", JSON, nullable=False),
-    Column("subject", Text, nullable=False),
-    Column("text", Text, nullable=False),
-    Column("html", Text),
+    Column("subject", MailText, nullable=False),
+    Column("text", MailText, nullable=False),
+    Column("html", MailText),
     _ts("sent_at", nullable=True),
     _ts("created_at"),
-    Column("thread_index", String(64)),
+    Column("thread_index", MailString(64)),
 )
 
 #: Attachment content, stored once per SHA-256.
@@ -229,11 +254,11 @@ attachments = Table(
     Column("id", Integer, primary_key=True),
     Column("message_row_id", Integer, ForeignKey("messages.id"), nullable=False, index=True),
     Column("sha256", String(64), ForeignKey("blobs.sha256"), nullable=False),
-    Column("filename", Text),
-    Column("content_type", String(255), nullable=False),
+    Column("filename", MailText),
+    Column("content_type", MailString(255), nullable=False),
     Column("size", Integer, nullable=False),
     Column("inline", Boolean, nullable=False),
-    Column("content_id", String(998)),
+    Column("content_id", MailString(998)),
 )
 
 #: One entry of a case's timeline (the audit trail), with who caused it.
@@ -243,7 +268,7 @@ events = Table(
     Column("case_id", Integer, ForeignKey("cases.id"), nullable=False, index=True),
     _ts("at"),
     Column("type", String(30), nullable=False),
-    Column("actor", String(320)),
+    Column("actor", MailString(320)),
     Column("message_row_id", Integer, ForeignKey("messages.id")),
     Column("inbound_id", Integer, ForeignKey("inbound.id")),
     Column("data", JSON, nullable=False),
@@ -265,23 +290,27 @@ outbox = Table(
     Column("audience", String(10), nullable=False),
     Column("auto_submitted", String(20), nullable=False),
     Column("language", String(10), nullable=False),
-    Column("mail_from", String(320), nullable=False),  # envelope sender (the signed case address)
-    Column("recipient", String(320), nullable=False),  # primary recipient, lower case
+    Column("mail_from", MailString(320), nullable=False),  # envelope sender (the signed case address)
+    Column("recipient", MailString(320), nullable=False),  # primary recipient, lower case
     Column("recipients", JSON, nullable=False),  # envelope RCPT TO
-    Column("message_id", String(998), nullable=False, index=True),
+    Column("message_id", MailString(998), nullable=False, index=True),
     Column("headers", JSON, nullable=False),  # [[name, value], ...] in order
-    Column("subject", Text, nullable=False),
-    Column("text", Text, nullable=False),
-    Column("html", Text),
+    Column("subject", MailText, nullable=False),
+    Column("text", MailText, nullable=False),
+    Column("html", MailText),
     Column("state", String(10), nullable=False),
     Column("attempts", Integer, nullable=False),
     _ts("next_attempt_at"),
     _ts("give_up_at"),
+    # The claim of a sending process (a lease): who holds it, renewed while it sends.
     _ts("claimed_at", nullable=True),
+    Column("claimed_by", String(200)),
+    # How often an expired claim put the row back to queued (at most once: then failed).
+    Column("requeued", Integer, nullable=False, server_default="0"),
     _ts("sent_at", nullable=True),
     _ts("finished_at", nullable=True),
     Column("permanent", Boolean, nullable=False),
-    Column("last_error", Text),
+    Column("last_error", MailText),
     Index("ix_outbox_due", "state", "next_attempt_at"),
     Index("ix_outbox_recipient", "recipient", "created_at"),
 )
@@ -292,17 +321,17 @@ outbox_attachments = Table(
     Column("id", Integer, primary_key=True),
     Column("outbox_id", Integer, ForeignKey("outbox.id"), nullable=False, index=True),
     Column("sha256", String(64), ForeignKey("blobs.sha256"), nullable=False),
-    Column("filename", Text, nullable=False),
-    Column("content_type", String(255), nullable=False),
+    Column("filename", MailText, nullable=False),
+    Column("content_type", MailString(255), nullable=False),
     Column("size", Integer, nullable=False),
 )
 
 #: An address that gets no automated mail until ``until`` (after a bounce or a 5xx).
 suppressions = Table(
     "suppressions", metadata,
-    Column("address", String(320), primary_key=True),
+    Column("address", MailString(320), primary_key=True),
     _ts("until"),
-    Column("reason", Text, nullable=False),
+    Column("reason", MailText, nullable=False),
     _ts("created_at"),
 )
 
@@ -318,7 +347,7 @@ counters = Table(
 settings = Table(
     "settings", metadata,
     Column("key", String(100), primary_key=True),
-    Column("value", Text, nullable=False),
+    Column("value", MailText, nullable=False),
 )
 
 #: How often each routing rule matched (``intake rules stats``).
@@ -346,7 +375,7 @@ component_status = Table(
     _ts("updated_at"),
     _ts("last_success_at", nullable=True),
     Column("backlog", Integer),
-    Column("last_error", Text),
+    Column("last_error", MailText),
     _ts("last_error_at", nullable=True),
     Column("details", JSON),  # e.g. the SMTP listener's refusals by reason
 )

@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import sqlite3
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -81,9 +82,13 @@ def open_spool(path: Path) -> None:
             conn.execute(stmt)
         # A new file is a new spool: its ids start again, so the import's mark is per file.
         conn.execute("INSERT INTO meta (key, value) VALUES ('id', ?) ON CONFLICT DO NOTHING", (uuid.uuid4().hex,))
-        busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
-        if busy:
-            raise StoreUnavailable(f"the spool {path} is busy: its log could not be checkpointed")
+        # Another connection's checkpoint (serve's purge runs one as it starts, and after a
+        # kill the log is long) makes this one return busy at once, without the busy handler.
+        deadline = time.monotonic() + 30
+        while conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]:
+            if time.monotonic() > deadline:
+                raise StoreUnavailable(f"the spool {path} is busy: its log could not be checkpointed")
+            time.sleep(0.05)
     finally:
         conn.close()
 

@@ -1,12 +1,17 @@
 """Delivery of the outbox: ``maildir`` (one ``.eml`` file per mail) or ``smtp`` (a relay).
 
-Rows are claimed (committed as ``sending``) before anything is sent and their results
-are committed after each batch, so a row is sent at most once: a process that dies in
-between leaves it ``sending``, and such rows are later marked failed for an operator to
-retry, never resent by themselves. Temporary failures (4xx, a relay that is down or
-slow) are retried with exponential backoff and jitter until ``give_up_after``; a 5xx is
-final: the row is ``failed`` with the relay's reply on the case timeline, and a refused
-recipient gets no automated mail for ``[notify] suppress_after_failure``.
+Rows are claimed (committed as ``sending`` with their holder) before anything is sent, and
+each result is committed within 10 ms of the relay's answer, by a bookkeeping thread that also
+renews the pass's claims (a heartbeat). A process that dies leaves its rows ``sending``;
+once their claim has not been renewed for ``[outbound] claim_expiry``, the next pass of any
+process puts them back to ``queued``, once per row; a row interrupted a second time is
+failed for an operator, as it may be the mail that stops the sender (``docs/outbox.md``:
+what this guarantees, and the one window where a mail can go out twice).
+
+Temporary failures (4xx, a relay that is down or slow) are retried with exponential
+backoff and jitter until ``give_up_after``; a 5xx is final: the row is ``failed`` with the
+relay's reply on the case timeline, and a refused recipient gets no automated mail for
+``[notify] suppress_after_failure``.
 
 The MIME bytes are built here, not at enqueue time: UTF-8 with a 7-bit transfer encoding
 (base64 / quoted-printable), or 8-bit when the relay announces 8BITMIME.
@@ -17,9 +22,12 @@ from __future__ import annotations
 import logging
 import os
 import random
+import secrets
 import smtplib
+import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -29,16 +37,13 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Protocol
 
-from intake.cases import CaseEnv, CaseOps
+from intake.cases import OUTBOX, CaseEnv, CaseOps
 from intake.config import Config, parse_duration
 from intake.db import Store, utcnow
 from intake.db.outbox import OutboxMail
 from intake.states import OutboxState
 
 log = logging.getLogger("intake.outbox")
-
-#: A row left ``sending`` longer than this belongs to a process that stopped.
-STALE_AFTER = timedelta(minutes=15)
 
 
 @dataclass(frozen=True)
@@ -59,26 +64,33 @@ class OutboxOutcome:
     suppress_until: datetime | None = None
 
 
-def claim(store: Store, now: datetime, limit: int) -> list[OutboxMail]:
-    """Claim up to ``limit`` due rows for delivery (state ``sending``), oldest first.
+def claim(store: Store, now: datetime, limit: int, holder: str | None = None) -> list[OutboxMail]:
+    """Claim up to ``limit`` due rows for ``holder`` (state ``sending``), oldest first.
 
-    The claim is committed before anything is sent: a row is sent by one process only,
-    and a crash after sending leaves it ``sending``, never ``queued`` (no second copy).
+    The claim is committed before anything is sent: a row is sent by one process only. If
+    the holder dies, the claim expires and the row is queued again once (see
+    :func:`requeue_interrupted`); while the holder lives, it renews its claims.
     """
     with store.transaction() as tx:
-        return tx.outbox.claim(now, limit)
+        return tx.outbox.claim(now, limit, holder)
 
 
-def finish(cfg: Config, store: Store, outcomes: list[OutboxOutcome]) -> None:
-    """Record delivery results in one transaction; failures go on the case timeline."""
+def finish(cfg: Config, store: Store, outcomes: list[OutboxOutcome], holder: str | None = None) -> None:
+    """Record delivery results in one transaction; failures go on the case timeline.
+
+    With ``holder``, only rows that ``holder`` still claims are recorded (a result for a
+    row whose claim expired and that another process took belongs to that process), except
+    that a mail the relay took counts as sent while its row waits, put back, for a claim."""
     if not outcomes:
         return
     with store.transaction() as tx:
+        if holder is not None:
+            outcomes = [o for o in outcomes if _holds(tx.outbox.claim_of(o.id), holder, o.state)]
         rows = tx.outbox.by_ids([o.id for o in outcomes])
         ops = CaseOps(tx, CaseEnv(cfg), utcnow())
         for o in outcomes:
             row = rows.get(o.id)
-            if row is None or row.state != OutboxState.SENDING:
+            if row is None or (holder is None and row.state != OutboxState.SENDING):
                 continue
             attempts = row.attempts + 1
             if o.state == OutboxState.SENT:
@@ -103,24 +115,57 @@ def finish(cfg: Config, store: Store, outcomes: list[OutboxOutcome]) -> None:
                     tx.outbox.suppress(addr, o.suppress_until, f"outbox #{row.id}: {reply}", o.at)
 
 
-def fail_interrupted(cfg: Config, store: Store, claimed_before: datetime) -> list[int]:
-    """Rows left ``sending`` by a process that stopped: marked failed, never resent by themselves.
+def _holds(claim: tuple[str, str | None] | None, holder: str, result: str) -> bool:
+    """Whether ``holder`` may record ``result`` for a row whose (state, holder) is ``claim``."""
+    if claim is None or claim[1] != holder:
+        return False
+    # Put back after the claim expired, not claimed since: the relay's 250 still counts.
+    return claim[0] == OutboxState.SENDING or (claim[0] == OutboxState.QUEUED and result == OutboxState.SENT)
 
-    Whether the relay took such a mail is unknown; sending it again could deliver it
-    twice, so an operator decides (``intake outbox retry ID``).
+
+#: How many times an interrupted delivery is queued again by itself.
+REQUEUE_AT_MOST = 1
+
+
+def requeue_interrupted(cfg: Config, store: Store, claimed_before: datetime) -> tuple[list[int], list[int]]:
+    """Rows whose claim was last renewed before ``claimed_before``: their sending process
+    stopped (a live one renews its claims). Each goes back to ``queued`` once; a row
+    interrupted again is failed, since it may be the mail that stops the sender.
+    Returns (ids queued again, ids failed).
+
+    Whether the relay took an interrupted mail is unknown, though a result is committed
+    within 10 ms of the relay's answer: only a mail answered in that window can reach its
+    recipient twice, with the same Message-ID.
     """
     with store.transaction() as tx:
-        rows = tx.outbox.interrupted(claimed_before)
+        rows = tx.outbox.expired(claimed_before)
         now = utcnow()
         ops = CaseOps(tx, CaseEnv(cfg), now)
-        for row in rows:
-            error = ("delivery was interrupted (the sending process stopped); not resent automatically "
-                     "so that nobody gets it twice: `intake outbox retry %d` sends it" % row.id)
-            tx.outbox.mark_failed(row.id, now, error)
-            if row.case_id is not None:
-                ops.record_mail_failure(row.case_id, message_id=row.message_id, to=row.recipient,
-                                        template=row.template, reply=error, permanent=False)
-        return [r.id for r in rows]
+        again: list[int] = []
+        failed: list[int] = []
+        for row, holder in rows:
+            who = holder or "a process of an older intake"
+            if row.requeued < REQUEUE_AT_MOST:
+                note = f"delivery interrupted ({who} stopped while sending it); queued again automatically"
+                tx.outbox.requeue_interrupted(row.id, now, note)
+                case = tx.cases.by_id(row.case_id) if row.case_id is not None else None
+                if case is not None:
+                    ops.remark(case, f"outbox #{row.id}: {note}", actor=OUTBOX, message_id=row.message_id)
+                again.append(row.id)
+                log.warning("outbox requeued #%d case=%s to=%s message_id=<%s>: claim of %s expired", row.id,
+                            row.case or "-", row.recipient, row.message_id, who)
+            else:
+                error = (f"delivery interrupted again ({who} stopped while sending it, after it had been queued "
+                         f"again once): not sent automatically any more, as this mail may be what stops the "
+                         f"sender; see the log of that process, then `intake outbox retry {row.id}`")
+                tx.outbox.mark_failed(row.id, now, error)
+                if row.case_id is not None:
+                    ops.record_mail_failure(row.case_id, message_id=row.message_id, to=row.recipient,
+                                            template=row.template, reply=error, permanent=False)
+                failed.append(row.id)
+                log.error("outbox failed #%d case=%s to=%s message_id=<%s>: interrupted twice (last by %s)",
+                          row.id, row.case or "-", row.recipient, row.message_id, who)
+        return again, failed
 
 
 def retry(cfg: Config, store: Store, outbox_id: int, now: datetime) -> str | None:
@@ -133,7 +178,8 @@ def retry(cfg: Config, store: Store, outbox_id: int, now: datetime) -> str | Non
         if row.state in (OutboxState.SENT, OutboxState.BOUNCED):
             return f"already {row.state} at {row.sent_at.isoformat() if row.sent_at else '?'}; a mail is never sent twice"
         if row.state == OutboxState.SENDING:
-            return "being sent right now"
+            return ("being sent right now (if its process stopped, it is queued again by itself once its claim "
+                    "expires: [outbound] claim_expiry)")
         tx.outbox.requeue(row.id, now, now + give_up_after)
         case = tx.cases.by_id(row.case_id) if row.case_id is not None else None
         if case is not None:
@@ -222,11 +268,19 @@ def next_attempt(now: datetime, attempts: int, initial: float, maximum: float,
 # Senders
 
 
+#: Told each result as soon as it is final (the delivery pass commits it at once).
+Done = Callable[[OutboxOutcome], None]
+
+
+def _nothing(outcome: OutboxOutcome) -> None:
+    pass
+
+
 class Sender(Protocol):
     #: The contents of a mail's files (set by the delivery pass: the store is not the sender's).
     files: Callable[[OutboxMail], Mapping[str, bytes]]
 
-    def deliver(self, items: list[OutboxMail], now: datetime) -> list[OutboxOutcome]: ...
+    def deliver(self, items: list[OutboxMail], now: datetime, done: Done = _nothing) -> list[OutboxOutcome]: ...
 
     def close(self) -> None: ...
 
@@ -265,7 +319,15 @@ class MaildirSender:
         self.policy = policy_
         self.files: Callable[[OutboxMail], Mapping[str, bytes]] = _no_files
 
-    def deliver(self, items: list[OutboxMail], now: datetime) -> list[OutboxOutcome]:
+    def deliver(self, items: list[OutboxMail], now: datetime, done: Done = _nothing) -> list[OutboxOutcome]:
+        """Write the batch; ``done`` hears every result after the one directory sync (a file
+        written again replaces itself, so an interrupted batch never makes a second copy)."""
+        out = self._deliver(items, now)
+        for o in out:
+            done(o)
+        return out
+
+    def _deliver(self, items: list[OutboxMail], now: datetime) -> list[OutboxOutcome]:
         tmp_dir = self.folder / ".tmp"
         out: list[OutboxOutcome] = []
         written: list[int] = []  # indexes in ``out`` of files renamed into place
@@ -352,7 +414,8 @@ class SmtpSender:
         self.conn: smtplib.SMTP | None = None
         self.files: Callable[[OutboxMail], Mapping[str, bytes]] = _no_files
 
-    def deliver(self, items: list[OutboxMail], now: datetime) -> list[OutboxOutcome]:
+    def deliver(self, items: list[OutboxMail], now: datetime, done: Done = _nothing) -> list[OutboxOutcome]:
+        """Send the batch over one connection; ``done`` hears each result as the relay gives it."""
         out: list[OutboxOutcome] = []
         for i, item in enumerate(items):
             if self.conn is None:
@@ -364,9 +427,12 @@ class SmtpSender:
                     if isinstance(exc, smtplib.SMTPResponseException) and 500 <= exc.smtp_code < 600 \
                             and not isinstance(exc, smtplib.SMTPAuthenticationError):
                         error = f"relay refused the connection: {_reply(exc.smtp_code, exc.smtp_error)}"
-                    out += [self.policy.temporary(it, now, error) for it in items[i:]]
+                    for it in items[i:]:
+                        out.append(self.policy.temporary(it, now, error))
+                        done(out[-1])
                     return out
             out.append(self._send_one(item, now))
+            done(out[-1])
         return out
 
     def _send_one(self, item: OutboxMail, now: datetime) -> OutboxOutcome:
@@ -438,7 +504,8 @@ class DeliveryReport:
     sent: int = 0
     retry: int = 0
     failed: int = 0
-    interrupted: int = 0
+    requeued: int = 0  # interrupted earlier (their process stopped), queued again
+    interrupted_twice: int = 0  # interrupted again after that: failed
 
     def add(self, outcomes: list[OutboxOutcome]) -> None:
         for o in outcomes:
@@ -451,21 +518,114 @@ class DeliveryReport:
 
     def __str__(self) -> str:
         text = f"{self.sent} sent, {self.retry} to retry, {self.failed} failed"
-        return text + (f", {self.interrupted} interrupted earlier (marked failed)" if self.interrupted else "")
+        if self.requeued:
+            text += f", {self.requeued} interrupted earlier (queued again)"
+        if self.interrupted_twice:
+            text += f", {self.interrupted_twice} interrupted twice (failed: intake outbox list --state failed)"
+        return text
+
+
+def holder_name() -> str:
+    """Who holds a pass's claims: the host and process (for people), and a random part (so
+    that two passes, or a restarted process with the same pid, never share a claim)."""
+    return f"{socket.gethostname()} pid {os.getpid()} {secrets.token_hex(4)}"
+
+
+#: Seconds between two commits of delivery results, at least (the window above).
+COMMIT_GAP = 0.01
+
+
+class _Bookkeeper:
+    """The writes of one delivery pass, in a thread beside the sending.
+
+    Results are committed as they come, those of at most ``COMMIT_GAP`` (10 ms) together:
+    the window in which a mail the relay took is not yet recorded (and would be sent again
+    after a crash) is those 10 ms and one commit, not a batch. Every ``renew_every`` seconds the
+    pass's claims are renewed: a live process never has its claims expired, however long a
+    relay keeps it waiting.
+    """
+
+    def __init__(self, cfg: Config, store: Store, holder: str, renew_every: float, give_up_after: float) -> None:
+        self.cfg, self.store, self.holder = cfg, store, holder
+        self.renew_every = renew_every
+        self.give_up_after = give_up_after  # a store down this long: its claims have expired anyway
+        self._pending: list[OutboxOutcome] = []
+        self._closing = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="outbox-bookkeeper", daemon=True)
+
+    def start(self) -> "_Bookkeeper":
+        self._thread.start()
+        return self
+
+    def record(self, outcome: OutboxOutcome) -> None:
+        """A final result of the pass, to commit now (called by the sending threads)."""
+        with self._cond:
+            self._pending.append(outcome)
+            self._cond.notify()
+
+    def close(self) -> None:
+        """Commit what is pending, then stop renewing (the pass has no claims left)."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join()
+
+    def _run(self) -> None:
+        next_renewal = time.monotonic() + self.renew_every
+        failing_since: float | None = None
+        last_commit = 0.0
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending or self._closing,
+                                    timeout=max(0.0, next_renewal - time.monotonic()))
+                # At most one commit per COMMIT_GAP: a commit per mail would cost the sending
+                # thread more time (the interpreter lock) than a few results waiting 10 ms.
+                gap = last_commit + COMMIT_GAP - time.monotonic()
+                if gap > 0 and not self._closing:
+                    self._cond.wait_for(lambda: self._closing, timeout=gap)
+                batch, self._pending = self._pending, []
+                closing = self._closing
+            try:
+                if batch:
+                    finish(self.cfg, self.store, batch, self.holder)
+                    batch = []
+                    last_commit = time.monotonic()
+                if time.monotonic() >= next_renewal:
+                    with self.store.transaction() as tx:
+                        tx.outbox.renew(self.holder, utcnow())
+                    next_renewal = time.monotonic() + self.renew_every
+                failing_since = None
+            except Exception as exc:  # noqa: BLE001 - the store may be down: keep the results, try again
+                failing_since = failing_since or time.monotonic()
+                if time.monotonic() - failing_since > self.give_up_after:
+                    log.error("outbox results of %d mail(s) not recorded (%s): their claims expire and they are "
+                              "queued again; the relay may have taken some of them (ids %s)", len(batch), exc,
+                              ",".join(str(o.id) for o in batch))
+                    batch, failing_since = [], None
+                else:
+                    log.warning("outbox results not recorded yet (%s: %s); retrying", type(exc).__name__, exc)
+                with self._cond:
+                    self._pending[:0] = batch
+                    self._cond.wait(timeout=1.0)
+                continue
+            if closing:
+                with self._cond:
+                    if not self._pending:
+                        return
 
 
 def _worker(cfg: Config, store: Store, sender: Sender, now: datetime, batch: int, report: DeliveryReport,
-            lock: threading.Lock, should_stop: Callable[[], bool], limit: int | None) -> None:
+            lock: threading.Lock, should_stop: Callable[[], bool], limit: int | None, book: _Bookkeeper) -> None:
     try:
         while not should_stop():
             with lock:
                 if limit is not None and report.sent + report.retry + report.failed >= limit:
                     return
-            items = claim(store, now, batch)
+            items = claim(store, now, batch, book.holder)
             if not items:
                 return
-            outcomes = sender.deliver(items, now)
-            finish(cfg, store, outcomes)
+            outcomes = sender.deliver(items, now, book.record)
             for item, o in zip(items, outcomes):
                 log.info("outbox %s #%d case=%s to=%s message_id=<%s>%s", o.state, item.id, item.case or "-",
                          item.recipient, item.message_id, f" error={o.error}" if o.error else "")
@@ -477,33 +637,50 @@ def _worker(cfg: Config, store: Store, sender: Sender, now: datetime, batch: int
         sender.close()
 
 
+def claim_expiry(cfg: Config) -> timedelta:
+    """How long a claim lives without renewal (``[outbound] claim_expiry``)."""
+    return timedelta(seconds=parse_duration(cfg.outbound.claim_expiry))
+
+
 def deliver_due(cfg: Config, store: Store, now: datetime, *, connections: int | None = None,
                 should_stop: Callable[[], bool] = lambda: False, limit: int | None = None,
                 sender_factory: Callable[[Config], Sender] = make_sender) -> DeliveryReport:
-    """Deliver every due row (one pass); ``connections`` workers each reuse one relay connection."""
+    """Deliver every due row (one pass); ``connections`` workers each reuse one relay connection.
+
+    First, rows whose claim expired (their process stopped) are queued again, or failed if
+    that happened before. Expiry is measured on the wall clock, never on ``now`` (which
+    ``intake tick --at`` may set in the future)."""
     report = DeliveryReport()
-    report.interrupted = len(fail_interrupted(cfg, store, utcnow() - STALE_AFTER))
+    expiry = claim_expiry(cfg)
+    again, failed = requeue_interrupted(cfg, store, utcnow() - expiry)
+    report.requeued, report.interrupted_twice = len(again), len(failed)
     n = max(1, connections or cfg.outbound.connections)
     if cfg.outbound.mode != "smtp":
         n = 1
     lock = threading.Lock()
     batch = cfg.outbound.batch_size
+    seconds = expiry.total_seconds()
+    book = _Bookkeeper(cfg, store, holder_name(), renew_every=seconds / 4, give_up_after=seconds).start()
+
     def sender() -> Sender:
         made = sender_factory(cfg)
         made.files = lambda item: read_files(store, item)
         return made
 
-    if n == 1:
-        _worker(cfg, store, sender(), now, batch, report, lock, should_stop, limit)
+    try:
+        if n == 1:
+            _worker(cfg, store, sender(), now, batch, report, lock, should_stop, limit, book)
+            return report
+        threads = [threading.Thread(target=_worker, args=(cfg, store, sender(), now, batch, report, lock,
+                                                          should_stop, limit, book), name=f"outbox-{i}", daemon=True)
+                   for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
         return report
-    threads = [threading.Thread(target=_worker, args=(cfg, store, sender(), now, batch, report, lock,
-                                                      should_stop, limit), name=f"outbox-{i}", daemon=True)
-               for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return report
+    finally:
+        book.close()
 
 
 def delivery_loop(cfg: Config, store: Store, wait: Callable[[float], bool], stopping: Callable[[], bool]) -> None:
