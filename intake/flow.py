@@ -30,6 +30,7 @@ from intake import assignment, threads
 from intake.cases import CaseEnv, CaseOps, Incoming, Refused
 from intake.config import Config, MailboxConfig
 from intake.db import InboundWork, Store, utcnow
+from intake.db.ops import TEMPLATES_RENDER_KEY
 from intake.db.cases import CaseRec
 from intake.mail.classify import AGENT, BOUNCE, MESSAGE, OWN, Classification, classify
 from intake.mail.parse import ParsedMail, parse
@@ -176,7 +177,24 @@ class Processor:
             else:
                 log.info("inbound %s case=%s message_id=<%s> %s", o.state, o.case_number or "-", o.message_id,
                          o.reason)
+        self.record_template_failures()
         return [outcomes[i] for i in inbound_ids]
+
+    def record_template_failures(self) -> None:
+        """Templates that failed at send time since the last call go to ``intake status``
+        (after the batch's commit, so that a quarantined message's failure is kept too)."""
+        if self._notifier is None:
+            return
+        failures = self._notifier.templates.take_failures()
+        if not failures:
+            return
+        last = failures[-1]
+        try:
+            with self.store.transaction() as tx:
+                tx.ops.set_json_setting(TEMPLATES_RENDER_KEY, {**last.as_dict(), "count": len(failures),
+                                                               "pid": os.getpid()})
+        except Exception as exc:  # noqa: BLE001 - informative only; the failures are in the log
+            log.warning("template failures not recorded for intake status: %s: %s", type(exc).__name__, exc)
 
     def _apply_batch(self, inbound_ids: list[int], records: dict[int, InboundWork],
                      runs: dict[int, _Run]) -> dict[int, Outcome]:

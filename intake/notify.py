@@ -29,7 +29,7 @@ from intake.mail.parse import detect_language, is_synthesised_id
 from intake.mail.subjects import clean_header, subject_with_token
 from intake.states import Audience, Visibility
 from intake.team import Team
-from intake.templates import TemplateError, TemplateSet
+from intake.templates import TemplateError, TemplateSet, TemplateTimeout
 from intake.threads import reply_address
 
 if TYPE_CHECKING:
@@ -150,6 +150,13 @@ def sample_context(name: str, language: str) -> dict[str, Any]:
     )
 
 
+def templates_for(cfg: Config) -> TemplateSet:
+    """The templates of an installation as mail is rendered from them: each new version is
+    tried with :func:`sample_context` before it is used, each rendering has ``[templates] budget``."""
+    return TemplateSet(cfg.templates_path, cfg.templates.default_language, parse_size(cfg.notify.max_output),
+                       budget=cfg.templates_budget, sample=sample_context)
+
+
 # ---------------------------------------------------------------------------------------
 # The notifier
 
@@ -200,8 +207,7 @@ class Notifier:
 
     @classmethod
     def for_config(cls, cfg: Config, team: Callable[[], Team], secret: Callable[[], str]) -> "Notifier":
-        templates = TemplateSet(cfg.templates_path, cfg.templates.default_language, parse_size(cfg.notify.max_output))
-        return cls(cfg, templates, team, secret)
+        return cls(cfg, templates_for(cfg), team, secret)
 
     # -- the changes ----------------------------------------------------------------------
 
@@ -300,11 +306,18 @@ class Notifier:
         context = self._context(case, language, brand_name, mailbox, (address, name), trigger, listed, **extra)
         try:
             rendered = self.templates.render(template, context, language=language, brand=case.brand)
+        except TemplateTimeout:
+            # A runaway with no good version to use instead: the message is quarantined, naming
+            # the template (the version is not rendered again; later mail skips it, below).
+            raise
         except (TemplateError, TypeError) as exc:
             # A broken template must not block intake: the case is stored, the error is shown.
             log.error("template failed case=%s template=%s: %s", case.label, template, exc)
             self._skip(tx, done, case, template, address, "template-error", str(exc), trigger.at)
             return None
+        for failed in rendered.fallbacks:
+            log.error("template failed case=%s template=%s: %s; sent with the last good version", case.label,
+                      template, failed)
         return self._enqueue(tx, done, case, template, audience, language, mailbox, brand_name, (address, name), cc,
                              rendered, trigger, attached)
 
@@ -363,8 +376,11 @@ class Notifier:
             cc=[a for a, _ in cc], subject=subject, text=rendered.text, html=rendered.html, sent_at=None,
         )
         actor = (trigger.sender or "system") if template in HUMAN_TEMPLATES else "system"
-        tx.cases.add_event(case.id, "message", {"template": template, "audience": str(audience)}, actor=actor,
-                           message_row=msg_id, at=trigger.at)
+        event: dict[str, Any] = {"template": template, "audience": str(audience)}
+        if rendered.fallbacks:
+            # The template's current version failed: the timeline says why this mail is the last good version's.
+            event["template_fallback"] = list(rendered.fallbacks)
+        tx.cases.add_event(case.id, "message", event, actor=actor, message_row=msg_id, at=trigger.at)
         row_id = tx.outbox.add(NewMail(
             case_id=case.id, message_row_id=msg_id, inbound_id=trigger.inbound_id, at=trigger.at, template=template,
             audience=str(audience), auto_submitted=auto, language=language, mail_from=signed, recipient=to[0],
