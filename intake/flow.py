@@ -36,7 +36,7 @@ from intake.mail.classify import AGENT, BOUNCE, MESSAGE, OWN, Classification, cl
 from intake.mail.parse import ParsedMail, parse
 from intake.commands import read_commands
 from intake.mail.quotes import reply_text
-from intake.notify import INTERNAL_TEMPLATES, Notifier, Trigger, choose_language
+from intake.notify import INTERNAL_TEMPLATES, QUARANTINE_RUNAWAYS, Notifier, Trigger, choose_language
 from intake.rules import Decision, RuleSet, RuleTimeout, evaluate, rule_context
 from intake.states import InboundState, Priority
 
@@ -248,6 +248,7 @@ class Processor:
 
     def _apply(self, tx: "Tx", run: _Run) -> Outcome:
         """One message in a savepoint of its own: its outcome, or quarantine when it raises."""
+        token = QUARANTINE_RUNAWAYS.set(True)  # a runaway template quarantines this message
         try:
             with tx.savepoint():
                 if run.error is not None:
@@ -260,6 +261,8 @@ class Processor:
             tb = run.error_traceback if exc is run.error else traceback.format_exc()
             tx.inbound.quarantine(run.rec.id, error, tb, run.now)
             return Outcome(InboundState.QUARANTINED, reason=error)
+        finally:
+            QUARANTINE_RUNAWAYS.reset(token)
 
     def _process(self, tx: "Tx", run: _Run) -> Outcome:
         mail, cls, rec = run.mail, run.cls, run.rec

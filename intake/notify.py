@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from email.headerregistry import Address as HeaderAddress
@@ -48,6 +49,11 @@ AGENT_TEMPLATES = {"new_case_agent": AUTO_GENERATED, "customer_reply_agent": AUT
                    "escalated": AUTO_GENERATED, "internal_note": AUTO_GENERATED, "agent_notice": AUTO_REPLIED}
 #: Agent mails whose replies must stay internal: Reply-To is the case's note address.
 INTERNAL_TEMPLATES = frozenset({"internal_note", "agent_notice"})
+
+#: Set by the processor while it applies a message: a template that runs away with no good
+#: version to use instead quarantines that message (retried once the template is fixed).
+#: Elsewhere (a command line or scheduled change) the mail is skipped like any broken template's.
+QUARANTINE_RUNAWAYS: ContextVar[bool] = ContextVar("intake_quarantine_runaways", default=False)
 
 
 # ---------------------------------------------------------------------------------------
@@ -306,11 +312,11 @@ class Notifier:
         context = self._context(case, language, brand_name, mailbox, (address, name), trigger, listed, **extra)
         try:
             rendered = self.templates.render(template, context, language=language, brand=case.brand)
-        except TemplateTimeout:
-            # A runaway with no good version to use instead: the message is quarantined, naming
-            # the template (the version is not rendered again; later mail skips it, below).
-            raise
         except (TemplateError, TypeError) as exc:
+            if isinstance(exc, TemplateTimeout) and QUARANTINE_RUNAWAYS.get():
+                # A runaway with no good version to use instead: the message is quarantined,
+                # naming the template (that version is not rendered again: later mail skips it).
+                raise
             # A broken template must not block intake: the case is stored, the error is shown.
             log.error("template failed case=%s template=%s: %s", case.label, template, exc)
             self._skip(tx, done, case, template, address, "template-error", str(exc), trigger.at)

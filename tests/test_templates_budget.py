@@ -3,6 +3,7 @@ changes picked up at run time (issue 15 items 2, 6 and 8)."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -225,3 +226,28 @@ def test_templates_check_ends_within_its_limit_and_names_the_template(run_intake
     assert res.returncode == 1
     assert f"{folder / 'ja' / 'ack.txt.j2'}:2: rendering took longer than 1s ([templates] budget)" in res.stderr
     assert str(folder / "en" / "ack.txt.j2") not in res.stderr
+
+
+def test_a_runaway_template_skips_the_mail_of_a_command_line_reply(run_intake, config_path):
+    """Outside the processor there is no message to quarantine: the agent's reply is stored,
+    its mail skipped as a template error, and the command ends within the budget."""
+    folder = config_path.parent
+    assert run_intake("ingest", str(_eml(folder, make_mail(subject="印刷できません", body="助けてください\n"))),
+                      check=True).returncode == 0
+    write(folder / "templates" / "ja" / "agent_reply.txt.j2",
+          "Subject: 回答\n{% if case.number != 'CASE-1042' %}{% for a in range(100000) %}{% for b in range(100000) %}"
+          "{% endfor %}{% endfor %}{% endif %}{{ reply.text }}\n")
+    start = time.monotonic()
+    res = run_intake("cases", "reply", "CASE-1", "--as", "hanako@example.com", "-m", "再起動してください。")
+    assert res.returncode == 0, res.stderr
+    assert time.monotonic() - start < 10
+    timeline = json.loads(run_intake("cases", "show", "CASE-1", "--json", check=True).stdout)["timeline"]
+    assert any(e["type"] == "message" and e.get("text", "").startswith("再起動してください") for e in timeline)
+    (skipped,) = [e for e in timeline if e["type"] == "mail_skipped" and e["template"] == "agent_reply"]
+    assert skipped["check"] == "template-error" and "rendering took longer than 1s" in skipped["reason"]
+
+
+def _eml(folder: Path, raw: bytes) -> Path:
+    path = folder / "mail.eml"
+    path.write_bytes(raw)
+    return path
