@@ -231,7 +231,8 @@ class Processor:
                 try:
                     run.decision = self._evaluate(run)
                 except RuleTimeout as exc:
-                    log.warning("rules ran past their budget message_id=<%s>: %s", run.mail.message_id, exc)
+                    # Logged when it matters: the message is quarantined if it needs routing.
+                    log.debug("rules ran past their budget message_id=<%s>: %s", run.mail.message_id, exc)
                     run.route_error = exc
         except Exception as exc:  # noqa: BLE001 - quarantined in the apply phase, with its traceback
             run.error, run.error_traceback = exc, traceback.format_exc()

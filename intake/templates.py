@@ -280,34 +280,57 @@ def _pre_sum(limit: int, a: Mapping[str, Any]) -> None:
 
 _PRECHECKS: dict[str, Callable[[int, Mapping[str, Any]], None]] = {
     "replace": _pre_replace, "join": _pre_join, "center": _pre_width("width"), "indent": _pre_width("width"),
-    "wordwrap": _pre_width("width"), "truncate": _pre_width("length"), "batch": _pre_width("linecount"),
-    "slice": _pre_width("slices"), "format": _pre_format, "sum": _pre_sum,
+    "wordwrap": _pre_width("width"), "batch": _pre_width("linecount"), "slice": _pre_width("slices"),
+    "format": _pre_format, "sum": _pre_sum,
 }
 # Filters that turn a whole structure into text: their input must fit the output limit.
 _SERIALIZERS = frozenset({"string", "e", "escape", "forceescape", "tojson", "pprint", "urlencode", "xmlattr",
                           "urlize", "striptags", "safe", "list"})
+# Filters that collect what a lazy sequence (``map``, ``select``) yields: collected here
+# first, counted item by item, so that a sequence of large strings is refused early.
+_COLLECTORS = frozenset({"join", "list", "sort", "unique", "groupby", "reverse", "sum", "min", "max"})
+_PASSED = ("eval_ctx", "environment", "context", "env")
+
+
+def _collect(values: Iterator[Any], limit: int) -> list[Any]:
+    out, size = [], 0
+    for v in values:
+        _tick()
+        size += _size(v, limit)
+        _refuse_size("a sequence", size, limit)
+        out.append(v)
+    return out
 
 
 def _guard(name: str, func: Callable[..., Any], limit: int) -> Callable[..., Any]:
     """``func`` (a filter) with a step of the budget and its size checks before it runs."""
     check = _PRECHECKS.get(name)
-    signature = inspect.signature(func) if check is not None or name in _SERIALIZERS else None
+    checked = check is not None or name in _SERIALIZERS or name in _COLLECTORS
+    signature = inspect.signature(func) if checked else None
+    # Jinja's async-aware filters (``list``) take their context ahead of the parameters
+    # their signature shows.
+    params = list(signature.parameters) if signature is not None else []
+    skip = 1 if getattr(func, "jinja_pass_arg", None) is not None and params[:1] and params[0] not in _PASSED else 0
 
     @functools.wraps(func)  # keeps jinja_pass_arg: the filter gets its context as before
     def guarded(*args: Any, **kwargs: Any) -> Any:
         _tick()
-        if signature is not None:
-            try:
-                bound = signature.bind(*args, **kwargs)
-            except TypeError:
-                return func(*args, **kwargs)  # the filter says what is wrong with its arguments
-            bound.apply_defaults()
-            if check is not None:
-                check(limit, bound.arguments)
-            else:
-                first = next(k for k in bound.arguments if k not in ("eval_ctx", "environment", "context", "env"))
-                _refuse_size(name, _size(bound.arguments[first], limit), limit)
-        return func(*args, **kwargs)
+        if signature is None:
+            return func(*args, **kwargs)
+        try:
+            bound = signature.bind(*args[skip:], **kwargs)
+        except TypeError:
+            return func(*args, **kwargs)  # the filter says what is wrong with its arguments
+        first = next(k for k in bound.arguments if k not in _PASSED)
+        value = bound.arguments[first]
+        if name in _COLLECTORS and isinstance(value, Iterator):
+            bound.arguments[first] = value = _collect(value, limit)
+        if name in _SERIALIZERS:
+            _refuse_size(name, _size(value, limit), limit)
+        if check is not None:
+            check(limit, {**{p.name: p.default for p in signature.parameters.values()
+                             if p.default is not inspect.Parameter.empty}, **bound.arguments})
+        return func(*args[:skip], *bound.args, **bound.kwargs)
 
     return guarded
 
@@ -684,7 +707,8 @@ class TemplateSet:
         problem = TemplateProblem("timeout" if runaway else "failed", name, error.file, error.line, error.reason,
                                   _utcnow(), label)
         slot.problem = problem
-        self._failures.append(problem)
+        with self._lock:  # kept for intake status until taken; the latest hundred at most
+            self._failures = [*self._failures[-99:], problem]
         if label is None or fallback is None:
             if runaway:
                 raise TemplateTimeout(error.file, error.line, error.reason)

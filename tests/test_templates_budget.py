@@ -87,6 +87,7 @@ def test_a_loop_that_prints_nothing_stops_at_the_budget_naming_the_file(tmp_path
      "the product is too large a number"),
     ("{{ [1]|batch(1000000000, 'x')|list|length }}", "linecount 1000000000 is larger than the limit"),
     ("{% set s = 'x' * 200000 %}{{ [s] * 200000 }}", "output would make more than"),
+    ("{% set s = 'x' * 200000 %}{{ ([s] * 1000)|map('upper')|list|length }}", "a sequence would make more than"),
     ("{{ lipsum(100000) }}", "'lipsum' is undefined"),
 ])
 def test_operations_that_would_build_huge_values_are_refused_before_they_run(tmp_path, source, reason):
