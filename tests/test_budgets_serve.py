@@ -122,7 +122,8 @@ def test_a_runaway_rule_or_template_does_not_stop_processing(tmp_path):
         assert skipped and skipped[0]["check"] == "template-error" and "looping.txt.j2" in skipped[0]["reason"]
         line = wait_for(lambda: (lambda s: s if s["last_error"] else None)(status_line(srv, "templates")),
                         "the template failure in intake status")
-        assert "templates/ja/looping.txt.j2:2: rendering took longer than 0.5s" in line["last_error"]
+        assert line["last_error"].startswith("templates/ja/looping.txt.j2:2: rendering took longer than 0.5s")
+        assert line["last_error"].endswith("(at send time: message quarantined)")
         log = srv.log_text()
         assert "TemplateTimeout" in log and "looping.txt.j2" in log
     finally:
@@ -188,9 +189,14 @@ def test_template_overrides_are_picked_up_at_run_time(tmp_path):
         override.write_text("Subject: 受付番号 {{ case.number }（版3）\n", "utf-8")
         line = wait_for(lambda: (lambda s: s if "serve uses" in s["state"] else None)(
             status_line(srv, "templates")), "the refusal in intake status")
-        assert line["last_error"].startswith(f"{override}:1: ")
-        assert "serve uses" in line["state"] and "ja/ack.txt.j2" in line["state"]
+        assert line["last_error"].startswith("templates/ja/ack.txt.j2:1: ")
+        assert line["details"]["problems"][0]["fallback"].startswith(f"{override} as loaded at ")
         assert f"template refused: {override}" in srv.log_text()
+        table = srv.intake("status")
+        assert table.returncode == 0, table.stderr
+        (row,) = [r for r in table.stdout.splitlines() if r.startswith("templates ")]
+        assert "refused: 1 file(s); serve uses the last good version" in row
+        assert "templates/ja/ack.txt.j2:1: unexpected '}'" in row
         send(srv, make_mail(subject="四通目", body="よろしくお願いします。\n"))
         number, subject = ack_of(srv, outbox, "四通目")
         assert subject == f"[{number}] 受付番号 {number}（版2）"

@@ -230,18 +230,25 @@ def _templates_line(cfg: Any, served: dict[str, Any] | None, failure: dict[str, 
         first = refused[0]
         state = f"refused: {len(refused)} file(s)"
         if served is not None:
-            state += (f"; serve uses {first['fallback']}" if first.get("fallback") else
+            state += ("; serve uses the last good version" if first.get("fallback") else
                       "; serve has no good version of it: its mails are skipped")
-        error = first["error"] + (f" (+{len(refused) - 1} more)" if len(refused) > 1 else "")
+        error = _here(first["error"]) + (f" (+{len(refused) - 1} more)" if len(refused) > 1 else "")
         error_at = first.get("at")
     elif failure:
         outcome = ("sent with the last good version" if failure.get("fallback") else
                    "message quarantined" if failure.get("kind") == "timeout" else "mail skipped")
-        error, error_at = f"{failure.get('error')} (at send time: {outcome})", failure.get("at")
+        error, error_at = f"{_here(str(failure.get('error')))} (at send time: {outcome})", failure.get("at")
     return {"name": "templates", "state": state, "updated_at": served.get("at") if served else None,
             "last_success_at": None, "backlog": None, "last_error": error, "last_error_at": error_at,
-            "details": {"folder": str(cfg.templates_path), "overrides": overrides, "refused": refused,
+            "details": {"folder": str(cfg.templates_path), "overrides": overrides, "problems": refused,
                         "last_failure": failure, "from": "serve" if served is not None else "disk"}}
+
+
+def _here(located: str) -> str:
+    """``/srv/intake/templates/ja/ack.txt.j2:3: …`` as ``templates/ja/ack.txt.j2:3: …`` when
+    run from /srv/intake: short enough for the table (``--json`` has the whole path too)."""
+    cwd = str(Path.cwd()) + "/"
+    return located[len(cwd):] if located.startswith(cwd) else located
 
 
 @click.group()
