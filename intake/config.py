@@ -148,12 +148,14 @@ class ProcessingConfig:
 class RulesConfig:
     # "" = ./routing_rules, or the shipped examples while that folder does not exist.
     path: str = ""
+    budget: str = "1s"  # rule evaluation per message; longer: the message is quarantined naming the rule
 
 
 @dataclass(frozen=True)
 class TemplatesConfig:
     path: str = "templates"
     default_language: str = "ja"
+    budget: str = "1s"  # one template rendering; longer: the last good version is used (else quarantined)
 
 
 @dataclass(frozen=True)
@@ -232,6 +234,16 @@ class Config:
         from intake.shipped import ROUTING_RULES
 
         return ROUTING_RULES
+
+    @property
+    def rules_budget(self) -> float:
+        """Seconds rule evaluation may take for one message (``[rules] budget``)."""
+        return parse_duration(self.rules.budget)
+
+    @property
+    def templates_budget(self) -> float:
+        """Seconds one template rendering may take (``[templates] budget``)."""
+        return parse_duration(self.templates.budget)
 
     @property
     def templates_path(self) -> Path:
@@ -452,6 +464,15 @@ def load_config(path: str | Path | None = None) -> Config:
     return cfg
 
 
+def _located(where: str, key: str, reason: str) -> str:
+    """``file:line: key: reason`` for a value that is the wrong kind of thing."""
+    try:
+        line = _line_of(Path(where).read_text(encoding="utf-8"), key)
+    except OSError:
+        line = 1
+    return f"{where}:{line}: {key}: {reason}"
+
+
 def _replace(cfg: Config, **changes: Any) -> Config:
     from dataclasses import replace
 
@@ -504,6 +525,14 @@ def _validate(cfg: Config, where: str) -> None:
         parse_size(cfg.notify.attach_max)
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+    for key in ("rules.budget", "templates.budget"):
+        section, name = key.split(".")
+        try:
+            seconds = parse_duration(getattr(getattr(cfg, section), name))
+        except ValueError as exc:
+            raise ConfigError(_located(where, key, str(exc))) from None
+        if not 0 < seconds <= 60:
+            raise ConfigError(_located(where, key, "must be longer than 0s and at most 60s (e.g. 1s or 500ms as 0.5s)"))
     if cfg.outbound.mode not in ("maildir", "smtp"):
         raise ConfigError(f"{where}: outbound.mode must be 'maildir' or 'smtp'")
     if cfg.outbound.ssl and cfg.outbound.starttls:

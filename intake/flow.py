@@ -5,8 +5,9 @@ parse → classify → thread → route → case operations (→ notify). The st
 every change to a case is a case operation (``intake.cases``). A batch of records is
 processed in two phases:
 
-1. **prepare**, outside any write transaction: read the raw bytes, parse and classify
-   (the costly pure work, which so never holds SQLite's one writer slot);
+1. **prepare**, outside any write transaction: read the raw bytes, parse, classify and
+   evaluate the routing rules (the costly pure work, which so never holds SQLite's one
+   writer slot; the rules have a time budget per message, ``[rules] budget``);
 2. **apply**, in one transaction for the batch (one durable commit), a savepoint per
    message: duplicate check, threading, routing, the case or comment, the mails it causes.
 
@@ -29,13 +30,14 @@ from intake import assignment, threads
 from intake.cases import CaseEnv, CaseOps, Incoming, Refused
 from intake.config import Config, MailboxConfig
 from intake.db import InboundWork, Store, utcnow
+from intake.db.ops import TEMPLATES_RENDER_KEY
 from intake.db.cases import CaseRec
 from intake.mail.classify import AGENT, BOUNCE, MESSAGE, OWN, Classification, classify
 from intake.mail.parse import ParsedMail, parse
 from intake.commands import read_commands
 from intake.mail.quotes import reply_text
-from intake.notify import INTERNAL_TEMPLATES, Notifier, Trigger, choose_language
-from intake.rules import Decision, RuleSet, evaluate, rule_context
+from intake.notify import INTERNAL_TEMPLATES, QUARANTINE_RUNAWAYS, Notifier, Trigger, choose_language
+from intake.rules import Decision, RuleSet, RuleTimeout, evaluate, rule_context
 from intake.states import InboundState, Priority
 
 if TYPE_CHECKING:
@@ -77,6 +79,10 @@ class _Run:
     cls: Classification | None = None
     error: Exception | None = None  # raised by a pure step: quarantines the message
     error_traceback: str = ""
+    # The rules' decision, made in the prepare phase; or why there is none (the rules ran
+    # past their budget), which quarantines the message only if it needs routing.
+    decision: Decision | None = None
+    route_error: RuleTimeout | None = None
     log: list[dict[str, Any]] = field(default_factory=list)
 
     def step(self, step: str, **data: Any) -> None:
@@ -171,7 +177,24 @@ class Processor:
             else:
                 log.info("inbound %s case=%s message_id=<%s> %s", o.state, o.case_number or "-", o.message_id,
                          o.reason)
+        self.record_template_failures()
         return [outcomes[i] for i in inbound_ids]
+
+    def record_template_failures(self) -> None:
+        """Templates that failed at send time since the last call go to ``intake status``
+        (after the batch's commit, so that a quarantined message's failure is kept too)."""
+        if self._notifier is None:
+            return
+        failures = self._notifier.templates.take_failures()
+        if not failures:
+            return
+        last = failures[-1]
+        try:
+            with self.store.transaction() as tx:
+                tx.ops.set_json_setting(TEMPLATES_RENDER_KEY, {**last.as_dict(), "count": len(failures),
+                                                               "pid": os.getpid()})
+        except Exception as exc:  # noqa: BLE001 - informative only; the failures are in the log
+            log.warning("template failures not recorded for intake status: %s: %s", type(exc).__name__, exc)
 
     def _apply_batch(self, inbound_ids: list[int], records: dict[int, InboundWork],
                      runs: dict[int, _Run]) -> dict[int, Outcome]:
@@ -204,14 +227,29 @@ class Processor:
             run.mail = parse(rec.raw, envelope_from=rec.envelope_from)
             run.cls = classify(run.mail, own_addresses=self.cfg.own_addresses, agents=ruleset.team.addresses,
                                authenticate=self.cfg.authenticator(rec.raw))
+            if _may_route(run.cls):
+                try:
+                    run.decision = self._evaluate(run)
+                except RuleTimeout as exc:
+                    # Logged when it matters: the message is quarantined if it needs routing.
+                    log.debug("rules ran past their budget message_id=<%s>: %s", run.mail.message_id, exc)
+                    run.route_error = exc
         except Exception as exc:  # noqa: BLE001 - quarantined in the apply phase, with its traceback
             run.error, run.error_traceback = exc, traceback.format_exc()
         return run
+
+    def _evaluate(self, run: _Run) -> Decision:
+        """The rules' decision for a message, within ``[rules] budget`` (``RuleTimeout`` past it)."""
+        mail, cls = run.mail, run.cls
+        assert mail is not None and cls is not None
+        return evaluate(run.ruleset, rule_context(self.cfg, mail, cls, run.mailbox, run.rec.envelope_to,
+                                                  run.rec.channel, run.now), budget=self.cfg.rules_budget)
 
     # -- apply (in the batch's transaction) --------------------------------------------------
 
     def _apply(self, tx: "Tx", run: _Run) -> Outcome:
         """One message in a savepoint of its own: its outcome, or quarantine when it raises."""
+        token = QUARANTINE_RUNAWAYS.set(True)  # a runaway template quarantines this message
         try:
             with tx.savepoint():
                 if run.error is not None:
@@ -224,6 +262,8 @@ class Processor:
             tb = run.error_traceback if exc is run.error else traceback.format_exc()
             tx.inbound.quarantine(run.rec.id, error, tb, run.now)
             return Outcome(InboundState.QUARANTINED, reason=error)
+        finally:
+            QUARANTINE_RUNAWAYS.reset(token)
 
     def _process(self, tx: "Tx", run: _Run) -> Outcome:
         mail, cls, rec = run.mail, run.cls, run.rec
@@ -305,11 +345,12 @@ class Processor:
     # -- route --------------------------------------------------------------------------
 
     def _route(self, tx: "Tx", run: _Run) -> Decision:
-        """Evaluate the rules for a new case and count each matched rule's hit."""
-        mail, cls = run.mail, run.cls
-        assert mail is not None and cls is not None
-        decision = evaluate(run.ruleset, rule_context(self.cfg, mail, cls, run.mailbox, run.rec.envelope_to,
-                                                      run.rec.channel, run.now))
+        """The rules' decision for a new case (made before the transaction); counts each
+        matched rule's hit. Rules that ran past their budget quarantine the message here,
+        naming the rule."""
+        if run.route_error is not None:
+            raise run.route_error
+        decision = run.decision if run.decision is not None else self._evaluate(run)
         tx.ops.record_rule_hits(decision.matched, run.now)
         actions = {k: v for k, v in (("priority", decision.priority), ("category", decision.category),
                                      ("assign", decision.assign), ("language", decision.language),
@@ -459,6 +500,12 @@ class Processor:
         return Trigger(at=run.now, inbound_id=run.rec.id, message_id=mail.message_id, references=tuple(refs),
                        sender=mail.from_.key if mail.from_ else None, sender_name=mail.from_.name if mail.from_ else "",
                        sender_class=cls.sender, kind=cls.kind, subject=mail.subject, text=mail.text)
+
+
+def _may_route(cls: Classification) -> bool:
+    """Whether the rules may be asked about a message: it may open a case, or be a person's
+    reply that opens a follow-up of a closed case (``Processor._comment``)."""
+    return cls.opens_case or (cls.kind == MESSAGE and cls.sender not in (OWN, AGENT) and not cls.unauthenticated)
 
 
 def _actor(mail: ParsedMail) -> str:

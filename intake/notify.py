@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from email.headerregistry import Address as HeaderAddress
@@ -29,7 +30,7 @@ from intake.mail.parse import detect_language, is_synthesised_id
 from intake.mail.subjects import clean_header, subject_with_token
 from intake.states import Audience, Status, Visibility
 from intake.team import Team
-from intake.templates import TemplateError, TemplateSet
+from intake.templates import TemplateError, TemplateSet, TemplateTimeout
 from intake.threads import reply_address
 
 if TYPE_CHECKING:
@@ -48,6 +49,11 @@ AGENT_TEMPLATES = {"new_case_agent": AUTO_GENERATED, "customer_reply_agent": AUT
                    "escalated": AUTO_GENERATED, "internal_note": AUTO_GENERATED, "agent_notice": AUTO_REPLIED}
 #: Agent mails whose replies must stay internal: Reply-To is the case's note address.
 INTERNAL_TEMPLATES = frozenset({"internal_note", "agent_notice"})
+
+#: Set by the processor while it applies a message: a template that runs away with no good
+#: version to use instead quarantines that message (retried once the template is fixed).
+#: Elsewhere (a command line or scheduled change) the mail is skipped like any broken template's.
+QUARANTINE_RUNAWAYS: ContextVar[bool] = ContextVar("intake_quarantine_runaways", default=False)
 
 
 # ---------------------------------------------------------------------------------------
@@ -150,6 +156,13 @@ def sample_context(name: str, language: str) -> dict[str, Any]:
     )
 
 
+def templates_for(cfg: Config) -> TemplateSet:
+    """The templates of an installation as mail is rendered from them: each new version is
+    tried with :func:`sample_context` before it is used, each rendering has ``[templates] budget``."""
+    return TemplateSet(cfg.templates_path, cfg.templates.default_language, parse_size(cfg.notify.max_output),
+                       budget=cfg.templates_budget, sample=sample_context)
+
+
 # ---------------------------------------------------------------------------------------
 # The notifier
 
@@ -200,8 +213,7 @@ class Notifier:
 
     @classmethod
     def for_config(cls, cfg: Config, team: Callable[[], Team], secret: Callable[[], str]) -> "Notifier":
-        templates = TemplateSet(cfg.templates_path, cfg.templates.default_language, parse_size(cfg.notify.max_output))
-        return cls(cfg, templates, team, secret)
+        return cls(cfg, templates_for(cfg), team, secret)
 
     # -- the changes ----------------------------------------------------------------------
 
@@ -302,10 +314,17 @@ class Notifier:
         try:
             rendered = self.templates.render(template, context, language=language, brand=case.brand)
         except (TemplateError, TypeError) as exc:
+            if isinstance(exc, TemplateTimeout) and QUARANTINE_RUNAWAYS.get():
+                # A runaway with no good version to use instead: the message is quarantined,
+                # naming the template (that version is not rendered again: later mail skips it).
+                raise
             # A broken template must not block intake: the case is stored, the error is shown.
             log.error("template failed case=%s template=%s: %s", case.label, template, exc)
             self._skip(tx, done, case, template, address, "template-error", str(exc), trigger.at)
             return None
+        for failed in rendered.fallbacks:
+            log.error("template failed case=%s template=%s: %s; sent with the last good version", case.label,
+                      template, failed)
         return self._enqueue(tx, done, case, template, audience, language, mailbox, brand_name, (address, name), cc,
                              rendered, trigger, attached)
 
@@ -364,8 +383,11 @@ class Notifier:
             cc=[a for a, _ in cc], subject=subject, text=rendered.text, html=rendered.html, sent_at=None,
         )
         actor = (trigger.sender or "system") if template in HUMAN_TEMPLATES else "system"
-        tx.cases.add_event(case.id, "message", {"template": template, "audience": str(audience)}, actor=actor,
-                           message_row=msg_id, at=trigger.at)
+        event: dict[str, Any] = {"template": template, "audience": str(audience)}
+        if rendered.fallbacks:
+            # The template's current version failed: the timeline says why this mail is the last good version's.
+            event["template_fallback"] = list(rendered.fallbacks)
+        tx.cases.add_event(case.id, "message", event, actor=actor, message_row=msg_id, at=trigger.at)
         row_id = tx.outbox.add(NewMail(
             case_id=case.id, message_row_id=msg_id, inbound_id=trigger.inbound_id, at=trigger.at, template=template,
             audience=str(audience), auto_submitted=auto, language=language, mail_from=signed, recipient=to[0],

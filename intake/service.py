@@ -12,13 +12,13 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from contextlib import AbstractContextManager
 from pathlib import Path
 
 from intake.app import App
 from intake.db import Store, StoreUnavailable, utcnow
-from intake.db.ops import RULES_STATE_KEY
+from intake.db.ops import RULES_STATE_KEY, TEMPLATES_RENDER_KEY, TEMPLATES_STATE_KEY
 from intake.rules import RuleSet, RulesError, compile_rules, rule_files
 from intake.states import InboundState
 from intake.workers import Processing
@@ -65,6 +65,10 @@ class Service:
     def rules_changed(self, ruleset: RuleSet) -> None:
         """Called when a new rule set was installed: the processor takes it too."""
         self.processing.rules_changed(ruleset)
+
+    def templates_changed(self) -> None:
+        """Called when template files changed: the processors look at theirs at once."""
+        self.processing.templates_changed()
 
     async def _housekeeping(self) -> None:
         """Every second: the processor's backlog for ``intake status`` (on change, else every
@@ -234,6 +238,77 @@ class RulesWatcher:
                 pass
 
 
+class TemplatesWatcher:
+    """Serve's look at the template files every second, for the log and ``intake status``.
+
+    The processors pick up template changes by themselves (each file is looked at again
+    after ``intake.templates.LOOKUP_TTL``) and keep the last good version of a template
+    whose new version fails. This watcher loads the same files the same way, so that a
+    change is logged once (one line per event) and recorded for ``intake status`` at once,
+    whether or not a mail needs the template.
+    """
+
+    def __init__(self, app: App, interval: float = 1.0) -> None:
+        from intake.notify import templates_for
+
+        self.app = app
+        self.interval = interval
+        self.templates = templates_for(app.cfg)
+        self._changed_at = utcnow_iso()
+        self.on_change: Callable[[], None] | None = None  # told before the change is recorded
+
+    def check(self, first: bool = False) -> bool:
+        """Look at the files; log and record what changed. True when something did."""
+        events = self.templates.refresh()
+        if not events:
+            return False
+        self._changed_at = utcnow_iso()
+        if not first and self.on_change is not None:
+            # The processors first: once intake status shows a change, the next mail sees it.
+            self.on_change()
+        if first:
+            overrides = self.templates.overrides()
+            log.info("templates: %d in use, %d override(s) from %s%s", len(events), len(overrides),
+                     self.templates.path, f" ({', '.join(overrides)})" if overrides else "")
+        for event in events:
+            if event.kind == "refused":
+                log.error("%s", event)
+            elif not first:
+                log.info("%s", event)
+        self.record({e.name for e in events if e.kind != "refused"})
+        return True
+
+    def record(self, changed: Collection[str] = ()) -> None:
+        """The state for ``intake status``; a send-time failure of a template that changed since is cleared."""
+        problems = [p.as_dict() for p in self.templates.problems()]
+        state = {"state": "refused" if problems else "ok", "at": self._changed_at,
+                 "folder": str(self.templates.path), "templates": len(self.templates.files()),
+                 "overrides": self.templates.overrides(), "refused": problems}
+        try:
+            with self.app.store.transaction() as tx:
+                tx.ops.set_json_setting(TEMPLATES_STATE_KEY, state)
+                failed = tx.ops.json_setting(TEMPLATES_RENDER_KEY)
+                if failed and failed.get("name") in changed:
+                    tx.ops.set_json_setting(TEMPLATES_RENDER_KEY, None)
+        except Exception:  # noqa: BLE001 - the state is informative; mail goes on
+            log.exception("could not record the templates state")
+
+    async def __call__(self, service: "Service") -> None:
+        loop = asyncio.get_running_loop()
+        self.on_change = service.templates_changed
+        first = True
+        while not service.stopping.is_set():
+            try:
+                await loop.run_in_executor(None, self.check, first)
+                first = False
+            except Exception:  # noqa: BLE001 - never let the watcher die
+                log.exception("templates watcher failed; retrying")
+            try:
+                await asyncio.wait_for(service.stopping.wait(), timeout=self.interval)
+            except asyncio.TimeoutError:
+                pass
+
+
 def _fingerprint(stamp: tuple[object, ...]) -> str:
     return "stat:" + repr(stamp)
 
@@ -248,6 +323,7 @@ def serve(app: App) -> int:
 
     service = Service(app)
     service.add(RulesWatcher(app))
+    service.add(TemplatesWatcher(app))
     if app.cfg.smtp.listen:
         from intake.edges.smtp import smtp_component
 

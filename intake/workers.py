@@ -10,7 +10,8 @@ batch. ``workers = 0`` runs both in threads of the serve process instead.
 
 The serve process wakes the processors through a pipe after every commit of an edge,
 forwards rule reloads (the rule files' contents, compiled again by each processor) and
-asks the workers to stop. A worker whose serve process is gone (SIGKILL) sees its pipe
+template changes (each processor looks at its template files again), and asks the
+workers to stop. A worker whose serve process is gone (SIGKILL) sees its pipe
 closed and exits after the batch in flight; whatever it did not finish stays ``received``
 (or ``queued``) for the next start.
 
@@ -101,6 +102,11 @@ def processing_loop(app: "App", control: LoopControl) -> None:
     proc = app.processor
     batch = app.cfg.processing.batch_size
     unavailable = import_failing = False
+    try:
+        # Every template loaded (and tried) now: a version broken later finds a good one to fall back on.
+        proc.notifier.templates.refresh()
+    except Exception:  # noqa: BLE001 - rendering loads what it needs by itself
+        log.exception("templates could not be loaded ahead; they load as mail needs them")
     while not control.stopping():
         if app.rules_error is not None:
             # No rule set has loaded yet: received mail waits (stored) until one does.
@@ -220,6 +226,9 @@ def worker_main(role: str, cfg: "Config", rule_sources: tuple[tuple[str, bytes],
                 except OSError:
                     continue  # serve is stopping (its files are gone)
                 log.info("%s routes with rule set %s from now on", name, app.ruleset.fingerprint)
+            elif kind == "templates":
+                # Serve saw template files change: the next mail uses what they are now.
+                app.processor.notifier.templates.refresh()
 
     woken_by = [alive.fileno(), outbox_wake.fileno()] if role == OUTBOX else [alive.fileno()]
 
@@ -327,6 +336,20 @@ class Processing:
             for name in os.listdir(self._dir):
                 if name.startswith("rules-") and os.path.join(self._dir, name) != path:
                     os.unlink(os.path.join(self._dir, name))
+
+    def templates_changed(self) -> None:
+        """Serve's templates watcher saw files change: the processors look at theirs now,
+        before their next batch, rather than when each file's lookup expires."""
+        if self.count == 0:
+            self.app.processor.notifier.templates.refresh()
+            return
+        with self._register:
+            for w in self._workers.values():
+                if w.role == PROCESSOR:
+                    try:
+                        w.control.send(("templates", None))
+                    except OSError:
+                        pass  # a busy worker notices the change by itself within LOOKUP_TTL
 
     # -- running ---------------------------------------------------------------------------
 

@@ -117,6 +117,7 @@ def test_edges_and_the_scheduler_do_not_import_the_service_that_runs_them():
     ("aiosmtpd", ("intake.edges.smtp",)),
     ("imapclient", ("intake.edges.imap",)),
     ("yaml", ("intake.rules.loader",)),
+    ("re2", ("intake.rules.compile",)),
 ])
 def test_each_library_has_one_owner(library, owners):
     users = set()

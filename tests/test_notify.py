@@ -288,11 +288,11 @@ def test_an_agent_opening_a_case_gets_no_notice_of_it(app):
     assert skipped == {"ack": "own-action", "new_case_agent": "own-action"}
 
 
-def test_a_rule_can_turn_the_ack_off(app, monkeypatch):
-    from intake import flow as pipeline
-    from intake.rules import Decision
-
-    monkeypatch.setattr(pipeline, "evaluate", lambda ruleset, ctx: Decision(ack=False, language="en"))
+def test_a_rule_can_turn_the_ack_off(app, config_path):
+    (config_path.parent / "routing_rules" / "20-quiet.yaml").write_text(
+        "rules:\n  - name: quiet\n    when: {from_domain: client.example.net}\n    then: {ack: false, language: en}\n",
+        "utf-8")
+    assert app.load_rules()
     ingest(app, make_mail(subject="印刷", sender="ivan@client.example.net", body="日本語\n"))
     assert [i.template for i in outbox(app)] == ["new_case_agent", "new_case_agent"]
     assert list_cases(app)[0].language == "en"  # the rule's language wins over detection

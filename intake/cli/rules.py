@@ -139,14 +139,19 @@ def templates() -> None:
 @config_option
 @click.pass_context
 def templates_check(ctx: click.Context, path: str | None) -> None:
-    """Render every template against sample data in both languages; errors as file:line."""
+    """Render every template against sample data in both languages; errors as file:line.
+
+    Each rendering may take [templates] budget (default 1s), as at send time: a template
+    that runs longer (an endless loop) is reported with its file and line.
+    """
     from intake.config import parse_size
     from intake.notify import sample_context
     from intake.templates import TemplateSet
 
     cfg = config(ctx)
     folder = Path(path) if path else cfg.templates_path
-    tset = TemplateSet(folder, cfg.templates.default_language, parse_size(cfg.notify.max_output))
+    tset = TemplateSet(folder, cfg.templates.default_language, parse_size(cfg.notify.max_output),
+                       budget=cfg.templates_budget)
     brands = tuple(sorted({mb.brand for mb in cfg.mailbox if mb.brand}))
     languages = tuple(dict.fromkeys(["ja", "en", cfg.templates.default_language]))
     count, errors = tset.check(sample_context, languages=languages, brands=brands)

@@ -141,8 +141,8 @@ def tick(ctx: click.Context, at: str | None) -> None:
 @config_option
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
-    """Each listener, poller and process: state, last success, backlog, last error; and the rules."""
-    from intake.db.ops import RULES_STATE_KEY
+    """Each listener, poller and process: state, last success, backlog, last error; the rules and templates."""
+    from intake.db.ops import RULES_STATE_KEY, TEMPLATES_RENDER_KEY, TEMPLATES_STATE_KEY
     from intake.states import InboundState
 
     cfg = config(ctx)
@@ -151,6 +151,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
         rows = {v.name: v for v in tx.ops.statuses()}
         received = tx.inbound.count(InboundState.RECEIVED)
         rules_state = tx.ops.json_setting(RULES_STATE_KEY)
+        templates_state = tx.ops.json_setting(TEMPLATES_STATE_KEY)
+        template_failure = tx.ops.json_setting(TEMPLATES_RENDER_KEY)
     received += store.spool_backlog()
     names = list(rows)
     # A configured listener and pollers that never reported (serve not started yet) still get a line.
@@ -172,6 +174,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
             "details": v.details if v else None,
         })
     out.append(_rules_line(cfg, rules_state))
+    out.append(_templates_line(cfg, templates_state, template_failure))
     if as_json:
         click.echo(dumps(out))
         return
@@ -206,6 +209,46 @@ def _rules_line(cfg: Any, served: dict[str, Any] | None) -> dict[str, Any]:
     return {"name": "rules", "state": state, "updated_at": served.get("at") if served else None,
             "last_success_at": served.get("loaded_at") if served else None, "backlog": None,
             "last_error": error, "last_error_at": None, "details": {"folder": str(cfg.rules_path)}}
+
+
+def _templates_line(cfg: Any, served: dict[str, Any] | None, failure: dict[str, Any] | None) -> dict[str, Any]:
+    """The templates' line of ``intake status``: what serve uses (its watcher records every
+    change within a second), or, before serve ever ran, the files on disk now (each tried
+    with sample data within its budget); and the last template that failed at send time."""
+    if served is not None:
+        count, overrides, refused = served.get("templates", 0), served.get("overrides", []), served.get("refused", [])
+    else:
+        from intake.notify import templates_for
+
+        tset = templates_for(cfg)
+        tset.refresh()
+        count, overrides = len(tset.files()), tset.overrides()
+        refused = [p.as_dict() for p in tset.problems()]
+    state = f"ok ({count} template files, {len(overrides)} override(s))"
+    error = error_at = None
+    if refused:
+        first = refused[0]
+        state = f"refused: {len(refused)} file(s)"
+        if served is not None:
+            state += ("; serve uses the last good version" if first.get("fallback") else
+                      "; serve has no good version of it: its mails are skipped")
+        error = _here(first["error"]) + (f" (+{len(refused) - 1} more)" if len(refused) > 1 else "")
+        error_at = first.get("at")
+    elif failure:
+        outcome = ("sent with the last good version" if failure.get("fallback") else
+                   "message quarantined" if failure.get("kind") == "timeout" else "mail skipped")
+        error, error_at = f"{_here(str(failure.get('error')))} (at send time: {outcome})", failure.get("at")
+    return {"name": "templates", "state": state, "updated_at": served.get("at") if served else None,
+            "last_success_at": None, "backlog": None, "last_error": error, "last_error_at": error_at,
+            "details": {"folder": str(cfg.templates_path), "overrides": overrides, "problems": refused,
+                        "last_failure": failure, "from": "serve" if served is not None else "disk"}}
+
+
+def _here(located: str) -> str:
+    """``/srv/intake/templates/ja/ack.txt.j2:3: …`` as ``templates/ja/ack.txt.j2:3: …`` when
+    run from /srv/intake: short enough for the table (``--json`` has the whole path too)."""
+    cwd = str(Path.cwd()) + "/"
+    return located[len(cwd):] if located.startswith(cwd) else located
 
 
 @click.group()

@@ -17,7 +17,8 @@ from intake.db.sql import Sql, Statement
 
 
 RULES_STATE_KEY = "rules.state"
-TEMPLATES_STATE_KEY = "templates.state"
+TEMPLATES_STATE_KEY = "templates.state"  # serve's last look at the template files (TemplatesWatcher)
+TEMPLATES_RENDER_KEY = "templates.render"  # the last template that failed at send time, in any process
 DATABASE_ID_KEY = "database.id"
 SECRET_KEY = "secret"
 

@@ -24,8 +24,9 @@ from intake.rules.model import (
     RuleContext,
     RuleSet,
     RulesError,
+    RuleTimeout,
 )
 
 __all__ = ["ACTIONS", "CONDITIONS", "OPERATORS", "PRIORITIES", "Condition", "Decision", "Rule", "RuleContext",
-           "RuleSet", "RulesError", "compile_rules", "evaluate", "facts_of", "load_rules", "rule_context",
+           "RuleSet", "RulesError", "RuleTimeout", "compile_rules", "evaluate", "facts_of", "load_rules", "rule_context",
            "rule_files"]

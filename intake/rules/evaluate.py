@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from time import monotonic
 from typing import Any
 
 from intake.business_hours import DEFAULT as DEFAULT_HOURS
@@ -11,7 +12,7 @@ from intake.mail.addresses import organization_domain
 from intake.mail.classify import Classification
 from intake.mail.parse import ParsedMail
 from intake.rules.facts import Facts
-from intake.rules.model import Decision, RuleContext, RuleSet
+from intake.rules.model import Decision, RuleContext, RuleSet, RuleTimeout
 
 
 def rule_context(cfg: Config, mail: ParsedMail, cls: Classification, mailbox: MailboxConfig,
@@ -24,13 +25,19 @@ def rule_context(cfg: Config, mail: ParsedMail, cls: Classification, mailbox: Ma
                        calendar=cfg.calendar)
 
 
-def evaluate(ruleset: RuleSet, ctx: RuleContext) -> Decision:
+def evaluate(ruleset: RuleSet, ctx: RuleContext, *, budget: float | None = None) -> Decision:
     """Walk the rule table for one new case; the mailbox's default queue applies later.
 
     The first matching rule stops evaluation unless it says ``continue: true``; a later
     matching rule then adds tags and sets only what no earlier rule set. ``drop: true``
     always stops.
+
+    ``budget``: seconds the walk may take; after each rule holding a regular expression
+    (the only tests whose cost grows with the rule) the clock is read, and ``RuleTimeout``
+    names the rule that ran past it. RE2 matching is linear and patterns are bounded at
+    load, so one rule overshoots the budget by a bounded amount.
     """
+    deadline = monotonic() + budget if budget is not None else None
     facts = Facts(ctx)
     trace: list[dict[str, Any]] = []
     append = trace.append
@@ -38,7 +45,11 @@ def evaluate(ruleset: RuleSet, ctx: RuleContext) -> Decision:
     set_by: dict[str, str] = {}
     tags: list[str] = []
     for test, failed, rule in ruleset.table:
-        if not test(facts):
+        hit = test(facts)
+        if deadline is not None and rule.timed and monotonic() > deadline:
+            assert budget is not None
+            raise RuleTimeout(rule, budget + monotonic() - deadline, budget)
+        if not hit:
             # A fresh dict per entry: callers may keep or change their trace.
             if failed is not None:
                 append(failed.copy())

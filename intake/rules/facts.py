@@ -34,7 +34,8 @@ class Facts:
     """The message as the rules see it. Each value is computed on first use and kept.
 
     Multi-valued fields are tuples; single-valued ones also come as one string (``*_s``,
-    "" when absent), the form compiled conditions read.
+    "" when absent), the form compiled conditions read, and as its UTF-8 bytes (``*_b``),
+    the form regular expressions (RE2) read.
     """
 
     def __init__(self, ctx: RuleContext) -> None:
@@ -138,10 +139,26 @@ class Facts:
         return (self.ctx.calendar or DEFAULT_HOURS).is_open(self.ctx.now)
 
     def header(self, name: str) -> tuple[str, ...]:
-        """Decoded, normalised values of every occurrence of header ``name`` (lower-case)."""
+        """Decoded, normalised values of every occurrence of header ``name`` (lower-case), each
+        cut at ``BODY_LIMIT`` characters as the body is (a bound on a pattern's cost)."""
         v = self._headers.get(name)
         if v is None:
-            v = self._headers[name] = tuple(normalize_text(x).strip() for x in self.ctx.mail.header_all(name))
+            v = self._headers[name] = tuple(normalize_text(x[:BODY_LIMIT]).strip()
+                                            for x in self.ctx.mail.header_all(name))
         return v
+
+
+def _encoded(field: str) -> _lazy:
+    """The UTF-8 bytes of a single-valued field's text (``subject_s`` → ``subject_b``)."""
+
+    def value(self: Facts) -> bytes:
+        return getattr(self, field + "_s").encode()
+
+    value.__name__ = field + "_b"
+    return _lazy(value)
+
+
+for _field in ("from", "from_domain", "organization", "subject", "body", "language", "channel"):
+    setattr(Facts, _field + "_b", _encoded(_field))
 
 

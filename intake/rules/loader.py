@@ -23,7 +23,16 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from intake.config import parse_duration
 from intake.mail.parse import normalize_text
-from intake.rules.compile import Matcher, always, combine, compile_field, compile_values, has_upper, normalize_pattern
+from intake.rules.compile import (
+    Matcher,
+    always,
+    combine,
+    compile_field,
+    compile_regex,
+    compile_values,
+    has_regex,
+    normalize_pattern,
+)
 from intake.rules.model import (
     ACTIONS,
     AGENT_KEYS,
@@ -450,7 +459,7 @@ class _Loader:
         match = self.matcher(kind, value, line, f"{where}: {key}")
         if match is None:
             return None
-        return Condition(text, self.file, line, compile_field(key, match))
+        return Condition(text, self.file, line, compile_field(key, match), slow=has_regex(match))
 
     def combinator(self, key: str, value: Any, line: int, where: str) -> Condition | None:
         if key == "not":
@@ -461,7 +470,7 @@ class _Loader:
             if len(inner) != len(value):
                 return None
             return Condition(f"not: {_show(value)}", self.file, line, combine("not", [c.test for c in inner]),
-                             tuple(inner), "not")
+                             tuple(inner), "not", any(c.slow for c in inner))
         if not isinstance(value, _Seq) or not value:
             self.error(line, f"{where}: {key}: expected a list of conditions (- from: …), got {_type_name(value)}")
             return None
@@ -480,14 +489,15 @@ class _Loader:
                 items.append(inner[0])
             else:
                 items.append(Condition(_show(item), self.file, iline, combine("and", [c.test for c in inner]),
-                                       tuple(inner), "all"))
+                                       tuple(inner), "all", any(c.slow for c in inner)))
         if not ok:
             return None
         tests = [c.test for c in items]
         text_of = f"{key}: {_show(value)}"
+        slow = any(c.slow for c in items)
         if key == "all":
-            return Condition(text_of, self.file, line, combine("and", tests), tuple(items), "all")
-        return Condition(text_of, self.file, line, combine("or", tests), tuple(items), "any")
+            return Condition(text_of, self.file, line, combine("and", tests), tuple(items), "all", slow)
+        return Condition(text_of, self.file, line, combine("or", tests), tuple(items), "any", slow)
 
     def header(self, value: Any, line: int, where: str, text: str) -> Condition | None:
         if not isinstance(value, _Map) or not value:
@@ -495,6 +505,7 @@ class _Loader:
                              f"e.g. {{List-Id: {{exists: true}}}}, got {_type_name(value)}")
             return None
         checks = []
+        slow = False
         for name, v in value.items():
             hline = value.lines[name]
             if not isinstance(name, str) or not re.match(r"^[!-9;-~]+$", name):
@@ -504,10 +515,11 @@ class _Loader:
             if m is None:
                 return None
             checks.append((name.lower(), compile_values(m)))
+            slow = slow or has_regex(m)
         if len(checks) == 1:
             (hname, test), = checks
-            return Condition(text, self.file, line, lambda f: test(f.header(hname)))
-        return Condition(text, self.file, line, lambda f: all(t(f.header(n)) for n, t in checks))
+            return Condition(text, self.file, line, lambda f: test(f.header(hname)), slow=slow)
+        return Condition(text, self.file, line, lambda f: all(t(f.header(n)) for n, t in checks), slow=slow)
 
     def matcher(self, kind: str, value: Any, line: int, where: str) -> "Matcher | None":
         """A value: exact, a list meaning any, {regex}, {contains} or {exists}."""
@@ -544,10 +556,10 @@ class _Loader:
                 return Matcher(contains=normalize_text(arg_text))
             try:
                 # Text is matched in its normalised form (NFKC, one wave dash), so the
-                # pattern is normalised alike; case never matters.
-                normalized = normalize_pattern(arg_text)
-                pattern = re.compile(normalized, re.IGNORECASE if has_upper(normalized) else 0)
-            except re.error as exc:
+                # pattern is normalised alike; case never matters. RE2 matches in linear
+                # time: what it cannot match so is refused here, never met at mail time.
+                pattern = compile_regex(normalize_pattern(arg_text))
+            except ValueError as exc:
                 self.error(oline, f"{where}: bad regex {arg_text!r}: {exc}")
                 return None
             return Matcher(regex=pattern)

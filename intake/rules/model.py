@@ -47,6 +47,20 @@ CONDITIONS = (*FIELDS, *COMBINATORS)
 SINGLE = ("from", "from_domain", "organization", "subject", "body", "language", "channel")
 
 
+class RuleTimeout(Exception):
+    """Evaluating the rules for one message took longer than its budget (``[rules] budget``).
+
+    Names the rule being evaluated when the budget ran out; the message is quarantined
+    with this error (``intake quarantine list``) and processing goes on with the next.
+    """
+
+    def __init__(self, rule: "Rule", elapsed: float, budget: float) -> None:
+        self.rule, self.elapsed, self.budget = rule, elapsed, budget
+        super().__init__(f"{rule.at}: rule '{rule.name}': evaluating the rules took {elapsed:.2f}s, longer than "
+                         f"the budget of {budget:g}s ([rules] budget); stopped at this rule, whose regular "
+                         "expressions are the slow part")
+
+
 class RulesError(Exception):
     """A rule set that cannot be used; each line of the message reads ``file:line: reason``."""
 
@@ -65,6 +79,9 @@ class Condition:
     test: Test
     children: tuple["Condition", ...] = ()
     kind: str = "field"  # field | all | any | not
+    # Holds a regular expression: the one kind of test whose cost grows with the pattern,
+    # so evaluation looks at the clock after it (``evaluate``'s budget).
+    slow: bool = False
 
     @cached_property
     def at(self) -> str:
@@ -97,6 +114,11 @@ class Rule:
     @cached_property
     def at(self) -> str:
         return f"{self.file}:{self.line}"
+
+    @cached_property
+    def timed(self) -> bool:
+        """Whether a condition holds a regular expression (evaluation checks its budget after it)."""
+        return any(c.slow for c in self.conditions)
 
     @cached_property
     def checks(self) -> tuple[tuple[Test, Condition, dict[str, Any] | None], ...]:
