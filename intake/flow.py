@@ -260,7 +260,10 @@ class Processor:
                 raise
             error = f"{type(exc).__name__}: {exc}"
             tb = run.error_traceback if exc is run.error else traceback.format_exc()
-            tx.inbound.quarantine(run.rec.id, error, tb, run.now)
+            mail = run.mail
+            seen = {"message_id": mail.message_id, "from_address": mail.from_.address if mail.from_ else None,
+                    "subject": mail.subject} if mail is not None else None
+            tx.inbound.quarantine(run.rec.id, error, tb, run.now, seen)
             return Outcome(InboundState.QUARANTINED, reason=error)
         finally:
             QUARANTINE_RUNAWAYS.reset(token)

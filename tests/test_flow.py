@@ -188,6 +188,10 @@ def test_a_message_failing_late_in_its_savepoint_is_quarantined_not_half_stored(
     detail = inbound_detail(app, str(ids[1]))
     assert detail["state"] == QUARANTINED and detail["case"] is None and "timeline write failed" in detail["error"]
     assert sorted(c.subject for c in list_cases(app)) == ["good one", "good two"]
+    # The quarantine list says which mail it is: what parsing read stays.
+    with app.store.read() as tx:
+        (q,) = tx.inbound.quarantined()
+    assert (q.subject, q.from_address) == ("BOOM", "alice@customer.example.org")
 
 
 def test_a_batch_that_fails_as_a_whole_is_applied_one_by_one(app, monkeypatch):

@@ -41,8 +41,14 @@ def _running(pid: int) -> bool:
 
 def _workers(srv: IntakeServer) -> list[int]:
     assert srv.proc is not None
-    return [p for p in _children(srv.proc.pid)
-            if b"spawn_main" in (Path("/proc") / str(p) / "cmdline").read_bytes()]
+    found = []
+    for p in _children(srv.proc.pid):
+        try:
+            if b"spawn_main" in (Path("/proc") / str(p) / "cmdline").read_bytes():
+                found.append(p)
+        except OSError:  # gone between the listing and the read
+            pass
+    return found
 
 
 def _acks(folder: Path, count: int, timeout: float = 30) -> list[email.message.EmailMessage]:
@@ -110,9 +116,12 @@ def test_a_dead_worker_is_started_again(tmp_path):
         for pid in first:
             os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 15
-        while (len(_workers(srv)) < 2 or set(_workers(srv)) & set(first)) and time.monotonic() < deadline:
+        while True:  # one look per check: a dying worker may show in one look and not the next
+            now = _workers(srv)
+            if (len(now) == 2 and not set(now) & set(first)) or time.monotonic() > deadline:
+                break
             time.sleep(0.1)
-        assert len(_workers(srv)) == 2 and not set(_workers(srv)) & set(first)
+        assert len(now) == 2 and not set(now) & set(first), (first, now)
         with smtplib.SMTP("127.0.0.1", srv.port, timeout=30) as s:
             s.sendmail("alice@customer.example.org", ["support@example.com"], make_mail(subject="still processed"))
         assert [c["subject"] for c in srv.wait_for_cases(1)] == ["still processed"]

@@ -81,6 +81,11 @@ _LOG = Statement(lambda k: select(t.c.log, t.c.attempts).where(t.c.id == bindpar
 _QUARANTINE = Statement(lambda k: update(t).where(t.c.id == bindparam("rid")).values(
     state=InboundState.QUARANTINED, error=bindparam("error"), traceback=bindparam("traceback"),
     attempts=bindparam("attempts"), processed_at=bindparam("at"), log=bindparam("log")))
+# What parsing read before processing failed, so that the quarantine list says which mail it is.
+_QUARANTINE_SEEN = Statement(lambda k: update(t).where(t.c.id == bindparam("rid")).values(
+    state=InboundState.QUARANTINED, error=bindparam("error"), traceback=bindparam("traceback"),
+    attempts=bindparam("attempts"), processed_at=bindparam("at"), log=bindparam("log"),
+    message_id=bindparam("message_id"), from_address=bindparam("from_address"), subject=bindparam("subject")))
 _CLAIM_KEY = Statement(lambda k: k.insert(s.message_keys).values(
     key=bindparam("key"), inbound_id=bindparam("inbound_id")).on_conflict_do_nothing()
     .returning(s.message_keys.c.key))
@@ -132,14 +137,21 @@ class InboundRepo:
         """Write the outcome of processed records back."""
         self.sql.many(_SAVE, [{"rid": w.id, **{c: getattr(w, c) for c in _SAVED}} for w in works])
 
-    def quarantine(self, inbound_id: int, error: str, tb: str, at: datetime) -> None:
-        """Quarantine a record with its error; its raw bytes stay for ``quarantine retry``."""
+    def quarantine(self, inbound_id: int, error: str, tb: str, at: datetime,
+                   seen: Mapping[str, str | None] | None = None) -> None:
+        """Quarantine a record with its error; its raw bytes stay for ``quarantine retry``.
+        ``seen``: the ``message_id``, ``from_address`` and ``subject`` parsing read, if it did."""
         row = self.sql.one(_LOG, {"rid": inbound_id})
         if row is None:
             return
         log = [*(row[0] or []), {"at": at.isoformat(), "step": "quarantined", "error": error}]
-        self.sql.run(_QUARANTINE, {"rid": inbound_id, "error": error, "traceback": tb,
-                                   "attempts": (row[1] or 0) + 1, "at": at, "log": log})
+        values = {"rid": inbound_id, "error": error, "traceback": tb, "attempts": (row[1] or 0) + 1, "at": at,
+                  "log": log}
+        if seen:
+            self.sql.run(_QUARANTINE_SEEN, {**values, "message_id": seen.get("message_id"),
+                                            "from_address": seen.get("from_address"), "subject": seen.get("subject")})
+        else:
+            self.sql.run(_QUARANTINE, values)
 
     def requeue(self, inbound_id: int) -> bool:
         """Put a quarantined record back to ``received`` so it is processed again."""
