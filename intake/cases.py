@@ -224,7 +224,7 @@ class CaseOps:
         case and its agents hear of it (with the customer's files). The requester's To/Cc
         become participants; anyone else who writes joins as a contributor (in Cc of agent
         replies only while in the To/Cc of the mail being answered). ``unauthenticated`` is
-        why mail from an agent's address was not taken as the agent's: its sender joins nobody."""
+        why mail from an agent's address was not taken as the agent's (kept on the timeline)."""
         row = self._store(case, message, Visibility.PUBLIC, actor, threading=threading,
                           data={"unauthenticated": unauthenticated} if unauthenticated else None)
         status_change: tuple[str, str] | None = None
@@ -232,7 +232,7 @@ class CaseOps:
             sender = (message.from_address or "").lower()
             if case.requester is not None and sender == case.requester.address:
                 self._add_cc(case, message)
-            elif message.from_address and not unauthenticated:
+            elif message.from_address:
                 self.tx.cases.add_participant(case.id, self.contact(message.from_address, message.from_name),
                                               "contributor")
             if case.status in (Status.RESOLVED, Status.CLOSED, Status.PENDING):
@@ -298,8 +298,9 @@ class CaseOps:
                         trigger: Trigger) -> None:
         """Mail from an agent's address that could not be shown to be the agent's (DESIGN 5):
         a customer comment, never relayed to customers, its commands not applied; the agent
-        is told why by mail."""
-        self.customer_comment(case, message, actor=agent, person=True, threading=threading, trigger=trigger,
+        is told why by mail. Anyone can write such a mail, so it changes nothing else: no
+        reopening, nobody joins, no other notice."""
+        self.customer_comment(case, message, actor=agent, person=False, threading=threading, trigger=trigger,
                               unauthenticated=reason)
         self.agent_refused(case, agent, reason, trigger)
 

@@ -48,7 +48,7 @@ PRIORITY_NAMES = {"低": Priority.LOW, "中": Priority.MEDIUM, "普通": Priorit
                   "高": Priority.HIGH, "緊急": Priority.URGENT, "至急": Priority.URGENT}
 
 _LINE = re.compile(r"^[#＃]\s*(\S+)(?:[ \t\u3000]+(.*))?$")
-_LABEL = re.compile(r"^\s*\[?\s*([A-Za-z][A-Za-z0-9]*)-(\d+)\s*\]?\s*$")
+_LABEL = re.compile(r"^\s*\[?\s*([A-Za-z][A-Za-z0-9]*)-(\d{1,18})\s*\]?\s*$")  # a case number fits 18 digits
 _ADDRESS = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 # A '#' line that is ordinary text, not a command: "#1 first question", "# heading".
 _NOT_A_WORD = re.compile(r"^[#＃]([\s\d]|$)")
@@ -128,28 +128,33 @@ def _check(word: str, value: str, line: str) -> Command | Refusal:
     if name == "status":
         status = STATUS_NAMES.get(value) or _enum(Status, value)
         if status is None:
-            return Refusal(line, f"#status: {value!r} is not a status; use {COMMANDS['status']}"
+            return Refusal(line, f"#status: {_shown(value)} is not a status; use {COMMANDS['status']}"
                                  f"{_suggest(value, [s.value for s in Status])}")
         return Command(name, status.value, line)
     if name == "priority":
         priority = PRIORITY_NAMES.get(value) or _enum(Priority, value)
         if priority is None:
-            return Refusal(line, f"#priority: {value!r} is not a priority; use {COMMANDS['priority']}"
+            return Refusal(line, f"#priority: {_shown(value)} is not a priority; use {COMMANDS['priority']}"
                                  f"{_suggest(value, [p.value for p in Priority])}")
         return Command(name, priority.value, line)
     if name == "assign":
         v = value.lower()
         if v in ("me", "none", "自分", "なし") or _ADDRESS.match(v):
             return Command(name, {"自分": "me", "なし": "none"}.get(v, v), line)
-        return Refusal(line, f"#assign: {value!r} is not {COMMANDS['assign']}")
+        return Refusal(line, f"#assign: {_shown(value)} is not {COMMANDS['assign']}")
     if name == "merge":
         m = _LABEL.match(value)
         if m is None:
-            return Refusal(line, f"#merge: {value!r} is not a case number such as CASE-12")
+            return Refusal(line, f"#merge: {_shown(value)} is not a case number such as CASE-12")
         return Command(name, f"{m.group(1).upper()}-{int(m.group(2))}", line)
     if name in ("tag", "untag", "queue", "category") and any(c.isspace() for c in value):
-        return Refusal(line, f"#{name}: one word, without spaces ({value!r})")
+        return Refusal(line, f"#{name}: one word, without spaces ({_shown(value)})")
     return Command(name, value, line)
+
+
+def _shown(value: str) -> str:
+    """A value quoted in a refusal, cut short: the agent sees the line anyway."""
+    return repr(value if len(value) <= 60 else value[:60] + "…")
 
 
 def _enum(kind: type[Status] | type[Priority], value: str) -> Status | Priority | None:

@@ -127,6 +127,9 @@ class NotifyConfig:
     notify_agents: bool = True
     ack_per_sender_per_hour: int = 5
     ack_per_case_per_hour: int = 2
+    # Notices to one agent about their own mail (refused commands, unauthenticated mail):
+    # anyone can send mail in an agent's name, and each would cause one.
+    notices_per_agent_per_hour: int = 10
     loop_window: str = "10m"
     loop_max: int = 10
     suppress_after_failure: str = "7d"

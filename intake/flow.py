@@ -340,10 +340,7 @@ class Processor:
         """What the store knows about the message's case (``intake rules explain`` shows it too)."""
         assert run.mail is not None and run.cls is not None
         return threads.gather(tx.cases, run.mail, recipients=run.rec.envelope_to, secret=self.secret,
-                              prefixes={self.cfg.cases.prefix},
-                              # An agent's address may name the case even unauthenticated: its
-                              # mail then lands there as a customer's comment, not on a new case.
-                              sender_is_agent=run.cls.sender == AGENT or run.cls.unauthenticated)
+                              prefixes={self.cfg.cases.prefix}, sender_is_agent=run.cls.sender == AGENT)
 
     # -- route --------------------------------------------------------------------------
 
@@ -396,7 +393,7 @@ class Processor:
         mail, cls = run.mail, run.cls
         assert mail is not None and cls is not None
         person = cls.kind == MESSAGE and cls.sender != OWN
-        if person and cls.sender != AGENT and not cls.unauthenticated and ops.needs_follow_up(case):
+        if person and cls.sender != AGENT and ops.needs_follow_up(case):
             follow = self._new_case(tx, ops, run, self._route(tx, run), (), follow_up_of=case)
             return Outcome(InboundState.PROCESSED, follow.label, f"follow-up of closed {case.label}", mail.message_id)
         message, actor = self._incoming(run), _actor(mail)
@@ -425,9 +422,9 @@ class Processor:
         """An agent's mail on a case (DESIGN 5 "Agent mail"): its commands, then a public reply
         or an internal note; refused commands are answered to the agent. The case it ends on
         (another one after ``#merge``)."""
-        mail = run.mail
-        assert mail is not None
-        agent = _actor(mail)
+        mail, cls = run.mail, run.cls
+        assert mail is not None and cls is not None
+        agent = cls.claimed_agent or _actor(mail)  # hanako+work@ acts as hanako@, the agent of the rules
         new_text = reply_text(mail.text, mail.html)
         commands = read_commands(new_text)
         refusals = [{"line": r.line, "reason": r.reason} for r in commands.refused]
@@ -501,14 +498,15 @@ class Processor:
         assert mail is not None and cls is not None
         refs = [*mail.references, *(i for i in mail.in_reply_to if i not in mail.references)]
         return Trigger(at=run.now, inbound_id=run.rec.id, message_id=mail.message_id, references=tuple(refs),
-                       sender=mail.from_.key if mail.from_ else None, sender_name=mail.from_.name if mail.from_ else "",
+                       sender=(cls.claimed_agent if cls.sender == AGENT else mail.from_.key if mail.from_ else None),
+                       sender_name=mail.from_.name if mail.from_ else "",
                        sender_class=cls.sender, kind=cls.kind, subject=mail.subject, text=mail.text)
 
 
 def _may_route(cls: Classification) -> bool:
     """Whether the rules may be asked about a message: it may open a case, or be a person's
     reply that opens a follow-up of a closed case (``Processor._comment``)."""
-    return cls.opens_case or (cls.kind == MESSAGE and cls.sender not in (OWN, AGENT) and not cls.unauthenticated)
+    return cls.opens_case or (cls.kind == MESSAGE and cls.sender not in (OWN, AGENT))
 
 
 def _actor(mail: ParsedMail) -> str:

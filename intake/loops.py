@@ -24,6 +24,7 @@ class LoopLimits:
     ack_per_sender_per_hour: int = 5
     ack_per_case_per_hour: int = 2
     loop_max: int = 10
+    notices_per_agent_per_hour: int = 10
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class LoopFacts:
     case_flagged: bool = False  # the case is tagged mail-loop
     acks_to_recipient_last_hour: int = 0
     acks_on_case_last_hour: int = 0
+    notices_to_recipient_last_hour: int = 0  # agent notices (ANSWER_TEMPLATES) to this agent
     case_traffic_in_window: int = 0  # mails in and out of the case with the outside, recently
 
 
@@ -93,6 +95,12 @@ def _ack_rate(f: LoopFacts, lim: LoopLimits) -> str | None:
     return None
 
 
+def _notice_rate(f: LoopFacts, lim: LoopLimits) -> str | None:
+    if f.template in ANSWER_TEMPLATES and f.notices_to_recipient_last_hour >= lim.notices_per_agent_per_hour:
+        return f"{f.recipient} already got {f.notices_to_recipient_last_hour} notices about their mail this hour"
+    return None
+
+
 def _loop_threshold(f: LoopFacts, lim: LoopLimits) -> str | None:
     if f.template not in HUMAN_TEMPLATES and f.case_traffic_in_window + 1 > lim.loop_max:
         return f"the case exchanged {f.case_traffic_in_window} mails recently (limit {lim.loop_max}): mail loop"
@@ -108,6 +116,7 @@ LOOP_CHECKS: tuple[tuple[str, Callable[[LoopFacts, LoopLimits], str | None]], ..
     ("suppressed", _suppressed),
     ("flagged", _flagged),
     ("ack-rate", _ack_rate),
+    ("notice-rate", _notice_rate),
     ("loop-threshold", _loop_threshold),
 )
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from intake.config import Config, MailboxConfig, parse_duration, parse_size
 from intake.db.cases import CaseRec
 from intake.db.outbox import NewMail, OutboxFile
-from intake.loops import HUMAN_TEMPLATES, LOOP_TAG, LoopFacts, LoopLimits, loop_protection
+from intake.loops import ANSWER_TEMPLATES, HUMAN_TEMPLATES, LOOP_TAG, LoopFacts, LoopLimits, loop_protection
 from intake.mail.addresses import base_address, is_noreply
 from intake.mail.classify import AGENT, MESSAGE
 from intake.mail.parse import detect_language, is_synthesised_id
@@ -206,7 +206,8 @@ class Notifier:
         self.team = team
         self.secret = secret
         n = cfg.notify
-        self.limits = LoopLimits(n.ack_per_sender_per_hour, n.ack_per_case_per_hour, n.loop_max)
+        self.limits = LoopLimits(n.ack_per_sender_per_hour, n.ack_per_case_per_hour, n.loop_max,
+                                 n.notices_per_agent_per_hour)
         self.loop_window = timedelta(seconds=parse_duration(n.loop_window))
         self.give_up_after = timedelta(seconds=parse_duration(cfg.outbound.give_up_after))
         self.attach_max = parse_size(n.attach_max)
@@ -420,6 +421,8 @@ class Notifier:
             # A case opened by this very message has no history yet: no need to count it.
             acks_on_case_last_hour=tx.outbox.count(since=hour_ago, template="ack", case_id=case.id)
             if is_ack and not fresh else 0,
+            notices_to_recipient_last_hour=tx.outbox.count(since=hour_ago, template=template, recipient=address)
+            if template in ANSWER_TEMPLATES else 0,
             case_traffic_in_window=1 if fresh else
             tx.outbox.count(since=window_start, case_id=case.id, audience=Audience.CUSTOMER)
             # Our agents' own mail is not traffic with the outside.

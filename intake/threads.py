@@ -26,7 +26,7 @@ from intake.mail.parse import ParsedMail
 @functools.lru_cache(maxsize=16)
 def _token_pattern(prefixes: frozenset[str]) -> re.Pattern[str]:
     alt = "|".join(re.escape(p) for p in sorted(prefixes, key=len, reverse=True))
-    return re.compile(rf"\[\s*({alt})-(\d+)\s*\]", re.I)
+    return re.compile(rf"\[\s*({alt})-(\d{{1,18}})\s*\]", re.I)  # 18 digits: a case number fits
 
 
 def case_tokens(subject: str, prefixes: Collection[str]) -> list[tuple[str, int]]:
@@ -38,7 +38,7 @@ def case_tokens(subject: str, prefixes: Collection[str]) -> list[tuple[str, int]
 
 # --- signed reply addresses: support+c1042-k3x9q2@example.com --------------------------
 
-_SIGNED = re.compile(r"^(?P<base>[^+@]+)\+(?P<kind>[cn])(?P<number>\d+)-(?P<sig>[a-z0-9]+)@(?P<domain>.+)$", re.I)
+_SIGNED = re.compile(r"^(?P<base>[^+@]+)\+(?P<kind>[cn])(?P<number>\d{1,18})-(?P<sig>[a-z0-9]+)@(?P<domain>.+)$", re.I)
 
 
 @functools.lru_cache(maxsize=4096)  # a case's addresses are made for every mail it sends

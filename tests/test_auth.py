@@ -319,6 +319,25 @@ def test_many_results_headers_are_capped() -> None:
     assert result.ignored[-1] == "30 more Authentication-Results headers not examined (more than 20)"
 
 
+def test_a_huge_forged_results_header_is_judged_by_its_place_without_reading_it() -> None:
+    # authres grows faster than linearly with its input: a megabyte of forged results must
+    # be set aside by where it sits and whose it claims to be, never parsed.
+    padding = " ".join(f"x{i}=pass" for i in range(100_000))
+    sent = _sent(top=f"Authentication-Results: (our server) mx.example.com; dkim=pass header.d=example.com {padding}")
+    result = _auth(_delivered_by_our_mx(sent, ip="203.0.113.66"))
+    assert not result.passed
+    assert "claims mx.example.com, but sits below the Received header by mx.example.com" in result.ignored[0]
+
+
+def test_an_overlong_results_header_from_our_own_server_is_not_read() -> None:
+    padding = " ".join(f"x{i}=pass" for i in range(5_000))
+    raw = _delivered_by_our_mx(_sent(), f"Authentication-Results: mx.example.com; dkim=pass header.d=example.com "
+                                        f"{padding}")
+    result = _auth(raw)
+    assert not result.passed
+    assert "unreadable (longer than 16,384 characters)" in result.ignored[0]
+
+
 def test_no_received_at_all_trusts_nothing() -> None:
     # A mail saved from a mail program and fed to `intake ingest` by hand: nothing says where
     # it entered, so a header that says our server checked it is not believed.

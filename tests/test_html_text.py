@@ -127,3 +127,20 @@ def test_a_reply_with_a_huge_div_tag_is_cut_within_bounded_memory() -> None:
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-500:]
     assert res.stdout.strip() == "Thanks"
+
+
+def test_styles_scripts_and_inline_images_do_not_use_up_the_text_budget() -> None:
+    # Outlook puts tens of KiB of <style> first; an inline image can be megabytes of base64.
+    bulk = "<style>" + "p{margin:0}" * (MAX_HTML_CHARS // 5) + "</style>" \
+        + '<img src="data:image/png;base64,' + "A" * MAX_HTML_CHARS + '">' \
+        + "<SCRIPT>var x = '<p>no</p>';</SCRIPT>"
+    html = bulk + "<p>ご確認ください。Please check.</p>"
+    assert html_to_text(html).strip() == "ご確認ください。Please check."
+    reply = bulk + '<p>Thanks</p><div class="gmail_quote">On Mon, Bob wrote:<blockquote>x</blockquote></div>'
+    assert reply_text("", reply) == "Thanks"
+
+
+def test_letters_that_lowercase_longer_do_not_shift_what_is_dropped() -> None:
+    # "İ".lower() is two characters: positions found in a lowered copy would drift.
+    html = "<p>" + "İ" * 50 + "</p><style>.a{}</style><p>İstanbul ofisi</p>"
+    assert html_to_text(html).split() == ["İ" * 50, "İstanbul", "ofisi"]

@@ -137,24 +137,62 @@ FORGED_BELOW_OUR_RECEIVED = {  # the sender wrote a pass for our MX into its own
 def test_a_forged_agent_mail_reaches_no_customer_and_changes_nothing(app, auth, why):
     label = open_case(app)
     before = {i.id for i in outbox_items(app)}
-    agent_writes(app, label, "#status resolved\n#assign me\nお支払いは不要です。振込先を変更しました。\n", auth=auth)
+    out = agent_writes(app, label, "#status resolved\n#assign me\nお支払いは不要です。振込先を変更しました。\n", auth=auth)
     new = [i for i in outbox_items(app) if i.id not in before]
-    # Nothing reaches the customer; the case did not change.
+    # Nothing reaches the customer; the customer's case did not change and did not get the mail:
+    # a case number in the subject is no evidence from a stranger, and an unproven agent is one.
     assert not [i for i in new if "taro@bigcorp.co.jp" in i.recipients]
     c = case(app, label)
-    assert c["status"] == "new" and c["assignee"] is None
-    # The mail is on the case as a customer's, saying so; the agent is told why and how to fix it.
-    msg = [e for e in c["timeline"] if e["type"] == "message" and e["from"] == "hanako@example.com"]
-    assert len(msg) == 1 and msg[0]["unauthenticated"] == msg[0]["unauthenticated"].strip()
+    assert c["status"] == "new" and c["assignee"] is None and c["participants"] == ["taro@bigcorp.co.jp"]
+    assert out.case_number == "CASE-2" and case(app, "CASE-2")["requester"] == "hanako@example.com"
+    assert [link["case"] for link in case(app, "CASE-2")["links"]] == [label]
+    # The mail is kept saying why; the agent is told why and how to fix it.
+    msg = [e for e in case(app, "CASE-2")["timeline"] if e["type"] == "message" and e["direction"] == "in"]
+    assert len(msg) == 1 and msg[0]["from"] == "hanako@example.com"
     checked = next(e for e in inbound_detail(app, str(ingest.last))["log"] if e["step"] == "classified")
     assert checked["sender"] == "customer" and not checked["authentication"]["passed"]
     assert why in " ".join([checked["authentication"]["reason"], *checked["authentication"]["ignored"]])
     notices = [i for i in new if i.template == "agent_notice"]
     assert [i.recipient for i in notices] == ["hanako@example.com"]
-    assert "担当者本人からのものと確認できませんでした" in notices[0].text and msg[0]["unauthenticated"] in notices[0].text
-    assert "対処方法" in notices[0].text
-    # The agent's address did not become a participant of the customer's case.
-    assert c["participants"] == ["taro@bigcorp.co.jp"]
+    assert "担当者本人からのものと確認できませんでした" in notices[0].text
+    assert checked["authentication"]["reason"] in notices[0].text and "対処方法" in notices[0].text
+
+
+@pytest.mark.parametrize("status,closed_days_ago", [("resolved", 0), ("closed", 1), ("closed", 60)])
+def test_a_forged_agent_mail_on_the_case_thread_reopens_nothing(app, status, closed_days_ago):
+    """By the case's signed address (which every customer of the case has), the forged mail
+    joins the case as a customer's comment, and changes nothing else."""
+    label = open_case(app)
+    with case_ops(app, utcnow() - timedelta(days=closed_days_ago)) as ops:
+        ops.set_status(ops.tx.cases.by_number(1), status, actor="hanako@example.com")
+    before = {i.id for i in outbox_items(app)}
+    signed = reply_address("support@example.com", 1, app.processor.secret, "c")
+    out = ingest(app, make_mail(subject="Re: [CASE-1] プリンター", sender=HANAKO, to=signed,
+                                body="#status open\nお振込先が変わりました。\n"), envelope_to=[signed])
+    new = [i for i in outbox_items(app) if i.id not in before]
+    if closed_days_ago > 3:  # past reopen_days: like any customer's, a follow-up case
+        assert out.case_number == "CASE-2"
+    else:
+        assert out.case_number == label
+        came_in = [e for e in case(app, label)["timeline"] if e["type"] == "message" and e["direction"] == "in"]
+        # Kept as written, command line included: it shows what was tried.
+        assert came_in[-1]["unauthenticated"] and came_in[-1]["text"].strip() == "#status open\nお振込先が変わりました。"
+    assert case(app, label)["status"] == status  # not reopened, the command not applied
+    assert [(i.template, i.recipient) for i in new if i.template != "new_case_agent" and i.template != "ack"] == \
+        [("agent_notice", "hanako@example.com")]
+    assert not [i for i in new if i.template == "ack" and i.recipient == "taro@bigcorp.co.jp"]
+
+
+def test_notices_about_mail_in_an_agents_name_are_rate_limited(app):
+    label = open_case(app)
+    signed = reply_address("support@example.com", 1, app.processor.secret, "c")
+    for n in range(14):
+        ingest(app, make_mail(subject="Re: プリンター", sender=HANAKO, to=signed, body=f"偽物 {n}\n"),
+               envelope_to=[signed])
+    assert len(sent(app, "agent_notice", "hanako@example.com")) == 10  # notices_per_agent_per_hour
+    skipped = [e for e in events(app, label, "mail_skipped") if e["template"] == "agent_notice"]
+    assert len(skipped) == 4 and {e["check"] for e in skipped} == {"notice-rate"}
+    assert case(app, label)["status"] == "new"
 
 
 def test_a_forged_agent_mail_to_the_signed_case_address_is_refused_too(app):
@@ -450,6 +488,31 @@ def test_merge_refuses_itself_and_a_merged_case(app):
     agent_writes(app, b, f"#merge {a}\n")
     agent_writes(app, b, f"#merge {a}\n")  # lands on A, which cannot be merged into itself either
     assert case(app, b)["merged_into"] == a
+    refusals = sent(app, "agent_notice", "hanako@example.com")
+    assert len(refusals) == 2 and "cannot be merged into itself" in refusals[1].text
+
+
+def test_a_case_number_too_long_to_be_one_is_text_not_a_case(app):
+    huge = "9" * 5000
+    label = open_case(app)
+    out = ingest(app, make_mail(subject=f"Re: [CASE-{huge}] 請求書", sender="Bob <bob@elsewhere.example>",
+                                body="Where is my invoice?\n"))
+    assert out.case_number == "CASE-2"  # a new case, acknowledged like any other
+    assert sent(app, "ack", "bob@elsewhere.example")
+    agent_writes(app, label, f"#merge CASE-{huge}\n#priority high\n")
+    assert inbound_detail(app, str(ingest.last))["state"] == "processed"  # refused, not quarantined
+    assert case(app, label)["priority"] == "high"
+    notice = sent(app, "agent_notice", "hanako@example.com")
+    assert len(notice) == 1 and "is not a case number" in notice[0].text
+    assert notice[0].text.count(huge) == 1  # the line, once; the reason quotes it cut short
+
+
+def test_an_agent_writing_from_a_plus_address_acts_as_themself(app):
+    label = open_case(app)
+    agent_writes(app, label, "#assign me\n確認します。\n", sender="山田 花子 <hanako+work@example.com>")
+    assert case(app, label)["assignee"] == "hanako@example.com"
+    assert len(sent(app, "agent_reply", "taro@bigcorp.co.jp")) == 1
+    assert not sent(app, "agent_notice")
 
 
 def test_a_strangers_token_opens_a_new_case_linked_to_the_old_one(app):

@@ -63,6 +63,7 @@ and says why. The only I/O is the DNS lookup of DKIM keys, through ``dnsfunc``.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from email.utils import getaddresses
@@ -80,6 +81,8 @@ METHOD_DKIM_VERIFIED = "dkim-verified"
 # A mail with thousands of trace or signature headers must not cost thousands of parses
 # or DNS lookups: beyond these, headers are noted and not examined.
 _MAX_AUTH_RESULTS = 20
+# Our own servers write a few hundred characters; a longer one claiming to be theirs is not read.
+_MAX_AUTH_RESULTS_CHARS = 16 * 1024
 _MAX_SIGNATURES = 5
 # LMTP variants (RFC 3848) and Exim's local submissions: hops inside the receiving site.
 _LOCAL_PROTOCOLS = frozenset({"lmtp", "lmtps", "lmtpa", "lmtpsa", "local", "local-esmtp", "local-smtp",
@@ -312,26 +315,43 @@ def _sort_auth_results(headers: Sequence[tuple[str, str]], trusted: Collection[s
             continue
         examined += 1
         label = f"Authentication-Results {_short(value)}"
-        parsed = _parse_auth_results(value)
-        if isinstance(parsed, str):
-            ignored.append(f"{label}: unreadable ({parsed})")
-            continue
-        aid = parsed.authserv_id
+        # Where a header sits and whose it claims to be decide first: only a header that
+        # could be believed is parsed (authres grows faster than linearly with its input).
+        aid = _claimed_authserv_id(value)
         if aid not in trusted:
-            ignored.append(f"{label}: authserv-id {aid} is not in [security] trusted_authserv_ids")
-        elif boundary.index is None:
+            ignored.append(f"{label}: authserv-id {aid or '(none)'} is not in [security] trusted_authserv_ids")
+            continue
+        if boundary.index is None:
             ignored.append(f"{label}: claims {aid}, but {boundary.why_none}, so none can be told "
                            "apart from one the sender wrote")
-        elif index > boundary.index:
+            continue
+        if index > boundary.index:
             ignored.append(f"{label}: claims {aid}, but sits below the Received header by {boundary.host} "
                            "(our boundary), so it was written before the mail reached our mail server: "
                            "forged by the sender or added by an earlier hop")
+            continue
+        parsed = _parse_auth_results(value) if len(value) <= _MAX_AUTH_RESULTS_CHARS else \
+            f"longer than {_MAX_AUTH_RESULTS_CHARS:,} characters"
+        if isinstance(parsed, str):
+            ignored.append(f"{label}: unreadable ({parsed})")
+        elif _host(parsed.authserv_id) != aid:
+            ignored.append(f"{label}: unreadable (authserv-id read as {parsed.authserv_id})")
         else:
             believed.append(parsed)
     if skipped:
         ignored.append(f"{skipped} more Authentication-Results headers not examined (more than "
                        f"{_MAX_AUTH_RESULTS})")
     return believed, ignored
+
+
+_LEADING_COMMENTS = re.compile(r"^\s*(?:\([^()]*\)\s*)*")
+
+
+def _claimed_authserv_id(value: str) -> str:
+    """The authserv-id a header names (RFC 8601: first, before the first ``;``), read
+    without parsing the rest."""
+    head = _LEADING_COMMENTS.sub("", value[:1024]).split(";", 1)[0].split()
+    return _host(head[0]) if head else ""
 
 
 def _parse_auth_results(value: str) -> _Believed | str:

@@ -974,6 +974,7 @@ def html_to_text(html: str, defects: list[str] | None = None) -> str:
     ``MAX_HTML_CHARS`` are read (issue 14: bounded cost); the cut is recorded in
     ``defects`` when given.
     """
+    html = without_bulk(html)
     cut = len(html) > MAX_HTML_CHARS
     if cut:
         if defects is not None:
@@ -989,6 +990,37 @@ def html_to_text(html: str, defects: list[str] | None = None) -> str:
     except Exception:  # noqa: BLE001 - html.parser is lenient; stay safe on anything odd
         return _strip_tags(html)
     return re.sub(r"\n{3,}", "\n\n", text)
+
+
+_BULK_START = re.compile(r"<(style|script)\b", re.IGNORECASE)
+_BULK_END = {"style": re.compile(r"</style", re.IGNORECASE), "script": re.compile(r"</script", re.IGNORECASE)}
+# An inline image (src="data:image/png;base64,…") holds no text but could fill the budget.
+_DATA_URI = re.compile(r"data:[^\s\"'>]{256,}", re.IGNORECASE)
+
+
+def without_bulk(html: str) -> str:
+    """The HTML without what is never text and may be large (style and script contents,
+    inline data: images), so that MAX_HTML_CHARS is spent on text. Linear: each element's
+    end is searched once, from where it starts. (Searched case-blind in the text itself:
+    ``str.lower`` may change the length, and so the positions.)"""
+    if "<" not in html:
+        return html
+    out: list[str] = []
+    at = 0
+    for m in _BULK_START.finditer(html):
+        if m.start() < at:  # inside content already dropped
+            continue
+        opened = html.find(">", m.end())
+        if opened == -1:
+            break
+        out.append(html[at:opened + 1])
+        closing = _BULK_END[m.group(1).lower()].search(html, opened)
+        if closing is None:  # never closed: the rest is its content, as html.parser reads it
+            at = len(html)
+            break
+        at = closing.start()
+    out.append(html[at:])
+    return _DATA_URI.sub("data:", "".join(out))
 
 
 # html.unescape reads a decimal character reference with int(), which refuses more than

@@ -42,7 +42,7 @@ from bisect import bisect_left
 from dataclasses import dataclass
 from html import unescape
 
-from intake.mail.parse import MAX_HTML_CHARS, html_to_text
+from intake.mail.parse import MAX_HTML_CHARS, html_to_text, without_bulk
 
 __all__ = ["reply_text", "strip_reply"]
 
@@ -654,7 +654,7 @@ def reply_text(text: str, html: str | None = None) -> str:
         return strip_reply(text)
     # The text is made from the first MAX_HTML_CHARS only (parse.html_to_text): the quote
     # structure is looked for in no more, so a huge HTML body costs no more here either.
-    html = html[:MAX_HTML_CHARS]
+    html = without_bulk(html)[:MAX_HTML_CHARS]
     try:
         marked = _marked_html(html)
     except ValueError:
