@@ -132,6 +132,16 @@ class IntakeServer:
                 return cases
             time.sleep(0.2)
 
+    def case_with_subject(self, subject: str, timeout: float = 60) -> dict:
+        """The one case with this subject, once processing has made it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [c for c in self.cases() if c["subject"] == subject]
+            if found or time.monotonic() > deadline:
+                assert len(found) == 1, f"expected one case {subject!r}, got {found}\n{self.log_text()[-3000:]}"
+                return found[0]
+            time.sleep(0.2)
+
 
 def rss_mib(pid: int) -> float:
     """Resident memory of a process (VmRSS of /proc/PID/status) in MiB."""

@@ -23,14 +23,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> IntakeServer:
     srv.stop()
 
 
-def case_with_subject(srv: IntakeServer, subject: str, timeout: float = 30) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = [c for c in srv.cases() if c["subject"] == subject]
-        if found or time.monotonic() > deadline:
-            assert len(found) == 1, f"expected one case {subject!r}, got {found}\n{srv.log_text()[-3000:]}"
-            return found[0]
-        time.sleep(0.2)
 
 
 def test_greeting_and_ehlo_announce_what_senders_need(server):
@@ -56,7 +48,7 @@ def test_mail_to_a_mailbox_becomes_a_case_with_trace_headers(server):
         s.rcpt("support@example.com")
         code, reply = s.data(raw)
     assert code == 250 and reply.startswith(b"2.0.0 OK: queued as S")
-    case = case_with_subject(server, "SMTP smoke test")
+    case = server.case_with_subject("SMTP smoke test")
     assert case["mailbox"] == "support@example.com" and case["requester"] == "ken@bigcorp.example"
     detail = json.loads(server.intake("cases", "show", case["number"], "--json").stdout)
     assert any(e["type"] == "message" and "printer does not print" in e["text"] for e in detail["timeline"])
@@ -72,7 +64,7 @@ def test_iso_2022_jp_mail_over_smtp(server):
     assert raw.isascii()  # 7-bit JIS, as Japanese mail programs send it
     with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as s:
         assert s.sendmail("taro@bigcorp.co.jp", ["support@example.com"], raw) == {}
-    case = case_with_subject(server, "請求書の再発行について")
+    case = server.case_with_subject("請求書の再発行について")
     assert case["requester_name"] == "山田 太郎"
     detail = json.loads(server.intake("cases", "show", case["number"], "--json").stdout)
     assert any("請求書を再発行してください" in (e.get("text") or "") for e in detail["timeline"])
@@ -85,7 +77,7 @@ def test_utf8_mail_with_smtputf8_envelope_and_8bit_body(server):
         assert s.has_extn("smtputf8")
         refused = s.sendmail("佐藤@bigcorp.co.jp", ["support@example.com"], raw, mail_options=["SMTPUTF8", "BODY=8BITMIME"])
         assert refused == {}
-    case = case_with_subject(server, "注文の件 UTF-8")
+    case = server.case_with_subject("注文の件 UTF-8")
     detail = json.loads(server.intake("cases", "show", case["number"], "--json").stdout)
     assert any("配送が遅れています" in (e.get("text") or "") for e in detail["timeline"])
 
@@ -94,7 +86,7 @@ def test_plus_address_is_accepted_for_its_mailbox(server):
     raw = make_mail(subject="via plus address", to="billing+invoices@example.com")
     with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as s:
         assert s.sendmail("alice@customer.example.org", ["Billing+Invoices@Example.COM"], raw) == {}
-    case = case_with_subject(server, "via plus address")
+    case = server.case_with_subject("via plus address")
     assert case["mailbox"] == "billing@example.com" and case["queue"] == "billing"
 
 
@@ -110,7 +102,7 @@ def assert_only_the_marker_was_stored(srv: IntakeServer, before: set[int]) -> No
     marker = f"marker {time.monotonic_ns()}"
     with smtplib.SMTP("127.0.0.1", srv.port, timeout=30) as s:
         assert s.sendmail("alice@customer.example.org", ["support@example.com"], make_mail(subject=marker)) == {}
-    case = case_with_subject(srv, marker)
+    case = srv.case_with_subject(marker)
     new = [m for m in json.loads(srv.intake("messages", "list", "--json").stdout) if m["id"] not in before]
     assert [(m["subject"], m["case"]) for m in new] == [(marker, case["number"])]
 
@@ -159,7 +151,7 @@ def test_long_lines_are_accepted(server):
     raw = make_mail(subject="long lines", body=body)
     with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as s:
         assert s.sendmail("alice@customer.example.org", ["support@example.com"], raw) == {}
-    case = case_with_subject(server, "long lines")
+    case = server.case_with_subject("long lines")
     detail = json.loads(server.intake("cases", "show", case["number"], "--json").stdout)
     assert any("A" * 5000 in (e.get("text") or "") for e in detail["timeline"])
 
@@ -172,7 +164,7 @@ def test_swaks_as_a_foreign_client(server, tmp_path):
                           "--timeout", "30"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "250 2.0.0" in res.stdout
-    case_with_subject(server, "from swaks 日本語")
+    server.case_with_subject("from swaks 日本語")
     res = subprocess.run(["swaks", "--server", "127.0.0.1", "--port", str(server.port), "--from", "x@y.example",
                           "--to", "stranger@example.com", "--timeout", "30"], capture_output=True, text=True, timeout=60)
     assert res.returncode != 0 and "550 5.1.1" in res.stdout
@@ -358,7 +350,7 @@ def test_8bit_bytes_in_ehlo_and_mail_from_are_stored_and_do_not_stall_later_mail
     c.cmd("QUIT")
     c.close()
     for n in range(2):
-        case_with_subject(server, f"eight-bit envelope {n}")
+        server.case_with_subject(f"eight-bit envelope {n}")
 
 
 def test_a_listener_that_cannot_bind_is_not_shown_listening(tmp_path):

@@ -26,14 +26,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> IntakeServer:
     srv.stop()
 
 
-def case_with_subject(srv: IntakeServer, subject: str, timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = [c for c in srv.cases() if c["subject"] == subject]
-        if found or time.monotonic() > deadline:
-            assert len(found) == 1, f"expected one case {subject!r}, got {found}\n{srv.log_text()[-3000:]}"
-            return found[0]
-        time.sleep(0.2)
 
 
 def test_a_command_line_over_4_kb_gets_500_5_5_2_and_holds_no_memory(server):
@@ -81,7 +73,7 @@ def test_a_message_line_may_be_far_longer_than_a_command_line(server):
     raw = make_mail(subject="one megabyte line", body="B" * 1_000_000 + "\n")
     with smtplib.SMTP("127.0.0.1", server.port, timeout=60) as s:
         assert s.sendmail("alice@customer.example.org", ["support@example.com"], raw) == {}
-    case = case_with_subject(server, "one megabyte line")
+    case = server.case_with_subject("one megabyte line")
     detail = json.loads(server.intake("cases", "show", case["number"], "--json").stdout)
     assert any("B" * 100_000 in (e.get("text") or "") for e in detail["timeline"])
 
@@ -142,7 +134,7 @@ def test_one_client_holding_connections_leaves_room_for_others(server):
         with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as s:
             assert s.sendmail("alice@customer.example.org", ["support@example.com"],
                               make_mail(subject="beside a connection hog")) == {}
-        case_with_subject(server, "beside a connection hog")
+        server.case_with_subject("beside a connection hog")
     finally:
         for c in hog:
             c.close()
@@ -181,7 +173,7 @@ def test_idle_clients_are_told_and_closed_in_the_command_and_the_data_phase(tmp_
         code, text = steady.reply()
         assert code == 250, text
         steady.close()
-        case_with_subject(srv, "slow but steady")
+        srv.case_with_subject("slow but steady")
         assert srv.wait_for_refusals({"idle timeout": 1, "data timeout": 1}) == {"idle timeout": 1,
                                                                                 "data timeout": 1}
     finally:
@@ -223,7 +215,7 @@ def test_a_session_ends_after_max_session_time_however_busy(tmp_path):
         with smtplib.SMTP("127.0.0.1", srv.port, timeout=30) as s:
             assert s.sendmail("alice@customer.example.org", ["support@example.com"],
                               make_mail(subject="after a long session")) == {}
-        case_with_subject(srv, "after a long session")
+        srv.case_with_subject("after a long session")
         assert srv.wait_for_refusals({"session time": 1})["session time"] == 1
     finally:
         srv.stop()
