@@ -1,4 +1,5 @@
-"""``intake cases``: read cases and their timeline."""
+"""``intake cases`` and ``intake attachments``: cases, their timeline and files, and the
+agent's actions on them (DESIGN 6)."""
 
 from __future__ import annotations
 
