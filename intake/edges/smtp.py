@@ -103,14 +103,6 @@ def printable(value: object) -> str:
     return text if text.isascii() and text.isprintable() else _UNPRINTABLE.sub(_escape_char, text)
 
 
-def _storable(text: str | None) -> str | None:
-    """Envelope text any database takes: undecodable bytes as U+FFFD (``db_text``), no NUL
-    (PostgreSQL refuses it in text). Addresses with control characters are refused at
-    MAIL/RCPT already; this covers what still comes through (an 8-bit host name)."""
-    text = db_text(text)
-    return text.replace("\x00", "\ufffd") if text and "\x00" in text else text
-
-
 def _octets(address: str) -> int:
     return len(address.encode("utf-8", "surrogateescape"))
 
@@ -522,9 +514,10 @@ class SmtpHandler:
         items = []
         for mailbox, rcpts in groups.items():
             raw = self._trace(session, envelope, rcpts, tls) + body
-            source = {"protocol": self.protocol, "peer": peer, "helo": _storable(session.host_name), "tls": tls}
-            items.append((raw, dict(channel="email", mailbox=mailbox, envelope_from=_storable(envelope.mail_from),
-                                    envelope_to=[_storable(r) for r in rcpts], source=source)))
+            # An 8-bit HELO name or address (kept as lone surrogates) or a NUL is not storable text.
+            source = {"protocol": self.protocol, "peer": peer, "helo": db_text(session.host_name), "tls": tls}
+            items.append((raw, dict(channel="email", mailbox=mailbox, envelope_from=db_text(envelope.mail_from),
+                                    envelope_to=[db_text(r) for r in rcpts], source=source)))
         return items
 
     def _trace(self, session: Session, envelope: Envelope, rcpts: Sequence[str], tls: bool) -> bytes:
