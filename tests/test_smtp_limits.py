@@ -300,6 +300,8 @@ def test_intake_status_counts_refusals_by_reason(tmp_path):
                     "per-IP limit": 2, "connection limit": 1}
         assert srv.wait_for_refusals(expected) == expected
         text = srv.intake("status").stdout
-        assert "listening; refused: connection limit 1, line too long 1, per-IP limit 2, too big 2," in text
+        assert "listening; 8 refused" in text
+        assert ("smtp refused: connection limit 1, line too long 1, per-IP limit 2, too big 2, unknown recipient 1, "
+                "unrecognized command 1") in text.splitlines()
     finally:
         srv.stop()

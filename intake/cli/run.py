@@ -179,10 +179,12 @@ def status(ctx: click.Context, as_json: bool) -> None:
         click.echo(dumps(out))
         return
 
+    def refused(o: dict[str, Any]) -> dict[str, int]:
+        return (o["details"] or {}).get("refused") or {}
+
     def state(o: dict[str, Any]) -> str:
-        refused = (o["details"] or {}).get("refused") or {}
-        counts = ", ".join(f"{reason} {n}" for reason, n in sorted(refused.items()))
-        return f"{o['state']}; refused: {counts}" if counts else o["state"]
+        total = sum(refused(o).values())
+        return f"{o['state']}; {total} refused" if total else o["state"]
 
     tz = cfg.tz
     fmt = "%Y-%m-%d %H:%M:%S"
@@ -191,6 +193,10 @@ def status(ctx: click.Context, as_json: bool) -> None:
               f"{local(o['last_error_at'], tz, fmt)} {o['last_error']}" if o["last_error"] else "-") for o in out]
     click.echo(table(["component", "state", "last success", "backlog", "updated", "last error"], lines,
                      max_width=90))
+    # Refusals by reason in full, below the table, whose cells are cut at its width.
+    for o in out:
+        if refused(o):
+            click.echo(f"{o['name']} refused: " + ", ".join(f"{why} {n}" for why, n in sorted(refused(o).items())))
 
 
 def _rules_line(cfg: Any, served: dict[str, Any] | None) -> dict[str, Any]:
