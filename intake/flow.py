@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 from intake import assignment, threads
 from intake.cases import CaseEnv, CaseOps, Incoming, Refused
 from intake.config import Config, MailboxConfig
-from intake.db import InboundWork, Store, utcnow
+from intake.db import Store, utcnow
+from intake.db.inbound import InboundWork
 from intake.db.ops import TEMPLATES_RENDER_KEY
 from intake.db.cases import CaseRec
 from intake.mail.classify import AGENT, BOUNCE, MESSAGE, OWN, Classification, classify

@@ -15,8 +15,9 @@ import secrets
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import OperationalError
@@ -25,12 +26,14 @@ from intake.db import spool
 from intake.db.base import NoDatabase, StoreBusy, StoreUnavailable, read_time, utcnow
 from intake.db.cases import CaseRepo
 from intake.db.engine import make_engine, revision, revision_problem, upgrade
-from intake.db.inbound import InboundRepo, InboundWork, Received
 from intake.db.ops import DATABASE_ID_KEY, SECRET_KEY, ImapMark, OpsRepo
-from intake.db.outbox import OutboxRepo
 from intake.db.sql import Kit, Sql
 
-__all__ = ["Store", "Tx", "StoreUnavailable", "StoreBusy", "NoDatabase", "utcnow", "ImapMark", "InboundWork"]
+if TYPE_CHECKING:
+    from intake.db.inbound import InboundRepo, Received
+    from intake.db.outbox import OutboxRepo
+
+__all__ = ["Store", "Tx", "StoreUnavailable", "StoreBusy", "NoDatabase", "utcnow", "ImapMark"]
 
 
 class Tx:
@@ -39,11 +42,22 @@ class Tx:
     def __init__(self, conn: Connection, cursor: Any, kit: Kit) -> None:
         self.conn = conn
         self.sql = Sql(cursor, kit)
-        self.inbound = InboundRepo(self.sql, conn)
         self.cases = CaseRepo(self.sql, conn)
-        self.outbox = OutboxRepo(self.sql, conn)
         self.ops = OpsRepo(self.sql, conn)
         self._savepoints = 0
+
+    # Made when first used: a read command imports only the repositories it reads.
+    @cached_property
+    def inbound(self) -> InboundRepo:
+        from intake.db.inbound import InboundRepo
+
+        return InboundRepo(self.sql, self.conn)
+
+    @cached_property
+    def outbox(self) -> OutboxRepo:
+        from intake.db.outbox import OutboxRepo
+
+        return OutboxRepo(self.sql, self.conn)
 
     @contextmanager
     def savepoint(self) -> Iterator[None]:
