@@ -227,15 +227,7 @@ class RulesWatcher:
             await loop.run_in_executor(None, lambda: self.record("refused", error=self.app.rules_error))
         else:
             await loop.run_in_executor(None, self.record, "ok")
-        while not service.stopping.is_set():
-            try:
-                await loop.run_in_executor(None, self.check)
-            except Exception:  # noqa: BLE001 - never let the watcher die
-                log.exception("rules watcher failed; retrying")
-            try:
-                await asyncio.wait_for(service.stopping.wait(), timeout=self.interval)
-            except asyncio.TimeoutError:
-                pass
+        await _every(self.interval, service, self.check, "rules watcher")
 
 
 class TemplatesWatcher:
@@ -256,6 +248,7 @@ class TemplatesWatcher:
         self.templates = templates_for(app.cfg)
         self._changed_at = utcnow_iso()
         self.on_change: Callable[[], None] | None = None  # told before the change is recorded
+        self._looked = False
 
     def check(self, first: bool = False) -> bool:
         """Look at the files; log and record what changed. True when something did."""
@@ -294,19 +287,27 @@ class TemplatesWatcher:
             log.exception("could not record the templates state")
 
     async def __call__(self, service: "Service") -> None:
-        loop = asyncio.get_running_loop()
         self.on_change = service.templates_changed
-        first = True
-        while not service.stopping.is_set():
-            try:
-                await loop.run_in_executor(None, self.check, first)
-                first = False
-            except Exception:  # noqa: BLE001 - never let the watcher die
-                log.exception("templates watcher failed; retrying")
-            try:
-                await asyncio.wait_for(service.stopping.wait(), timeout=self.interval)
-            except asyncio.TimeoutError:
-                pass
+        await _every(self.interval, service, self._look, "templates watcher")
+
+    def _look(self) -> None:
+        self.check(first=not self._looked)
+        self._looked = True  # only once a first look went through
+
+
+async def _every(interval: float, service: "Service", check: Callable[[], object], name: str) -> None:
+    """Run ``check`` in a thread every ``interval`` seconds until serve stops; a failure is
+    logged and the next round comes anyway (a watcher never dies)."""
+    loop = asyncio.get_running_loop()
+    while not service.stopping.is_set():
+        try:
+            await loop.run_in_executor(None, check)
+        except Exception:  # noqa: BLE001 - never let the watcher die
+            log.exception("%s failed; retrying", name)
+        try:
+            await asyncio.wait_for(service.stopping.wait(), timeout=interval)
+        except asyncio.TimeoutError:
+            pass
 
 
 def _fingerprint(stamp: tuple[object, ...]) -> str:
