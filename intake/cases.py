@@ -427,7 +427,7 @@ class CaseOps:
         """Give the case to an agent (None: nobody); False when unchanged. An address that is
         not an agent of the rules is refused."""
         agent = agent.lower() if agent else None
-        if agent is not None and self.env.team().agents and self.env.team().agent(agent) is None:
+        if agent is not None and self.env.team().agent(agent) is None:
             raise Refused(f"{agent} is not an agent (list agents under agents: in the rules)")
         old = case.assignee
         if old == agent:

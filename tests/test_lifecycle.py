@@ -631,6 +631,27 @@ def test_cases_update_changes_every_field_as_the_actor(app, run_intake):
     assert run_intake("cases", "update", "CASE-9", "--priority", "low").returncode == 1
 
 
+def test_no_change_to_a_case_while_the_rules_are_refused(app, run_intake, tmp_path):
+    # The agents and queues come from the rules: without them an assignee would be checked
+    # against nobody. Reading goes on.
+    open_case(app)
+    (tmp_path / "routing_rules" / "20-broken.yaml").write_text("rules:\n  - name: x\n    when: {subjct: a}\n",
+                                                              "utf-8")
+    bad = run_intake("cases", "update", "CASE-1", "--assign", "nobody@nowhere.example", "--as", "ken@example.com")
+    assert bad.returncode == 1
+    assert "a change to a case needs their agents and queues" in bad.stderr and "20-broken.yaml:2" in bad.stderr
+    assert case(app, "CASE-1")["assignee"] is None
+    assert run_intake("cases", "note", "CASE-1", "--as", "hanako@example.com", "-m", "メモ").returncode == 1
+    assert run_intake("cases", "show", "CASE-1").returncode == 0
+
+
+def test_an_assignee_must_be_an_agent_of_the_rules(app, run_intake):
+    open_case(app)
+    bad = run_intake("cases", "update", "CASE-1", "--assign", "nobody@nowhere.example")
+    assert bad.returncode == 1 and "nobody@nowhere.example is not an agent" in bad.stderr
+    assert case(app, "CASE-1")["assignee"] is None
+
+
 def test_cases_note_and_reply_from_the_command_line(app, run_intake, tmp_path):
     open_case(app)
     run_intake("cases", "note", "CASE-1", "--as", "hanako@example.com", "-m", "電話で確認済み", check=True)

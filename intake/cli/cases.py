@@ -179,10 +179,15 @@ def _acting(ctx: click.Context, actor: str, *, agent: bool = False) -> Any:
     from contextlib import contextmanager
 
     from intake.cases import CaseOps
-    from intake.cli.common import open_app
+    from intake.cli.common import first_line, open_app
     from intake.db import utcnow
 
     app = open_app(ctx)
+    if app.rules_error:
+        # Agents, queues and their policies come from the rules: without them a change
+        # would be checked against nobody (an assignee who is no agent, the default queue).
+        raise click.ClickException("the routing rules are refused, and a change to a case needs their agents and "
+                                   f"queues: fix them first (intake rules check): {first_line(app.rules_error)}")
     if agent and app.ruleset.team.agent(actor) is None:
         raise click.UsageError(f"--as {actor}: not an agent of the rules (list agents under agents:)")
 
