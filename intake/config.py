@@ -9,6 +9,7 @@ mailboxes ``support@example.com`` and ``billing@example.com``.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -52,6 +53,10 @@ class SmtpConfig:
     max_session_time: str = "10m"
     command_timeout: str = "60s"  # for the next command
     data_timeout: str = "60s"  # between received pieces of a message
+    # Who may hand mail over by LMTP (protocol = "lmtp"): our own MTA. LMTP is a final hop
+    # inside the site, so mail arriving by it is judged by the MTA's headers (an agent's
+    # Authentication-Results); a client from elsewhere could write those itself.
+    lmtp_clients: tuple[str, ...] = ("127.0.0.0/8", "::1")
 
 
 @dataclass(frozen=True)
@@ -544,6 +549,12 @@ def _validate(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: outbound.connections and outbound.batch_size must be at least 1")
     if cfg.smtp.protocol not in ("smtp", "lmtp"):
         raise ConfigError(f"{where}: smtp.protocol must be 'smtp' or 'lmtp'")
+    for net in cfg.smtp.lmtp_clients:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise ConfigError(f"{where}: smtp.lmtp_clients: {net!r} is not an IP address or network "
+                              "(e.g. \"10.0.0.5\" or \"10.0.0.0/24\")") from None
     if cfg.smtp.listen and not _LISTEN.match(cfg.smtp.listen.strip()):
         raise ConfigError(f"{where}: smtp.listen: expected host:port (e.g. 127.0.0.1:2525), got {cfg.smtp.listen!r}")
     if bool(cfg.smtp.tls_cert) != bool(cfg.smtp.tls_key):

@@ -99,12 +99,12 @@ class IntakeServer:
         assert res.returncode == 0, res.stderr
         return {s["name"]: s for s in json.loads(res.stdout)}[name]
 
-    def wait_for_refusals(self, expected: dict[str, int], timeout: float = 30) -> dict[str, int]:
+    def wait_for_refusals(self, expected: dict[str, int], timeout: float = 30, name: str = "smtp") -> dict[str, int]:
         """The listener's refusal counts in ``intake status`` once they reach ``expected``
         (each reason at least its count), or as they are when ``timeout`` has passed."""
         deadline = time.monotonic() + timeout
         while True:
-            refused = (self.status().get("details") or {}).get("refused") or {}
+            refused = (self.status(name).get("details") or {}).get("refused") or {}
             if all(refused.get(k, 0) >= n for k, n in expected.items()) or time.monotonic() > deadline:
                 return refused
             time.sleep(0.3)

@@ -305,3 +305,30 @@ def test_intake_status_counts_refusals_by_reason(tmp_path):
                 "unrecognized command 1") in text.splitlines()
     finally:
         srv.stop()
+
+
+def test_lmtp_takes_mail_only_from_the_sites_own_mail_servers(tmp_path):
+    # Mail handed over by LMTP is judged by the MTA's headers (an agent's
+    # Authentication-Results): a client from elsewhere could write those itself.
+    srv = IntakeServer(smtp_config(tmp_path, 'protocol = "lmtp"\nlmtp_clients = ["127.0.0.1", "127.0.0.4/30"]\n')).start()
+    try:
+        outsider = RawClient(srv.port, source="127.0.0.2")
+        code, text = outsider.reply()
+        assert code == 554 and "5.7.1" in text
+        outsider.close()
+        for source in ("127.0.0.1", "127.0.0.5"):  # listed: an address, and one of a network
+            mta = RawClient(srv.port, source=source)
+            assert mta.reply()[0] == 220
+            assert mta.cmd("LHLO mx.example.com")[0] == 250
+            mta.close()
+        assert srv.wait_for_refusals({"not an LMTP client": 1}, name="lmtp") == {"not an LMTP client": 1}
+        assert "refused (not an LMTP client) from 127.0.0.2" in srv.log_text()
+    finally:
+        srv.stop()
+
+
+def test_a_bad_lmtp_client_entry_is_refused_with_its_place(tmp_path, run_intake):
+    path = smtp_config(tmp_path, 'protocol = "lmtp"\nlmtp_clients = ["mx.example.com"]\n')
+    res = run_intake("status", config=path)
+    assert res.returncode != 0
+    assert "smtp.lmtp_clients: 'mx.example.com' is not an IP address or network" in res.stderr

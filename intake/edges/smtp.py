@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ctypes
+import ipaddress
 import logging
 import re
 import ssl
@@ -50,6 +51,7 @@ R_TEMPFAIL = "451 4.3.0 Temporary failure, message not stored: please retry late
 R_SHUTDOWN = "421 4.3.2 {} Service shutting down, please retry later"
 R_BUSY = "421 4.7.0 {} Too many connections, please retry later"
 R_BUSY_IP = "421 4.7.0 {} Too many connections from your address, please retry later"
+R_NOT_LMTP_CLIENT = "554 5.7.1 {} LMTP is for this site's own mail servers only"
 R_TOO_BIG = "552 5.3.4 Message too big for this system"
 R_LINE_TOO_LONG = "500 5.5.2 line too long"
 R_TIMEOUT = "421 4.4.2 {} Timeout exceeded, closing connection"
@@ -618,11 +620,15 @@ class _Limits:
         self.refusals = refusals
         self.sessions: dict[SMTP, str] = {}  # each open session → its client's address
         self._per_ip: collections.Counter[str] = collections.Counter()
+        self.lmtp_clients = [ipaddress.ip_network(n, strict=False) for n in sc.lmtp_clients] \
+            if sc.protocol == "lmtp" else None
 
     def admit(self, proto: SMTP, ip: str) -> str | None:
         """Count a new session; why it must be refused, if it must (it counts until it is closed)."""
         reason = None
-        if self._per_ip[ip] >= self.max_per_ip:
+        if self.lmtp_clients is not None and not _in_networks(ip, self.lmtp_clients):
+            reason = "not an LMTP client"
+        elif self._per_ip[ip] >= self.max_per_ip:
             reason = "per-IP limit"
         elif len(self.sessions) >= self.max_connections:
             reason = "connection limit"
@@ -637,6 +643,16 @@ class _Limits:
             self._per_ip[ip] -= 1
             if self._per_ip[ip] <= 0:
                 del self._per_ip[ip]
+
+
+def _in_networks(ip: str, networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])  # an IPv6 zone index is not part of it
+    except ValueError:
+        return False  # a Unix socket or an unreadable peer: not a listed client
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return any(addr in net for net in networks)
 
 
 def _protocol_class(base: type[SMTP]) -> type[SMTP]:
@@ -686,7 +702,8 @@ def _protocol_class(base: type[SMTP]) -> type[SMTP]:
         async def _handle_client(self) -> None:
             if self._refused:
                 self._limits.refusals.add(self._refused, _peer(self.session))
-                await self.push((R_BUSY_IP if self._refused == "per-IP limit" else R_BUSY).format(self.hostname))
+                reply = {"per-IP limit": R_BUSY_IP, "not an LMTP client": R_NOT_LMTP_CLIENT}.get(self._refused, R_BUSY)
+                await self.push(reply.format(self.hostname))
                 self.transport.close()
                 return
             await super()._handle_client()
