@@ -283,6 +283,14 @@ class CaseOps:
             self._notified(case, self.env.notifier.internal_note(self.tx, case, trigger, text, list(dict.fromkeys(to)),
                                                                  files=self._files(row, message)))
 
+    def agent_acted(self, case: CaseRec, *, actor: str) -> bool:
+        """An agent worked on a new case without answering the customer (a note, a command, a
+        change): it is ``open`` now (DESIGN 5 "Lifecycle": new → open when an agent acts).
+        False when it was not new."""
+        if case.status != Status.NEW:
+            return False
+        return self.set_status(case, Status.OPEN, actor=actor, reason="agent acted", notify=False)
+
     def internal_message(self, case: CaseRec, message: Incoming, *, actor: str, threading: str,
                          **data: Any) -> int:
         """A message kept for agents only, mailed to nobody (our own mail coming back, an
@@ -474,6 +482,9 @@ class CaseOps:
         elif name == "resolution":
             self.set_resolution(case, value, actor=actor)
         elif name == "merge":
+            prefix = self.env.cfg.cases.prefix
+            if value.rsplit("-", 1)[0] != prefix.upper():
+                raise Refused(f"no case {value} (case numbers here read {prefix}-N)")
             return self.merge(case, self.case(value), actor=actor)
         return case
 

@@ -1,11 +1,16 @@
 """Mail commands: ``#status resolved`` and the like at the top of an agent's mail (DESIGN 5). Pure.
 
 One command per line, at the top of the mail's new text (blank lines between them are
-fine); the first other line ends them. ``#`` may be written full-width (``＃``, as Japanese
-input methods type it) and values have Japanese names too (``#status 解決済み``,
-``#priority 緊急``). Every command line is removed from the text that goes on to the
-customer, a refused one too (a typo must not reach the customer); a refused line comes
-back with its reason, and a typo with a suggestion.
+fine); the first other line ends them. ``#`` and the command's name may be written
+full-width (``＃``, ``ｓｔａｔｕｓ``, as Japanese input methods type them) and values have
+Japanese names too (``#status 解決済み``, ``#priority 緊急``). Every command line is removed
+from the text that goes on to the customer, a refused one too (a typo must not reach the
+customer); a refused line comes back with its reason, and a typo with a suggestion.
+
+A line further down that is a command by a name we know (``#note`` after the greeting,
+``#status resolved`` under the text) is taken too, and never sent: an agent who put it
+there meant it, and a note must not reach the customer because of where it was written.
+An unknown ``#word`` there stays text (a hashtag).
 
 What is checked here is what the text alone can tell: the command's name and the form of
 its value. Whether the queue exists, or the agent, or the case to merge into, is the case
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import unicodedata
 from dataclasses import dataclass
 
 from intake.states import Priority, Status
@@ -36,8 +42,8 @@ COMMANDS = {
 }
 #: Japanese names agents type for the same commands.
 ALIASES = {"メモ": "note", "社内メモ": "note", "ステータス": "status", "優先度": "priority", "担当": "assign",
-           "担当者": "assign", "キュー": "queue", "分類": "category", "タグ": "tag", "解決内容": "resolution",
-           "統合": "merge"}
+           "担当者": "assign", "キュー": "queue", "分類": "category", "タグ": "tag", "タグ削除": "untag",
+           "タグ解除": "untag", "解決内容": "resolution", "統合": "merge"}
 STATUS_NAMES = {
     "未処理": Status.NEW, "新規": Status.NEW, "進行中": Status.OPEN, "対応中": Status.OPEN,
     "保留": Status.PENDING, "返信待ち": Status.PENDING, "回答待ち": Status.PENDING,
@@ -91,26 +97,57 @@ class Commands:
 
 
 def read_commands(text: str) -> Commands:
-    """The command lines at the top of ``text``, checked, and the rest of the text."""
+    """The command lines at the top of ``text`` and those by a known name further down,
+    checked, and the rest of the text."""
     lines = text.split("\n")
     commands: list[Command] = []
     refused: list[Refusal] = []
-    i = 0
-    while i < len(lines):
-        line = lines[i].strip()
-        if not line:
-            i += 1
+    kept: list[str] = []
+    at_top = True
+    for raw in lines:
+        line = raw.strip().lstrip(_INVISIBLE)
+        m = _LINE.match(line) if line else None
+        word = _word(m.group(1)) if m is not None and not _NOT_A_WORD.match(line) else None
+        if at_top and not line:
             continue
-        m = _LINE.match(line)
-        if m is None or _NOT_A_WORD.match(line):
-            break
-        outcome = _check(m.group(1), (m.group(2) or "").strip(), line)
+        if word is None or (not at_top and word not in COMMANDS and word not in ALIASES):
+            at_top = False
+            kept.append(raw)
+            continue
+        assert m is not None
+        value = (m.group(2) or "").strip()
+        outcome = _check(word, value, line)
         (commands if isinstance(outcome, Command) else refused).append(outcome)
-        i += 1
+        if isinstance(outcome, Command) and outcome.name == "note" and value:
+            at_top = False
+            kept.append(value)  # "#note the text": the note's first line
     if not commands and not refused:
         return Commands(text=text)
-    rest = "\n".join(lines[i:]).strip("\n")
-    return Commands(tuple(commands), tuple(refused), rest)
+    return Commands(_resolution_first(commands), tuple(refused), "\n".join(kept).strip("\n"))
+
+
+# Invisible characters a mail client may put before the first character of a line.
+_INVISIBLE = "\u200b\u200c\u200d\u2060\ufeff"
+
+
+def _word(word: str) -> str:
+    """A command's name as typed, in the form it is looked up in (full-width letters made plain)."""
+    return unicodedata.normalize("NFKC", word)
+
+
+def _resolution_first(commands: list[Command]) -> tuple[Command, ...]:
+    """The commands in the agent's order, but each ``#resolution`` before a ``#status`` given
+    above it: resolving tells the customer, and that mail shows the resolution notes."""
+    out: list[Command] = []
+    for c in commands:
+        if c.name == "resolution":
+            since_merge = max((i + 1 for i, d in enumerate(out) if d.name == "merge"), default=0)
+            status = next((i for i in range(since_merge, len(out)) if out[i].name == "status"), None)
+            if status is not None:
+                out.insert(status, c)
+                continue
+        out.append(c)
+    return tuple(out)
 
 
 def _check(word: str, value: str, line: str) -> Command | Refusal:
@@ -125,6 +162,8 @@ def _check(word: str, value: str, line: str) -> Command | Refusal:
         return Command(name, "", line)
     if not value:
         return Refusal(line, f"#{name} needs a value: {COMMANDS[name]}")
+    if name in ("status", "priority", "assign", "merge"):
+        value = unicodedata.normalize("NFKC", value)  # ｒｅｓｏｌｖｅｄ, ＣＡＳＥ－１２
     if name == "status":
         status = STATUS_NAMES.get(value) or _enum(Status, value)
         if status is None:

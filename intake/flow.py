@@ -440,11 +440,14 @@ class Processor:
         internal = (commands.internal or match.internal or
                     (match.ref is not None and tx.cases.template_of(match.ref) in INTERNAL_TEMPLATES))
         trigger = self._trigger(run)
-        if not commands.text.strip():
-            ops.internal_message(case, message.with_text(new_text), actor=agent, threading=match.method,
-                                 commands_only=True)
-        elif internal:
-            ops.note(case, message, actor=agent, text=commands.text, threading=match.method, trigger=trigger)
+        if not commands.text.strip() or internal:
+            if not commands.text.strip():
+                ops.internal_message(case, message.with_text(new_text), actor=agent, threading=match.method,
+                                     commands_only=True)
+            else:
+                ops.note(case, message, actor=agent, text=commands.text, threading=match.method, trigger=trigger)
+            if commands.value("status") is None:
+                ops.agent_acted(case, actor=agent)
         else:
             ops.reply(case, message, actor=agent, text=commands.text, threading=match.method, trigger=trigger,
                       keep_status=commands.value("status") is not None)

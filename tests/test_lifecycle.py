@@ -317,6 +317,7 @@ REFUSALS = [
     ("#untag never", "has no tag 'never'"),
     ("#merge CASE-99", "no case CASE-99"),
     ("#merge yesterday", "'yesterday' is not a case number"),
+    ("#merge FOO-1", "no case FOO-1 (case numbers here read CASE-N)"),
 ]
 
 
@@ -348,7 +349,10 @@ def test_a_mail_of_commands_only_changes_the_case_and_mails_nobody(app):
     before = len(outbox_items(app))
     agent_writes(app, label, "#assign me\n#priority high\n")
     c = case(app, label)
-    assert (c["assignee"], c["priority"], c["status"]) == ("hanako@example.com", "high", "new")
+    # new → open: an agent acted (DESIGN 5 "Lifecycle")
+    assert (c["assignee"], c["priority"], c["status"]) == ("hanako@example.com", "high", "open")
+    assert [(e["from"], e["to"], e["actor"]) for e in c["timeline"] if e["type"] == "status"] == \
+        [("new", "open", "hanako@example.com")]
     assert len(outbox_items(app)) == before
 
 
@@ -376,7 +380,40 @@ def test_an_internal_note_goes_to_the_other_agents_only(app, how):
     note = [e for e in case(app, label)["timeline"] if e["type"] == "message" and e["direction"] == "in"
             and e["visibility"] == "internal"]
     assert len(note) == 1 and note[0]["text"].strip() == "VIP のお客様です。"
-    assert case(app, label)["status"] == "new"  # a note is no answer
+    c = case(app, label)
+    assert c["status"] == "open" and c["first_response_at"] is None  # an agent acted, but a note is no answer
+
+
+@pytest.mark.parametrize("body", [
+    "山田様\n\n#note この方は支払いが遅れています。値引きはしないでください。\n",
+    "\u200b#note\nこの方は支払いが遅れています。値引きはしないでください。\n",
+    "Internal:\n#internal\nこの方は支払いが遅れています。値引きはしないでください。\n",
+], ids=["after-the-greeting", "zero-width-space", "english-first-line"])
+def test_a_note_marker_anywhere_keeps_the_mail_from_the_customer(app, body):
+    label = open_case(app)
+    agent_writes(app, label, body)
+    assert not sent(app, "agent_reply")
+    notes = sent(app, "internal_note")
+    assert [i.recipient for i in notes] == ["ken@example.com"] and "値引きはしないでください。" in notes[0].text
+
+
+def test_a_known_command_below_the_text_is_applied_and_not_sent(app):
+    label = open_case(app)
+    agent_writes(app, label, "お世話になっております。ドライバーを更新しました。\n#status resolved\n#resolution ドライバー更新\n")
+    c = case(app, label)
+    assert (c["status"], c["resolution"]) == ("resolved", "ドライバー更新")
+    reply = sent(app, "agent_reply")
+    assert len(reply) == 1 and "#status" not in reply[0].text and "ドライバーを更新しました。" in reply[0].text
+    told = sent(app, "status_changed")
+    assert len(told) == 1 and "ドライバー更新" in told[0].text
+
+
+def test_full_width_command_names_and_values_are_read(app):
+    label = open_case(app)
+    agent_writes(app, label, "＃ｐｒｉｏｒｉｔｙ　ｈｉｇｈ\n＃タグ vip\n＃タグ削除 vip\n確認します。\n")
+    c = case(app, label)
+    assert (c["priority"], c["tags"]) == ("high", [])
+    assert not sent(app, "agent_notice")
 
 
 def test_a_reply_to_an_internal_notification_stays_internal(app):

@@ -258,6 +258,8 @@ def cases_update(ctx: click.Context, number: str, status: str | None, priority: 
                     changed.append(f"-{tag}")
             if status and ops.set_status(case, status, actor=actor):
                 changed.append(f"status {case.status}")
+            elif changed and ops.env.team().agent(actor) is not None and ops.agent_acted(case, actor=actor):
+                changed.append(f"status {case.status}")
     except Refused as exc:
         raise _refused(exc) from None
     click.echo(f"{case.label}: " + (", ".join(changed) if changed else "nothing to change"))
@@ -281,6 +283,7 @@ def cases_note(ctx: click.Context, number: str, actor: str, message: str | None,
             case = ops.case(number)
             ops.note(case, typed(case, actor.lower(), text, mailbox=case.mailbox or ""), actor=actor.lower(),
                      text=text)
+            ops.agent_acted(case, actor=actor.lower())
     except Refused as exc:
         raise _refused(exc) from None
     click.echo(f"{case.label}: internal note added")
