@@ -36,7 +36,7 @@ from intake.db.cases import CaseRec
 from intake.mail.classify import AGENT, BOUNCE, MESSAGE, OWN, Classification, classify
 from intake.mail.parse import ParsedMail, parse
 from intake.commands import read_commands
-from intake.mail.quotes import reply_text
+from intake.mail.quotes import reply_text, signature_only
 from intake.notify import INTERNAL_TEMPLATES, QUARANTINE_RUNAWAYS, Notifier, Trigger, choose_language
 from intake.rules import Decision, RuleSet, RuleTimeout, evaluate, rule_context
 from intake.states import InboundState, Priority
@@ -440,8 +440,12 @@ class Processor:
         internal = (commands.internal or match.internal or
                     (match.ref is not None and tx.cases.template_of(match.ref) in INTERNAL_TEMPLATES))
         trigger = self._trigger(run)
-        if not commands.text.strip() or internal:
-            if not commands.text.strip():
+        # Nothing for the customer: no text but the agent's signature, and no file.
+        names = [ops.env.team().name_of(agent), mail.from_.name if mail.from_ else ""]
+        empty = signature_only(commands.text, [n for n in names if n]) and \
+            not any(not a.inline for a in mail.attachments)
+        if empty or internal:
+            if empty and not internal:
                 ops.internal_message(case, message.with_text(new_text), actor=agent, threading=match.method,
                                      commands_only=True)
             else:

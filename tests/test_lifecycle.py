@@ -356,6 +356,25 @@ def test_a_mail_of_commands_only_changes_the_case_and_mails_nobody(app):
     assert len(outbox_items(app)) == before
 
 
+@pytest.mark.parametrize("signature", [
+    "山田 花子\n株式会社エグザンプル サポート部\nTEL 03-1234-5678\n",
+    "━━━━━━━━━━━━━━━━\n山田 花子\nhanako@example.com\n━━━━━━━━━━━━━━━━\n",
+])
+def test_commands_and_a_signature_send_the_customer_nothing(app, signature):
+    label = open_case(app)
+    before = len(outbox_items(app))
+    agent_writes(app, label, f"#priority high\n\n{signature}")
+    assert case(app, label)["priority"] == "high" and case(app, label)["first_response_at"] is None
+    assert len(outbox_items(app)) == before
+
+
+def test_a_file_with_no_text_still_goes_to_the_customer(app):
+    label = open_case(app)
+    agent_writes(app, label, "山田 花子\n", files=[("手順書.pdf", b"%PDF-1.4", "application/pdf")])
+    reply = sent(app, "agent_reply")
+    assert len(reply) == 1 and [f.filename for f in reply[0].files] == ["手順書.pdf"]
+
+
 def test_a_line_that_only_looks_like_a_command_is_text(app):
     label = open_case(app)
     agent_writes(app, label, "#1 まず電源を切ってください。\n#2 次にケーブルを抜いてください。\n")

@@ -39,12 +39,13 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_left
+from collections.abc import Collection
 from dataclasses import dataclass
 from html import unescape
 
 from intake.mail.parse import MAX_HTML_CHARS, html_to_text, without_bulk
 
-__all__ = ["reply_text", "strip_reply"]
+__all__ = ["reply_text", "signature_only", "strip_reply"]
 
 # No pattern sees more of a line than this: real header lines are far shorter, and hostile
 # megabyte lines then cost no more than ordinary ones.
@@ -344,6 +345,35 @@ def _signature_block(lines: list[str], k: int) -> bool:
     if _UNDERSCORE_RULE.match(lines[k][:_MAX_LINE]):
         return True  # underscores: Outlook, mailing-list footers, signatures
     return any(_CONTACT.search(line) for line in block)
+
+
+_SENTENCE_END = re.compile(r"[。．.!?！？]\s*$")
+
+
+def signature_only(text: str, names: Collection[str]) -> bool:
+    """Whether ``text`` holds nothing but its writer's signature (``names``: how the writer
+    is called, e.g. ``山田 花子``): what is left of an agent's mail of commands once they are
+    taken out. A short block starting with the name, a rule line or contact details, of
+    rule lines, contact lines, the name and short lines that end no sentence."""
+    lines = [line.strip() for line in text.split("\n") if not _blank(line)]
+    if not lines:
+        return True
+    if len(lines) > _SIG_BLOCK_LINES:
+        return False
+    tokens = {t for n in names for t in [n.replace(" ", "").replace("\u3000", ""), *n.split()] if len(t) >= 2}
+
+    def kind(line: str) -> str:
+        flat = line.replace(" ", "").replace("\u3000", "")
+        if _SIG_RULE.match(line) or _UNDERSCORE_RULE.match(line) or _SIG_DELIMITER.match(line):
+            return "rule"
+        if _CONTACT.search(line) or _MOBILE.match(line):
+            return "contact"
+        if any(t in flat or t in line for t in tokens) and len(line) <= 40:
+            return "name"
+        return "short" if len(line) <= 30 and not _SENTENCE_END.search(line) else "text"
+
+    kinds = [kind(line) for line in lines]
+    return kinds[0] != "short" and "text" not in kinds
 
 
 # -- the cut ---------------------------------------------------------------------------------
