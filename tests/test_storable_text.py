@@ -94,3 +94,40 @@ def test_nul_long_message_id_and_long_from_each_become_a_case_with_the_raw_bytes
     texts = [e["text"] for e in long_case["timeline"] if e["type"] == "message" and e["direction"] == "in"]
     assert any("まだ印刷できません" in t for t in texts)
     assert [e["type"] for e in long_case["timeline"]].count("duplicate") == 1
+
+
+def test_a_long_japanese_message_id_is_stored_and_the_next_mail_goes_on(tmp_path, database):
+    # 1,200 varied CJK characters are ~3,600 UTF-8 bytes: over PostgreSQL's index limit
+    # (2,704 bytes) had it been cut by characters. It is cut by bytes, and a mail after it
+    # is not held up.
+    chars = "".join(chr(0x4E00 + (i * 7919) % 20000) for i in range(1200))
+    long_id = f"<{chars}@customer.example.org>"
+    cfg = write_config(tmp_path, database=database, team=SIMPLE_TEAM)
+    assert intake(cfg, "db", "upgrade").returncode == 0
+    first = make_mail(subject="長い Message-ID", message_id=long_id, sender="Ken <ken@customer.example.org>")
+    second = make_mail(subject="次のメール / the next mail", message_id="<next@customer.example.org>")
+    for raw in (first, second, first):
+        res = intake(cfg, "ingest", "-", stdin=raw)
+        assert res.returncode == 0, res.stderr.decode()
+        assert b"deferred" not in res.stdout, res.stdout.decode()
+    states = [r["state"] for r in intake_json(cfg, "messages", "list")]
+    assert states == ["processed", "processed", "duplicate"]  # the same long id is found again
+    assert sorted(c["subject"] for c in intake_json(cfg, "cases", "list")) == ["次のメール / the next mail",
+                                                                              "長い Message-ID"]
+
+
+def test_a_value_postgresql_cannot_index_is_the_messages_fault_not_an_outage(pg_url):  # noqa: F811
+    import psycopg.errors
+    from sqlalchemy.exc import OperationalError
+
+    from intake.db import Store, StoreUnavailable
+
+    store = Store(pg_url)
+    try:
+        too_big = OperationalError("INSERT …", {}, psycopg.errors.ProgramLimitExceeded("index row size exceeds"))
+        assert not store.is_unavailable(too_big)  # quarantined, and the next message goes on
+        shutdown = OperationalError("INSERT …", {}, psycopg.errors.AdminShutdown("terminating connection"))
+        assert store.is_unavailable(shutdown)  # retried once the database is back
+        assert store.is_unavailable(StoreUnavailable("database is locked"))
+    finally:
+        store.close()

@@ -102,7 +102,18 @@ class Store:
 
     def is_unavailable(self, exc: BaseException) -> bool:
         """True for an error that means "the database cannot be used now", not "bad data"."""
-        return isinstance(exc, (StoreUnavailable, *self._unavailable))
+        if not isinstance(exc, (StoreUnavailable, *self._unavailable)):
+            return False
+        # PostgreSQL files a value its index cannot hold (SQLSTATE 54000) and bad data
+        # (class 22) under OperationalError too: those are the message's fault, and
+        # retrying it for ever would hold up every message behind it.
+        cause: BaseException | None = exc
+        while cause is not None:
+            code = getattr(getattr(cause, "orig", None) or cause, "sqlstate", None)
+            if code:
+                return str(code)[:2] not in ("22", "54")
+            cause = cause.__cause__
+        return True
 
     def close(self) -> None:
         self.engine.dispose()

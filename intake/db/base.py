@@ -36,8 +36,8 @@ def db_text(value: str | None, limit: int | None = None) -> str | None:
     The SMTP edge keeps undecodable bytes of a command as lone surrogates (aiosmtpd's
     ``surrogateescape``: an 8-bit MAIL FROM or EHLO name), which neither SQLite's driver
     nor PostgreSQL's takes, and PostgreSQL refuses NUL in text: each becomes U+FFFD. With
-    ``limit`` (a column's length), a longer value is shortened to its start, ``…`` and 16
-    hex digits of its SHA-256: the same value always gives the same text, so a long
+    ``limit`` (a column's length, in UTF-8 bytes for non-ASCII text), a longer value is
+    shortened to its start, ``…`` and 16 hex digits of its SHA-256: the same value always gives the same text, so a long
     Message-ID still finds its duplicate and its thread. The raw message keeps the original
     bytes.
     """
@@ -45,9 +45,16 @@ def db_text(value: str | None, limit: int | None = None) -> str | None:
         return None
     if not (value.isascii() and "\x00" not in value):
         value = _UNSTORABLE.sub("\ufffd", value)
-    if limit is not None and len(value) > limit:
+    if limit is None:
+        return value
+    if len(value) > limit and value.isascii():
         digest = hashlib.sha256(value.encode("utf-8")).hexdigest()[:16]
         value = f"{value[:limit - 17]}…{digest}"
+    elif not value.isascii() and len(encoded := value.encode("utf-8")) > limit:
+        # Counted in UTF-8 bytes, as RFC 5322 counts a line and as PostgreSQL's index limit
+        # (2,704 bytes) does: 998 Japanese characters are about 3,000 bytes.
+        digest = hashlib.sha256(encoded).hexdigest()[:16]
+        value = f"{encoded[:limit - 19].decode('utf-8', 'ignore')}…{digest}"
     return value
 
 
