@@ -115,6 +115,23 @@ def _many_parts() -> bytes:
     return _head() + b'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="P"\r\n\r\n' + parts + b"--P--\r\n"
 
 
+def _empty_parts_25mb() -> bytes:
+    # 3.6 million parts with nothing in them: a Message each, were they all read.
+    return (_head() + b'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="P"\r\n\r\n'
+            + b"--P\r\n\r\n" * 3_600_000 + b"--P--\r\n")
+
+
+def _attached_messages() -> bytes:
+    part = b"--P\r\nContent-Type: message/rfc822\r\n\r\nSubject: m%d\r\n\r\nx\r\n"
+    parts = b"".join(part % i for i in range(100_000))
+    return _head() + b'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="P"\r\n\r\n' + parts + b"--P--\r\n"
+
+
+def _part_header_fields() -> bytes:
+    return (_head() + b'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="P"\r\n\r\n--P\r\n'
+            + b"X: y\r\n" * 4_000_000 + b"\r\nbody\r\n--P--\r\n")
+
+
 def _deep_nesting() -> bytes:
     nested = b"".join(b"Content-Type: multipart/mixed; boundary=b%d\r\n\r\n--b%d\r\n" % (i, i) for i in range(1_000))
     return _head() + nested + b"Content-Type: text/plain\r\n\r\nhi\r\n"
@@ -190,6 +207,9 @@ HOSTILE: dict[str, Callable[[], bytes]] = {
     "100,000 encoded words": _encoded_words,
     "100,000 unclosed words": _unterminated_words,
     "10,000 MIME parts": _many_parts,
+    "3.6 million empty parts, 25 MB": _empty_parts_25mb,
+    "100,000 attached messages": _attached_messages,
+    "4 million fields in a part, 24 MB": _part_header_fields,
     "nesting 1,000 deep": _deep_nesting,
     "nesting 3,000 deep, 25 MB": _deep_and_big,
     "1 MB Subject line": _long_subject_line,

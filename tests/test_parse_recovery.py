@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from intake.diagnostics import parse_lines, parse_report
 from intake.mail.classify import BOUNCE, classify
 from intake.mail.headers import MAX_ENCODED_WORDS, MAX_FIELD_CHARS, MAX_HEADER_FIELDS, decode_words
-from intake.mail.parse import parse
+from intake.mail.parse import MAX_BOUNDARY_LINES, MAX_PART_FIELDS, parse
 
 MAILS = Path(__file__).resolve().parent / "mails_fidelity"
 
@@ -519,6 +519,26 @@ def test_a_huge_header_value_is_cut() -> None:
     assert m.subject == "x" * MAX_FIELD_CHARS
     assert defect_with(m, f"subject: {MAX_FIELD_CHARS + 5000} characters long; cut at {MAX_FIELD_CHARS}")
     assert m.text == "body"
+
+
+def test_parts_beyond_the_limit_are_not_read_and_the_first_ones_are() -> None:
+    part = "--b\r\nContent-Type: text/plain; name=\"請求書.txt\"\r\nContent-Disposition: attachment\r\n\r\nx\r\n"
+    raw = (lines("From: a@example.org", "Subject: 添付が多すぎます", "Content-Type: multipart/mixed; boundary=b", "", "")
+           + "--b\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n本文です。\r\n".encode()
+           + (part * (MAX_BOUNDARY_LINES + 5000)).encode() + b"--b--\r\n")
+    m = parse(raw)
+    assert m.text.strip() == "本文です。"
+    assert len(m.attachments) == MAX_BOUNDARY_LINES - 1 and m.attachments[0].filename == "請求書.txt"
+    assert defect_with(m, f"more than {MAX_BOUNDARY_LINES:,} MIME boundary lines")
+
+
+def test_a_part_header_beyond_the_limit_is_cut_and_its_type_still_read() -> None:
+    raw = (lines("From: a@example.org", "Subject: fields", "Content-Type: multipart/mixed; boundary=b", "", "")
+           + b"--b\r\nContent-Type: text/plain; charset=utf-8\r\n" + b"X-Pad: y\r\n" * (MAX_PART_FIELDS * 3)
+           + "\r\nご確認ください。\r\n--b--\r\n".encode())
+    m = parse(raw)
+    assert m.text.strip() == "ご確認ください。"
+    assert defect_with(m, f"a part's header of {MAX_PART_FIELDS * 3 + 1:,} lines: the first {MAX_PART_FIELDS:,} read")
 
 
 def test_unclosed_encoded_words_stay_text() -> None:

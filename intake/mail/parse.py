@@ -149,7 +149,7 @@ def parse(raw: bytes, *, envelope_from: str | None = None) -> ParsedMail:
     data = recovered.data
     defects: list[str] = list(recovered.defects)
     try:
-        msg = _read_mime(data)
+        msg = _read_mime(_within_part_limit(data, defects), defects)
         defects += [f"headers: {type(d).__name__}" for d in msg.defects]
     except RecursionError:
         # Thousands of nested parts exhaust the stdlib parser: keep the header, and the
@@ -212,16 +212,52 @@ def parse(raw: bytes, *, envelope_from: str | None = None) -> ParsedMail:
     )
 
 
-def _read_mime(data: bytes) -> Message:
+# Bounded cost (issue 14): the stdlib makes a Message per part and a tuple per header
+# field, ~10 µs and ~300 bytes each. A 25 MB mail can hold millions of empty parts or of
+# fields in one part's header; real mail has tens of parts and fields.
+MAX_BOUNDARY_LINES = 20_000  # "--…" lines: each part has one, plus the closing ones
+MAX_PART_FIELDS = 1_000  # header lines of one part
+
+
+def _within_part_limit(data: bytes, defects: list[str]) -> bytes:
+    """The mail up to its ``MAX_BOUNDARY_LINES``-th line starting ``--`` (a part's
+    boundary): more parts than that are not read (the raw message keeps them)."""
+    if data.count(b"\n--") <= MAX_BOUNDARY_LINES:
+        return data
+    at = -1
+    for _ in range(MAX_BOUNDARY_LINES + 1):
+        at = data.find(b"\n--", at + 1)
+    defects.append(f"more than {MAX_BOUNDARY_LINES:,} MIME boundary lines: the parts after them are not read "
+                   "(the raw message keeps them)")
+    return data[:at + 1]
+
+
+class _BoundedFeedParser(BytesFeedParser):
+    """The stdlib's parser with at most ``MAX_PART_FIELDS`` header lines kept per part."""
+
+    cut: int = 0  # the longest part header cut
+
+    def _parse_headers(self, lines: list[str]) -> None:  # the stdlib's own step, once per part
+        # The mail's own header is bounded already (headers.MAX_HEADER_FIELDS, recover_header).
+        if len(lines) > MAX_PART_FIELDS and len(self._msgstack) > 1:
+            self.cut = max(self.cut, len(lines))
+            del lines[MAX_PART_FIELDS:]
+        super()._parse_headers(lines)
+
+
+def _read_mime(data: bytes, defects: list[str] | None = None) -> Message:
     """The stdlib's reading of a mail (compat32), fed in chunks.
 
     ``email.message_from_bytes`` reads through a StringIO, which holds every character
     in 4 bytes: 100 MB more for a 25 MB mail. The parser itself is fed in chunks anyway.
     """
-    parser = BytesFeedParser(policy=compat32)
+    parser = _BoundedFeedParser(policy=compat32)
     for start in range(0, len(data), _FEED_CHUNK):
         parser.feed(data[start : start + _FEED_CHUNK])
-    return parser.close()
+    msg = parser.close()
+    if parser.cut and defects is not None:
+        defects.append(f"a part's header of {parser.cut:,} lines: the first {MAX_PART_FIELDS:,} read")
+    return msg
 
 
 _FEED_CHUNK = 64 * 1024
