@@ -364,6 +364,25 @@ def test_undeclared_8bit_subject_is_read_by_the_detector_and_the_guess_noted(
     assert f"subject: raw 8-bit text, charset guessed: {guess}" in m.defects
 
 
+@pytest.mark.parametrize(("codec", "name", "subject"), [
+    ("gbk", "王伟", "关于发票的问题"),
+    ("euc-kr", "박지민", "환불 요청드립니다"),
+    ("cp1251", "Иван", "Заказ"),
+    ("cp932", "山田太郎", "見積依頼"),
+    ("cp932", "伊藤美咲", "領収書再発行依頼"),
+    ("euc-jp", "佐藤", "納期確認"),
+    ("euc-jp", "高橋 健", "【重要】契約更新について"),
+])
+def test_one_guess_for_the_mails_header_whichever_field_comes_first(codec: str, name: str, subject: str) -> None:
+    # A short display name before the subject: alone it reads as Japanese, Korean or
+    # Chinese alike; the mail's raw header text as a whole settles it. Japanese kanji-only
+    # text stays Japanese.
+    raw = lines(b"From: " + name.encode(codec) + b" <a@example.org>", b"Subject: " + subject.encode(codec), "",
+                "plain ASCII body")
+    m = parse(raw)
+    assert (m.from_.name, m.subject) == (name, subject)
+
+
 def test_a_charset_declared_only_in_another_header_settles_a_short_name() -> None:
     # Three GBK characters alone could be Big5 or EUC-KR: the mail's own encoded words say GB2312.
     raw = lines(

@@ -288,11 +288,21 @@ _MAX_DETECTIONS = 16
 class _GuessState:
     """What one mail declares (looked up on first use) and what was guessed so far."""
 
-    def __init__(self, declared: Iterable[str] | Callable[[], Iterable[str]]) -> None:
+    def __init__(self, declared: Iterable[str] | Callable[[], Iterable[str]],
+                 sample: Callable[[], bytes] | None = None) -> None:
         self.source = declared
         self.declared: list[str] | None = None
         self.guessed: str | None = None
         self.detections = 0
+        self._sample_source = sample
+        self._sample: bytes | None = None
+
+    def sample(self) -> bytes:
+        """All the raw 8-bit text of the mail's header (looked up on first use): a short
+        display name alone is too little for the detector to tell GBK from Shift_JIS."""
+        if self._sample is None:
+            self._sample = self._sample_source() if self._sample_source is not None else b""
+        return self._sample
 
     def charsets(self) -> list[str]:
         if self.declared is None:
@@ -314,9 +324,10 @@ class CharsetHints:
         declared: Iterable[str] | Callable[[], Iterable[str]] = (),
         *,
         first: str | None = None,
+        sample: Callable[[], bytes] | None = None,
         _state: _GuessState | None = None,
     ) -> None:
-        self._state = _state if _state is not None else _GuessState(declared)
+        self._state = _state if _state is not None else _GuessState(declared, sample)
         self._first = normalize_charset(first)
 
     def __iter__(self) -> Iterator[str]:
@@ -378,7 +389,14 @@ def _header_guess(data: bytes, hints: CharsetHints) -> tuple[str, str]:
     if state.detections < _MAX_DETECTIONS:
         state.detections += 1
         declared = _detectable(hints)
-        used = _detect(data, declared, pua_ok=True) or _detect(data, _LEGACY_HEADER_CHARSETS, pua_ok=False)
+        # The detector reads the mail's whole raw header text with these bytes: one guess
+        # for the mail, whichever field comes first.
+        sample = state.sample()
+        seen = (sample if data in sample else sample + b" " + data) if sample else data
+        used = _detect(seen, declared, pua_ok=True) or _detect(seen, _LEGACY_HEADER_CHARSETS, pua_ok=False)
+        if used is not None and seen is not data and _strict(data, used) is None:
+            # The mail's guess does not fit this field: it is judged on its own.
+            used = _detect(data, declared, pua_ok=True) or _detect(data, _LEGACY_HEADER_CHARSETS, pua_ok=False)
         if used is not None:
             state.guessed = used
             return _read_as(data, used), used
@@ -423,7 +441,16 @@ def _detect(data: bytes, candidates: Iterable[str], pua_ok: bool) -> str | None:
         if not pua_ok and m.encoding in _JAPANESE_DETECTED and not _plausible_japanese(str(m)):
             continue
         ranked.append((round(m.chaos, 3), -round(m.coherence, 3), order.index(m.encoding), m.encoding))
-    return min(ranked)[3] if ranked else None
+    if not ranked:
+        return None
+    best = min(ranked)
+    # Our users' mail is Japanese first: short kanji text reads as Korean or Chinese with a
+    # hair less "chaos" too. A Japanese reading that is nearly as clean is taken.
+    japanese = [r for r in ranked if r[3] in _JAPANESE_DETECTED and r[0] <= best[0] + _JAPANESE_MARGIN]
+    return min(japanese)[3] if japanese else best[3]
+
+
+_JAPANESE_MARGIN = 0.05
 
 
 _HALF_WIDTH_KANA = re.compile("[\uff61-\uff9f]")

@@ -157,7 +157,7 @@ def parse(raw: bytes, *, envelope_from: str | None = None) -> ParsedMail:
         msg = _header_only(data)
         defects.append("MIME parts nested too deep to read: the body is kept as one attachment")
     # Raw 8-bit header text is read in the light of the charsets the mail declares.
-    hints = charsets.CharsetHints(lambda: _declared_charsets(data))
+    hints = charsets.CharsetHints(lambda: _declared_charsets(data), sample=lambda: _raw_8bit_header(msg))
     body = _Body(defects, hints)
     body.walk(msg)
 
@@ -282,6 +282,20 @@ _DECLARED = re.compile(
     rb"|\*=\s*\"?([A-Za-z0-9_.:+-]+)'",
     re.I,
 )
+
+
+def _raw_8bit_header(msg: Message) -> bytes:
+    """The mail's raw 8-bit header values (undecoded bytes), joined: one sample for the
+    charset detector."""
+    out = []
+    for _, value in msg.raw_items():
+        value = str(value)
+        if not value.isascii():
+            try:
+                out.append(value.encode("ascii", "surrogateescape"))
+            except UnicodeEncodeError:
+                continue  # real text already
+    return b" ".join(out)
 
 
 def _declared_charsets(data: bytes) -> list[str]:
