@@ -7,15 +7,46 @@ import re
 import sys
 
 
-# C0 controls and DEL in what a log line says (an envelope with a NUL, a subject with an
-# escape sequence): shown escaped, so that a line stays one line and a terminal stays sane.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# What must not reach a log line or a terminal as it is (an envelope with a NUL, a subject
+# with an escape sequence or a right-to-left override): C0 and C1 controls, DEL, the
+# Unicode line and paragraph separators, the bidirectional controls, and undecodable bytes
+# kept as lone surrogates.
+_UNSAFE = "\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff"
+_UNSAFE_IN_LINE = re.compile(f"[\x00-\x1f{_UNSAFE}]")
+_UNSAFE_IN_TEXT = re.compile(f"[\x00-\x08\x0b-\x1f{_UNSAFE}]")  # tab and newline kept
+
+
+def _escape(m: re.Match[str]) -> str:
+    c = ord(m.group())
+    if 0xDC80 <= c <= 0xDCFF:  # an undecodable byte, shown as the byte
+        return f"\\x{c - 0xDC00:02x}"
+    return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+
+
+def escaped(value: object, *, multiline: bool = False) -> str:
+    """``value`` as text safe for a log line or a terminal: every character above escaped
+    (``\\x00``, ``\\u202e``); with ``multiline``, tabs and newlines stay as they are."""
+    text = str(value)
+    if text.isascii() and text.isprintable():
+        return text
+    return (_UNSAFE_IN_TEXT if multiline else _UNSAFE_IN_LINE).sub(_escape, text)
+
+
+_UNSAFE_IN_JSON = re.compile(f"[{_UNSAFE}]")
+
+
+def json_safe(text: str) -> str:
+    """JSON text with the characters above written as ``\\u`` escapes (the same JSON)."""
+    return text if text.isascii() else _UNSAFE_IN_JSON.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 class _EscapingFormatter(logging.Formatter):
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - the stdlib's name
-        record.message = _CONTROL.sub(lambda m: repr(m.group())[1:-1], record.message)
+        record.message = escaped(record.message)
         return super().formatMessage(record)
+
+    def formatException(self, ei: object) -> str:  # noqa: N802 - the stdlib's name
+        return escaped(super().formatException(ei), multiline=True)  # type: ignore[arg-type]
 
 
 class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]

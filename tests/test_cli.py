@@ -121,3 +121,21 @@ def test_the_table_shows_a_page_of_the_newest_cases_and_says_how_many_there_are(
     assert page[-1] == "2 of 3 case(s), the newest; --limit N or --all for more"
     assert run_cli(["cases", "list"], cwd=tmp_path).stdout.splitlines()[-1] == "3 case(s)"
     assert len(json.loads(run_cli(["cases", "list", "--json", "--limit", "2"], cwd=tmp_path).stdout)) == 2
+
+
+def test_control_and_direction_characters_never_reach_the_terminal(tmp_path):
+    # A subject with a C1 escape introducer (U+009B) and a right-to-left override (U+202E):
+    # a terminal would act on the one, and the other would make "gpj.exe" read "exe.jpg".
+    subject = "請求書\u009b31m 赤 \u202egpj.exe"
+    write_config(tmp_path)
+    raw = make_mail(subject=subject, sender="Mallory <m@attacker.example>")
+    assert run_cli(["ingest", _eml(tmp_path, raw)], cwd=tmp_path).returncode == 0
+    for args in (["cases", "list"], ["cases", "show", "CASE-1"], ["messages", "list"], ["outbox", "list"],
+                 ["cases", "list", "--json"], ["cases", "show", "CASE-1", "--json"]):
+        out = run_cli(args, cwd=tmp_path)
+        assert out.returncode == 0, (args, out.stderr)
+        assert "\u009b" not in out.stdout and "\u202e" not in out.stdout, args
+        if "--json" not in args and args[0] == "cases":
+            assert "請求書\\x9b31m 赤 \\u202egpj.exe" in out.stdout, args
+    listed = json.loads(run_cli(["cases", "list", "--json"], cwd=tmp_path).stdout)
+    assert listed[0]["subject"] == subject  # the same text, escaped only in the JSON source

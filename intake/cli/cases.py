@@ -406,7 +406,7 @@ def attachments_get(ctx: click.Context, attachment_id: int, output: str | None) 
     view, _number, data = found
     if output:
         Path(output).write_bytes(data)
-        click.echo(f"{output}: {view.filename}, {len(data)} bytes", err=True)
+        click.echo(printable(f"{output}: {view.filename}, {len(data)} bytes"), err=True)
         return
     sys.stdout.buffer.write(data)
     sys.stdout.buffer.flush()

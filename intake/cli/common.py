@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import re
-from unicodedata import east_asian_width
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone, tzinfo
 from typing import TYPE_CHECKING, Any, TypeVar
+from unicodedata import east_asian_width
 
 import click
 
 from intake.cli import Options
+from intake.logs import escaped, json_safe
 
 if TYPE_CHECKING:
     from intake.app import App
@@ -120,14 +120,10 @@ def first_line(text: str) -> str:
 
 # -- output ----------------------------------------------------------------------------
 
-# Control characters in stored text (a NUL in a subject, an escape sequence in a name) are
-# shown escaped: they must not reach a terminal as they are.
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
-
-
 def printable(text: str) -> str:
-    """Text safe for a terminal: control characters other than tab and newline escaped."""
-    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+    """Stored text safe for a terminal (a NUL in a subject, an escape sequence or a
+    right-to-left override in a name): escaped as in the log, but tabs and newlines."""
+    return escaped(text, multiline=True)
 
 
 def _width(text: str) -> int:
@@ -198,7 +194,8 @@ def mailbox_for_raw(cfg: "Config", raw: bytes) -> str:
 
 
 def dumps(value: Any) -> str:
-    """JSON as the command line prints it (Japanese as it is, indented)."""
+    """JSON as the command line prints it (Japanese as it is, indented; C1 and bidirectional
+    controls as ``\\u`` escapes, as JSON already writes C0 ones)."""
     import json
 
-    return json.dumps(value, ensure_ascii=False, indent=2, default=str)
+    return json_safe(json.dumps(value, ensure_ascii=False, indent=2, default=str))

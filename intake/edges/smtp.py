@@ -35,6 +35,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from intake.config import Config, SmtpConfig, parse_duration, parse_size
 from intake.db import Store, StoreBusy, StoreUnavailable, utcnow
 from intake.db.base import db_text
+from intake.logs import escaped as printable
 
 if TYPE_CHECKING:
     from intake.db.spool import SpoolWriter
@@ -88,23 +89,6 @@ MAX_PATH = 256  # octets, with the angle brackets (RFC 5321 4.5.3.1.3)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # What is escaped in log lines: control characters, line separators, and the lone
 # surrogates that stand for undecodable bytes of a command (aiosmtpd's surrogateescape).
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
-
-
-def _escape_char(m: re.Match[str]) -> str:
-    c = ord(m.group())
-    if 0xDC80 <= c <= 0xDCFF:  # an undecodable byte, shown as the byte
-        return f"\\x{c - 0xDC00:02x}"
-    return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
-
-
-def printable(value: object) -> str:
-    """``value`` as text for a log line: control characters (a NUL, a CR that would start
-    a forged log line) and undecodable bytes escaped as ``\\x00``."""
-    text = str(value)
-    return text if text.isascii() and text.isprintable() else _UNPRINTABLE.sub(_escape_char, text)
-
-
 def _octets(address: str) -> int:
     return len(address.encode("utf-8", "surrogateescape"))
 
