@@ -605,6 +605,8 @@ class TemplateSet:
         try:
             version = self._load(slot.name, file)
         except TemplateError as exc:
+            if slot.current is None:  # broken since it was first seen (a restart): the shipped one
+                slot.current = self._shipped_version(slot.name, file)
             fallback = slot.current.label if slot.current is not None else None
             slot.problem = TemplateProblem("refused", slot.name, exc.file, exc.line, exc.reason, _utcnow(), fallback)
             kept = f"; still using {fallback}" if fallback else "; no good version to use instead"
@@ -620,6 +622,20 @@ class TemplateSet:
         if not file.startswith(str(self.path) + os.sep):
             return TemplateEvent("removed", slot.name, before, f"{file} is used again")
         return TemplateEvent("added", slot.name, file, f"in place of {before}")
+
+    def _shipped_version(self, name: str, refused: str) -> _Version | None:
+        """The same template from a root after the one whose file was refused (the shipped
+        templates behind an override), when it loads."""
+        later = False
+        for root in self.roots:
+            path = root / name
+            if later and path.is_file():
+                try:
+                    return self._load(name, str(path))
+                except TemplateError:
+                    return None
+            later = later or str(path) == refused
+        return None
 
     def _load(self, name: str, file: str) -> _Version:
         """Read, compile and try a file (with sample data, within the budget); TemplateError when it fails."""

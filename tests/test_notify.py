@@ -369,15 +369,19 @@ def test_a_bounce_to_the_signed_return_path_names_the_case(app):
 
 
 def test_a_broken_template_does_not_block_intake(tmp_path):
+    # An override that never loaded: the shipped template answers instead, and the
+    # problem is kept for intake status.
     (tmp_path / "templates" / "en").mkdir(parents=True)
     (tmp_path / "templates" / "en" / "ack.txt.j2").write_text("Subject: x\n{{ nope.nope }}\n", "utf-8")
     app = open_test_app(write_config(tmp_path))
     try:
         res = ingest(app, make_mail(subject="Printer", body="English\n"))
         assert res.state == "processed" and res.case_number == "CASE-1"
-        skipped = [e for e in timeline(app, "CASE-1") if e["type"] == "mail_skipped"]
-        assert skipped[0]["check"] == "template-error"
-        assert "ack.txt.j2:2:" in skipped[0]["reason"]
+        assert not [e for e in timeline(app, "CASE-1") if e["type"] == "mail_skipped"]
+        (ack,) = [i for i in outbox(app) if i.template == "ack"]
+        assert "[CASE-1]" in ack.subject and ack.subject != "x"
+        (problem,) = app.processor.notifier.templates.problems()
+        assert problem.kind == "refused" and "ack.txt.j2:2" in problem.error and "shipped" in problem.fallback
     finally:
         app.close()
 

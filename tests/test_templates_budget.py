@@ -252,3 +252,23 @@ def _eml(folder: Path, raw: bytes) -> Path:
     path = folder / "mail.eml"
     path.write_bytes(raw)
     return path
+
+
+def test_an_override_broken_before_serve_starts_falls_back_to_the_shipped_template(tmp_path):
+    # No earlier version of the override was ever good (a restart): the shipped template
+    # is used, so that customers still get their acknowledgement.
+    shipped = tmp_path / "shipped"
+    write(shipped / "ja" / "ack.txt.j2", "Subject: お問い合わせを受け付けました {{ case.number }}\n\n{{ recipient.name }} 様\n")
+    folder = tmp_path / "tpl"
+    override = folder / "ja" / "ack.txt.j2"
+    write(override, "Subject: {{ case.number }\n")
+    ts = TemplateSet(folder, "ja", shipped=shipped, budget=BUDGET, sample=sample_context)
+    out = ts.render("ack", sample_context("ack", "ja"))
+    assert out.subject == "お問い合わせを受け付けました CASE-1042" and out.files == (str(shipped / "ja" / "ack.txt.j2"),)
+    (problem,) = ts.problems()
+    assert problem.kind == "refused" and problem.file == str(override)
+    assert problem.fallback.startswith(f"{shipped / 'ja' / 'ack.txt.j2'} as loaded at ")
+    # Mended: the override is used again.
+    write(override, "Subject: 受付 {{ case.number }}\n\n本文\n")
+    assert [(e.kind, e.file) for e in ts.refresh()] == [("added", str(override))]  # in place of the shipped one
+    assert rendered_subject(ts) == "受付 CASE-1042" and ts.problems() == []
