@@ -218,19 +218,29 @@ class CaseOps:
     # -- messages ------------------------------------------------------------------------
 
     def customer_comment(self, case: CaseRec, message: Incoming, *, actor: str, person: bool, threading: str,
-                         trigger: Trigger | None = None, unauthenticated: str | None = None) -> None:
+                         trigger: Trigger | None = None, unauthenticated: str | None = None,
+                         internal_route: bool = False) -> None:
         """A customer's message on a case, or an automated one (``person`` False: an auto-reply,
         our own mail coming back). A person's message reopens a pending, resolved or closed
         case and its agents hear of it (with the customer's files). The requester's To/Cc
         become participants; anyone else who writes joins as a contributor (in Cc of agent
         replies only while in the To/Cc of the mail being answered). ``unauthenticated`` is
-        why mail from an agent's address was not taken as the agent's (kept on the timeline)."""
-        row = self._store(case, message, Visibility.PUBLIC, actor, threading=threading,
-                          data={"unauthenticated": unauthenticated} if unauthenticated else None)
+        why mail from an agent's address was not taken as the agent's (kept on the timeline).
+        ``internal_route``: it came to the note address or answers an internal mail (a note
+        forwarded out of the team): kept internal, and its writer joins nobody."""
+        data: dict[str, Any] = {}
+        if unauthenticated:
+            data["unauthenticated"] = unauthenticated
+        if internal_route:
+            data["internal_route"] = True
+        visibility = Visibility.INTERNAL if internal_route else Visibility.PUBLIC
+        row = self._store(case, message, visibility, actor, threading=threading, data=data or None)
         status_change: tuple[str, str] | None = None
         if person:
             sender = (message.from_address or "").lower()
-            if case.requester is not None and sender == case.requester.address:
+            if internal_route:
+                pass  # an internal address reached from outside: nobody joins by it
+            elif case.requester is not None and sender == case.requester.address:
                 self._add_cc(case, message)
             elif message.from_address:
                 self.tx.cases.add_participant(case.id, self.contact(message.from_address, message.from_name),
@@ -239,7 +249,7 @@ class CaseOps:
                 status_change = (case.status, Status.OPEN)
                 self.set_status(case, Status.OPEN, actor=actor, reason="customer replied", notify=False)
         self.tx.cases.update(case, updated_at=self.at)
-        self._step("stored", case=case.label, created=False, visibility=Visibility.PUBLIC)
+        self._step("stored", case=case.label, created=False, visibility=visibility)
         if self.env.notifier is not None and trigger is not None and person:
             self._notified(case, self.env.notifier.customer_comment(self.tx, case, trigger, status_change,
                                                                     files=self._files(row, message)))

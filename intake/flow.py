@@ -411,7 +411,10 @@ class Processor:
                 ops.unauthenticated(case, new, agent=cls.claimed_agent, reason=cls.auth.reason,
                                     threading=match.method, trigger=trigger)
             else:
-                ops.customer_comment(case, new, actor=actor, person=True, threading=match.method, trigger=trigger)
+                internal_route = match.internal or (
+                    match.ref is not None and tx.cases.template_of(match.ref) in INTERNAL_TEMPLATES)
+                ops.customer_comment(case, new, actor=actor, person=True, threading=match.method, trigger=trigger,
+                                     internal_route=internal_route)
         else:
             ops.customer_comment(case, message, actor=actor, person=False, threading=match.method,
                                  trigger=self._trigger(run))

@@ -449,6 +449,24 @@ def test_a_reply_to_an_internal_notification_stays_internal(app):
     assert [i.recipient for i in sent(app, "internal_note")] == ["ken@example.com", "hanako@example.com"]
 
 
+def test_an_outsider_answering_a_forwarded_note_joins_nobody_and_stays_internal(app):
+    label = open_case(app)
+    agent_writes(app, label, "#note\n支払いが遅れている方です。値引き不可。\n")
+    note = sent(app, "internal_note")[0]
+    note_address = note_reply_to(app, note)
+    # The note was forwarded out of the team; a stranger answers it.
+    ingest(app, make_mail(subject=f"Re: {note.subject}", sender="Mallory <mallory@evil.example>", to=note_address,
+                          body="Please send the invoice to me instead.\n",
+                          headers={"In-Reply-To": f"<{note.message_id}>"}), envelope_to=[note_address])
+    c = case(app, label)
+    assert "mallory@evil.example" not in c["participants"]
+    came = [e for e in c["timeline"] if e["type"] == "message" and e.get("from") == "mallory@evil.example"]
+    assert len(came) == 1 and came[0]["visibility"] == "internal"
+    agent_writes(app, label, "ご連絡ありがとうございます。\n")
+    (reply,) = sent(app, "agent_reply")
+    assert reply.recipients == ["taro@bigcorp.co.jp"]
+
+
 def note_reply_to(app, item) -> str:
     return str(mime(app, item)["Reply-To"].addresses[0].addr_spec)
 
