@@ -376,13 +376,18 @@ class Processor:
             message_text=f"{mail.subject}\n{mail.text}", mailbox=run.mailbox.language or None,
             default=self.cfg.templates.default_language)
         queue = decision.queue or run.mailbox.queue
+        message = self._incoming(run)
+        if follow_up_of is not None or mentions:
+            # A reply in another case's thread: its new text, and a subject without that case's token.
+            message = replace(message.with_text(reply_text(mail.text, mail.html)),
+                              subject=threads.without_case_tokens(mail.subject, {self.cfg.cases.prefix}))
         opening: dict[str, Any] = dict(
-            actor=_actor(mail), message=self._incoming(run), requester=requester, queue=queue,
+            actor=_actor(mail), message=message, requester=requester, queue=queue,
             priority=decision.priority or Priority.MEDIUM, category=decision.category, channel=rec.channel,
             mailbox=run.mailbox, language=language, tags=decision.tags,
             rules=[t for t in decision.trace if t.get("matched")],
             assignment=assignment.choose(tx, run.ruleset.team, queue, decision, run.now), ack=decision.ack,
-            mentions=mentions, trigger=self._trigger(run), language_from=language_from)
+            mentions=mentions, trigger=replace(self._trigger(run), text=message.text), language_from=language_from)
         case = ops.follow_up(follow_up_of, **opening) if follow_up_of else ops.open(**opening)
         if run.cls is not None and run.cls.unauthenticated and run.cls.auth is not None:
             ops.agent_refused(case, run.cls.claimed_agent, run.cls.auth.reason, self._trigger(run))

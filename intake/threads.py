@@ -36,6 +36,13 @@ def case_tokens(subject: str, prefixes: Collection[str]) -> list[tuple[str, int]
     return [(m.group(1).upper(), int(m.group(2))) for m in _token_pattern(frozenset(prefixes)).finditer(subject)]
 
 
+def without_case_tokens(subject: str, prefixes: Collection[str]) -> str:
+    """The subject without its ``[CASE-1042]`` tokens (a new case gets a token of its own)."""
+    if not prefixes:
+        return subject
+    return re.sub(r"\s{2,}", " ", _token_pattern(frozenset(prefixes)).sub("", subject)).strip()
+
+
 # --- signed reply addresses: support+c1042-k3x9q2@example.com --------------------------
 
 _SIGNED = re.compile(r"^(?P<base>[^+@]+)\+(?P<kind>[cn])(?P<number>\d{1,18})-(?P<sig>[a-z0-9]+)@(?P<domain>.+)$", re.I)

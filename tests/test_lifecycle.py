@@ -518,8 +518,18 @@ def test_a_reply_to_a_recently_closed_case_reopens_it_and_a_late_one_opens_a_lin
     assert case(app, label)["status"] == "open" and len(list_cases(app)) == 1
     with case_ops(app, utcnow() - timedelta(days=4)) as ops:  # support: reopen_days 3
         ops.set_status(ops.tx.cases.by_number(1), "closed", actor="hanako@example.com")
-    follow = ingest(app, make_mail(subject=f"Re: [{label}] プリンター", sender=CUSTOMER, body="再発しました。\n"))
+    follow = ingest(app, make_mail(subject=f"Re: [{label}] プリンター", sender=CUSTOMER,
+                                   body="再発しました。\n\n2026年11月20日(金) 10:00 サポート <support@example.com>:\n"
+                                        "> 解決しましたのでクローズします。\n"))
     assert follow.case_number == "CASE-2" and case(app, label)["status"] == "closed"
+    # The follow-up is named and shown by what is new: no old token, no quoted history.
+    new = case(app, "CASE-2")
+    assert new["subject"] == "プリンター"
+    first = next(e for e in new["timeline"] if e["type"] == "message")
+    assert first["text"].strip() == "再発しました。"
+    notice = [i for i in sent(app, "new_case_agent") if i.case == "CASE-2"]
+    assert notice and "再発しました。" in notice[0].text and "解決しましたので" not in notice[0].text
+    assert "[CASE-2]" in sent(app, "ack")[-1].subject and label not in sent(app, "ack")[-1].subject
     assert [(link["case"], link["kind"]) for link in case(app, "CASE-2")["links"]] == [(label, "follow-up")]
     assert [(link["case"], link["kind"]) for link in case(app, label)["links"]] == [("CASE-2", "follow-up")]
 
