@@ -414,6 +414,9 @@ class CaseOps:
             changes["resolved_at"] = self.at
         elif status == Status.CLOSED:
             changes["closed_at"] = self.at
+        elif case.resolved_at is not None or case.closed_at is not None:
+            # Reopened: no longer resolved or closed (the timeline keeps when it was).
+            changes.update(resolved_at=None, closed_at=None)
         self.tx.cases.update(case, **changes)
         self._event(case, "status", {"from": old, "to": str(status), "reason": reason}, actor=actor)
         self._step("status", case=case.label, **{"from": old, "to": str(status)})

@@ -807,6 +807,17 @@ def test_every_status_change_stamps_its_time_once(app):
     assert len(events(app, label, "status")) == 1
 
 
+def test_a_reopened_case_is_no_longer_resolved_or_closed(app):
+    label = open_case(app)
+    agent_writes(app, label, "#status resolved\n#status closed\n")
+    assert case_record(app, 1).resolved_at is not None and case_record(app, 1).closed_at is not None
+    ingest(app, make_mail(subject=f"Re: [{label}] プリンター", sender=CUSTOMER, body="また止まりました。\n"))
+    rec = case_record(app, 1)
+    assert (rec.status, rec.resolved_at, rec.closed_at) == ("open", None, None)
+    agent_writes(app, label, "#status resolved\n")
+    assert case_record(app, 1).resolved_at is not None  # stamped again when resolved again
+
+
 def test_a_japanese_reply_carries_the_agents_own_salutation_only(app):
     label = open_case(app)
     agent_writes(app, label, "山田 太郎 様\n\nお世話になっております。サポートの山田です。\nドライバーを更新してください。\n")
