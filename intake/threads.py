@@ -151,12 +151,6 @@ def decide(ev: Evidence) -> Match:
     return Match(None, "new", "no reference to a known case")
 
 
-class _Case(Protocol):
-    id: int
-    number: int
-    organization: str | None
-
-
 class CaseLookup(Protocol):
     """What :func:`gather` asks the store (``intake.db.cases.CaseRepo`` answers)."""
 

@@ -113,7 +113,9 @@ def rules_stats(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         click.echo(dumps(rows))
         return
-    shown = [(r["rule"] + ("" if r["current"] else " (no longer in the rules)")
+    # While the files do not load, which rules they hold cannot be told.
+    gone = " (not in the rule files that load)" if load_error else " (no longer in the rules)"
+    shown = [(r["rule"] + ("" if r["current"] else gone)
               + ("" if r["enabled"] or not r["current"] else " (disabled)"),
               r["at"] or "-", r["hits"], local(r["last_hit"], cfg.tz)) for r in rows]
     click.echo(table(["rule", "defined at", "hits", "last hit"], shown, max_width=60))

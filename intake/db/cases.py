@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Collection, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -114,24 +114,6 @@ class AttachmentView:
     direction: str
     from_address: str | None
     at: datetime
-
-
-@dataclass(frozen=True)
-class Message:
-    """A message of a case's timeline."""
-
-    id: int
-    direction: str
-    visibility: str
-    message_id: str
-    from_address: str | None
-    from_name: str | None
-    to: list[str]
-    cc: list[str]
-    subject: str
-    text: str
-    created_at: datetime
-    attachments: list[dict[str, Any]] = field(default_factory=list)
 
 
 #: Fields of a case that change after it was opened (``CaseRepo.update``).

@@ -61,15 +61,6 @@ class ConnectionLost(Exception):
     """The server said BYE or the connection went quiet for good."""
 
 
-class Unfetchable(Exception):
-    """One message the server cannot deliver (the server may drop the connection over it)."""
-
-    def __init__(self, uid: int, reason: str) -> None:
-        super().__init__(f"uid {uid}: {reason}")
-        self.uid = uid
-        self.reason = reason
-
-
 # The errors after which a new connection may help (server restart, network, timeouts).
 NETWORK_ERRORS = (IMAPClientError, OSError, ConnectionLost, EOFError)
 

@@ -500,7 +500,9 @@ def make_sender(cfg: Config) -> Sender:
 
 
 @dataclass
-class DeliveryReport:
+class PassReport:
+    """What one delivery pass did, for the log line and ``intake tick``."""
+
     sent: int = 0
     retry: int = 0
     failed: int = 0
@@ -615,7 +617,7 @@ class _Bookkeeper:
                         return
 
 
-def _worker(cfg: Config, store: Store, sender: Sender, now: datetime, batch: int, report: DeliveryReport,
+def _worker(cfg: Config, store: Store, sender: Sender, now: datetime, batch: int, report: PassReport,
             lock: threading.Lock, should_stop: Callable[[], bool], limit: int | None, book: _Bookkeeper) -> None:
     try:
         while not should_stop():
@@ -644,13 +646,13 @@ def claim_expiry(cfg: Config) -> timedelta:
 
 def deliver_due(cfg: Config, store: Store, now: datetime, *, connections: int | None = None,
                 should_stop: Callable[[], bool] = lambda: False, limit: int | None = None,
-                sender_factory: Callable[[Config], Sender] = make_sender) -> DeliveryReport:
+                sender_factory: Callable[[Config], Sender] = make_sender) -> PassReport:
     """Deliver every due row (one pass); ``connections`` workers each reuse one relay connection.
 
     First, rows whose claim expired (their process stopped) are queued again, or failed if
     that happened before. Expiry is measured on the wall clock, never on ``now`` (which
     ``intake tick --at`` may set in the future)."""
-    report = DeliveryReport()
+    report = PassReport()
     expiry = claim_expiry(cfg)
     again, failed = requeue_interrupted(cfg, store, utcnow() - expiry)
     report.requeued, report.interrupted_twice = len(again), len(failed)
