@@ -220,6 +220,16 @@ def test_explain_shows_the_threading_decision_of_a_reply(run_intake, tmp_path, s
     out = run_intake("rules", "explain", str(f), check=True, config=shipped).stdout
     assert "comment on CASE-1" in out and "rules route new cases only" in out
     assert len(cases(run_intake, shipped)) == 1
+    # As processing would: a case merged away answers for the one it went into, and a
+    # late reply to a closed case opens a follow-up.
+    second = make_mail(subject="別件", sender="a@shop.example.jp", message_id="<q2@shop.example.jp>")
+    ingest(run_intake, tmp_path, second, "q2.eml", config=shipped)
+    run_intake("cases", "merge", "CASE-1", "--into", "CASE-2", check=True, config=shipped)
+    out = run_intake("rules", "explain", str(f), check=True, config=shipped).stdout
+    assert "comment on CASE-2" in out
+    run_intake("cases", "update", "CASE-2", "--status", "closed", check=True, config=shipped)
+    late = run_intake("rules", "explain", str(f), "--at", "2099-01-01T00:00:00+00:00", config=shipped).stdout
+    assert "new follow-up case of CASE-2" in late, late
 
 
 def test_ingest_with_broken_rules_stores_and_defers(run_intake, tmp_path, config_path):

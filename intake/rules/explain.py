@@ -13,7 +13,7 @@ from typing import Any
 
 from intake import threads
 from intake.config import Config, MailboxConfig
-from intake.mail.classify import AGENT, Classification, classify
+from intake.mail.classify import AGENT, MESSAGE, OWN, Classification, classify
 from intake.mail.parse import ParsedMail, parse
 from intake.rules.evaluate import evaluate, facts_of, rule_context
 from intake.rules.facts import Facts
@@ -36,7 +36,7 @@ def explain(cfg: Config, raw: bytes, *, mailbox: str, channel: str, now: datetim
         "at": now.astimezone(cfg.tz).isoformat(),
         "facts": facts_of(ctx),
         "classification": {**cls.as_dict(), "opens_case": cls.opens_case},
-        "threading": _threading(cfg, mail, cls, mb),
+        "threading": _threading(cfg, mail, cls, mb, ruleset, now),
         "rules": rule_results(ruleset, decision, ctx),
         "decision": _decision(ruleset, decision, mb.queue),
         "files": list(ruleset.files),
@@ -84,21 +84,36 @@ def _decision(ruleset: RuleSet, d: Decision, default_queue: str) -> dict[str, An
     }
 
 
-def _threading(cfg: Config, mail: ParsedMail, cls: Classification, mb: MailboxConfig) -> dict[str, Any]:
-    """The threading decision against the database, read-only; skipped when there is none."""
+def _threading(cfg: Config, mail: ParsedMail, cls: Classification, mb: MailboxConfig, ruleset: RuleSet,
+               now: datetime) -> dict[str, Any]:
+    """The threading decision against the database, read-only, as processing would take
+    it (a merged case's mail lands on the case it went into; a late reply to a closed case
+    opens a follow-up); skipped when there is no database."""
+    from intake.cases import CaseEnv, CaseOps
     from intake.db import NoDatabase, Store
+    from intake.db.ops import SECRET_KEY
 
     store = Store(cfg.database_url)
     try:
         store.check()
         # A secret only ever exists once intake has issued reply addresses; never make one here.
-        secret = os.environ.get("INTAKE_SECRET") or store.setting("secret") or os.urandom(16).hex()
+        secret = os.environ.get("INTAKE_SECRET") or store.setting(SECRET_KEY) or os.urandom(16).hex()
         with store.read() as tx:
             ev = threads.gather(tx.cases, mail, recipients=[mb.address], secret=secret,
                                 prefixes={cfg.cases.prefix}, sender_is_agent=cls.sender == AGENT)
-        match = threads.decide(ev)
-        case = f"{cfg.cases.prefix}-{match.case_number}" if match.case_number else None
-        return {"method": match.method, "reason": match.reason, "case": case}
+            match = threads.decide(ev)
+            out: dict[str, Any] = {"method": match.method, "reason": match.reason, "case": None}
+            found = tx.cases.by_number(match.case_number) if match.case_number is not None else None
+            if found is not None:
+                ops = CaseOps(tx, CaseEnv(cfg, team=lambda: ruleset.team), now)
+                case = ops.surviving(found)
+                out["case"] = case.label
+                if case.id != found.id:
+                    out["reason"] += f"; {found.label} was merged into {case.label}"
+                if cls.kind == MESSAGE and cls.sender not in (AGENT, OWN) and ops.needs_follow_up(case):
+                    out.update(case=None, follow_up_of=case.label,
+                               reason=out["reason"] + f"; {case.label} is closed: a new follow-up case")
+        return out
     except NoDatabase as exc:
         return {"method": None, "reason": f"not checked: {exc}"}
     except Exception as exc:  # noqa: BLE001 - a dry run reports what it could not check
@@ -144,6 +159,8 @@ def render(report: dict[str, Any]) -> str:
     t = report["threading"]
     if t.get("case"):
         out.append(f"threading  {t['method']}: comment on {t['case']} ({t['reason']}); rules route new cases only")
+    elif t.get("follow_up_of"):
+        out.append(f"threading  {t['method']}: new follow-up case of {t['follow_up_of']} ({t['reason']})")
     elif t.get("method"):
         out.append(f"threading  new case ({t['reason']})")
     else:
