@@ -28,7 +28,7 @@ from intake.mail.addresses import base_address, is_noreply
 from intake.mail.classify import AGENT, MESSAGE
 from intake.mail.parse import detect_language, is_synthesised_id
 from intake.mail.subjects import clean_header, subject_with_token
-from intake.states import Audience, Status, Visibility
+from intake.states import Audience, Direction, Status, Visibility
 from intake.team import Team
 from intake.templates import TemplateError, TemplateSet, TemplateTimeout
 from intake.threads import reply_address
@@ -379,7 +379,7 @@ class Notifier:
         headers = [[k, clean_header(v)] for k, v in headers]
         public = audience == Audience.CUSTOMER
         msg_id = tx.cases.add_message(
-            case.id, direction="out", visibility=Visibility.PUBLIC if public else Visibility.INTERNAL,
+            case.id, direction=Direction.OUT, visibility=Visibility.PUBLIC if public else Visibility.INTERNAL,
             message_id=message_id, from_address=mailbox.address, from_name=brand_name, to=[to[0]],
             cc=[a for a, _ in cc], subject=subject, text=rendered.text, html=rendered.html, sent_at=None,
         )
@@ -454,10 +454,10 @@ class Notifier:
             # from the case's public messages, answering the customer's latest one.
             agents = self.team().addresses
             msgs = [(m, d, f) for m, d, f in tx.cases.public_messages(case.id)
-                    if m != trigger.message_id and not (d == "in" and f in agents)]
+                    if m != trigger.message_id and not (d == Direction.IN and f in agents)]
             ids = list(dict.fromkeys(m for m, _, _ in msgs))
             refs = ids[:1] + ids[-9:] if len(ids) > 10 else ids
-            from_customer = [m for m, d, _ in msgs if d == "in"]
+            from_customer = [m for m, d, _ in msgs if d == Direction.IN]
             return (from_customer[-1] if from_customer else (refs[-1] if refs else None)), refs
         refs = list(dict.fromkeys([*trigger.references[-9:], trigger.message_id]))
         return trigger.message_id, refs

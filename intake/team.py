@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from intake.states import Status
+
 
 @dataclass(frozen=True)
 class Agent:
@@ -30,7 +32,7 @@ class Queue:
     escalate_to: str | None = None
     supervisors: tuple[str, ...] = ()
     # The lifecycle (DESIGN 5), per queue.
-    reply_status: str = "pending"  # after a public agent reply: pending, or open (keep working)
+    reply_status: str = Status.PENDING.value  # after a public agent reply: pending, or open (keep working)
     resolved_notice: bool = True  # status_changed to the customer when the case is resolved
     on_reply_to_closed: str = "reopen"  # a reply to a closed case: reopen (within reopen_days) or new_case
     reopen_days: int | None = None  # None: [cases] reopen_days

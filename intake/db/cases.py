@@ -16,7 +16,7 @@ from sqlalchemy.sql import Select
 from intake.db import schema as s
 from intake.db.base import utcnow
 from intake.db.sql import Sql, Statement
-from intake.states import OPEN_STATUSES
+from intake.states import OPEN_STATUSES, Direction, Visibility
 
 
 c, ct, org, p, m, ev = s.cases, s.contacts, s.organizations, s.participants, s.messages, s.events
@@ -193,7 +193,7 @@ _ATTACHMENT = Statement(lambda k: k.insert(s.attachments).values(
     **{n: bindparam(n) for n in ("message_row_id", "sha256", "filename", "content_type", "size", "inline",
                                  "content_id")}))
 _PUBLIC_MESSAGES = Statement(lambda k: select(m.c.message_id, m.c.direction, m.c.from_address)
-                             .where(m.c.case_id == bindparam("case_id"), m.c.visibility == "public")
+                             .where(m.c.case_id == bindparam("case_id"), m.c.visibility == Visibility.PUBLIC)
                              .order_by(m.c.id.desc()).limit(bindparam("limit")))
 
 
@@ -201,7 +201,7 @@ _PUBLIC_MESSAGES = Statement(lambda k: select(m.c.message_id, m.c.direction, m.c
 def _inbound_since(excluded: int) -> Statement:
     # One statement per number of addresses left out (the team's size: it rarely changes).
     return Statement(lambda k: select(func.count(m.c.id)).where(
-        m.c.case_id == bindparam("case_id"), m.c.direction == "in", m.c.created_at >= bindparam("since"),
+        m.c.case_id == bindparam("case_id"), m.c.direction == Direction.IN, m.c.created_at >= bindparam("since"),
         *([or_(m.c.from_address.is_(None),
                func.lower(m.c.from_address).not_in([bindparam(f"x{i}") for i in range(excluded)]))]
           if excluded else [])))
@@ -240,9 +240,9 @@ _PARTICIPANT_CONTACTS = Statement(lambda k: select(ct.c.id, ct.c.address, ct.c.n
                                   .select_from(p.join(ct, ct.c.id == p.c.contact_id))
                                   .where(p.c.case_id == bindparam("case_id")).order_by(ct.c.id))
 _TEMPLATE_OF = Statement(lambda k: select(ev.c.data).select_from(ev.join(m, m.c.id == ev.c.message_row_id))
-                         .where(m.c.message_id == bindparam("mid"), m.c.direction == "out").limit(1))
+                         .where(m.c.message_id == bindparam("mid"), m.c.direction == Direction.OUT).limit(1))
 _LAST_IN = Statement(lambda k: select(m.c.from_address, m.c.to, m.c.cc).where(
-    m.c.case_id == bindparam("case_id"), m.c.direction == "in", m.c.visibility == "public")
+    m.c.case_id == bindparam("case_id"), m.c.direction == Direction.IN, m.c.visibility == Visibility.PUBLIC)
     .order_by(m.c.id.desc()).limit(20))
 _FILES = Statement(lambda k: select(s.attachments.c.sha256, s.attachments.c.filename, s.attachments.c.content_type,
                                     s.attachments.c.size, s.attachments.c.inline)
@@ -533,7 +533,7 @@ class CaseRepo:
             for k, v in (e.data or {}).items():
                 entry.setdefault(k, v)
             # Entries written before actors were recorded: the sender of a message, else intake.
-            entry["actor"] = e.actor or (msg.from_address if msg is not None and msg.direction == "in" else "system")
+            entry["actor"] = e.actor or (msg.from_address if msg is not None and msg.direction == Direction.IN else "system")
             out.append(entry)
         return out
 

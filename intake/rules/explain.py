@@ -19,6 +19,7 @@ from intake.rules.evaluate import evaluate, facts_of, rule_context
 from intake.rules.facts import Facts
 from intake.rules.loader import load_rules
 from intake.rules.model import Decision, RuleContext, RuleSet
+from intake.states import Priority
 
 
 def explain(cfg: Config, raw: bytes, *, mailbox: str, channel: str, now: datetime) -> dict[str, Any]:
@@ -76,7 +77,7 @@ def _decision(ruleset: RuleSet, d: Decision, default_queue: str) -> dict[str, An
     candidates = [{"agent": a, "away": team.is_away(a)} for a in (q.agents if q else ())]
     return {
         "queue": queue, "queue_from": f"rule {d.set_by['queue']}" if d.queue else "mailbox default",
-        "priority": d.priority or "medium", "category": d.category, "assign": assign,
+        "priority": d.priority or Priority.MEDIUM.value, "category": d.category, "assign": assign,
         "assign_from": f"rule {d.set_by['assign']}" if d.assign else f"queue {queue}",
         "candidates": candidates if assign in ("round_robin", "least_open") else [],
         "tags": list(d.tags), "language": d.language, "ack": d.ack, "drop": d.drop,

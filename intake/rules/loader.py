@@ -54,6 +54,7 @@ from intake.rules.model import (
     RuleSet,
     RulesError,
 )
+from intake.states import Status
 from intake.team import Agent, Queue, Team
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -357,7 +358,7 @@ class _Loader:
             ok &= None not in (reply_status, on_closed, resolved_notice)
             if ok and name is not None and assign is not None:
                 self.queues[key] = Queue(key, name, tuple(agents or ()), assign, sla, escalate, tuple(supervisors or ()),
-                                         reply_status or "pending", bool(resolved_notice), on_closed or "reopen",
+                                         reply_status or Status.PENDING.value, bool(resolved_notice), on_closed or "reopen",
                                          reopen_days)
 
     def choice(self, spec: _Map, key: str, allowed: Sequence[str], where: str) -> str | None:

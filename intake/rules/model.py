@@ -11,7 +11,7 @@ from typing import Any
 from intake.business_hours import BusinessHours
 from intake.mail.classify import Classification
 from intake.mail.parse import ParsedMail
-from intake.states import Priority
+from intake.states import Priority, Status
 from intake.team import Team
 
 #: A compiled condition: a predicate over a message's facts (``intake.rules.facts.Facts``;
@@ -28,7 +28,7 @@ TOP_KEYS = ("agents", "queues", "rules")
 AGENT_KEYS = ("name", "language", "away")
 QUEUE_KEYS = ("name", "agents", "assign", "sla", "escalate_to", "supervisors", "reply_status", "resolved_notice",
               "on_reply_to_closed", "reopen_days")
-REPLY_STATUSES = ("pending", "open")
+REPLY_STATUSES = (Status.PENDING.value, Status.OPEN.value)
 REOPEN_POLICIES = ("reopen", "new_case")
 SLA_KEYS = ("first_response", "resolution")
 RULE_KEYS = ("name", "description", "when", "then", "continue", "enabled")
