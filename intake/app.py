@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from intake.config import Config
+from intake.config import Config, rules_changed_since
 from intake.db import Store
 from intake.rules import RuleSet, RulesError, load_rules
 
@@ -48,6 +49,25 @@ class App:
             return False
         self.rules_error = None
         return True
+
+    def record_rules_state(self) -> None:
+        """Record whether the rule files load, for ``intake status`` and the read commands'
+        warning, as ``serve`` does (what serve recorded of the set it runs is kept). Written
+        only when it differs or the files changed since (an MTA may run ingest per message)."""
+        from intake.db.ops import RULES_STATE_KEY
+
+        verdict = "refused" if self.rules_error else "ok"
+        with self.store.read() as tx:
+            before = tx.ops.json_setting(RULES_STATE_KEY) or {}
+        if (before.get("state"), before.get("error")) == (verdict, self.rules_error) and \
+                not rules_changed_since(self.cfg, before.get("at")):
+            return
+        state = {k: v for k, v in before.items() if k != "error"}
+        state.update(state=verdict, at=datetime.now(UTC).isoformat(), folder=str(self.cfg.rules_path))
+        if self.rules_error:
+            state["error"] = self.rules_error
+        with self.store.transaction() as tx:
+            tx.ops.set_json_setting(RULES_STATE_KEY, state)
 
     def close(self) -> None:
         self.store.close()

@@ -13,6 +13,7 @@ import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass, field, fields, is_dataclass
+from datetime import datetime
 from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_type_hints
@@ -577,3 +578,16 @@ def _validate(cfg: Config, where: str) -> None:
                                     holidays=bh.holidays, closed=bh.closed, check_country=False)
     except ValueError as exc:
         raise ConfigError(f"{where}: business_hours: {exc}") from None
+
+
+def rules_changed_since(cfg: Config, at: str | None) -> bool:
+    """Whether one of the installation's rule files is newer than ``at`` (an ISO time, as
+    recorded with the rules state; None: never recorded)."""
+    folder = cfg.rules_path
+    try:
+        newest = max((f.stat().st_mtime for f in folder.glob("*.yaml")), default=None) if folder.is_dir() else None
+    except OSError:
+        return False
+    if newest is None:
+        return False  # no rule files of its own: the shipped ones, which do not change
+    return at is None or newest > datetime.fromisoformat(at).timestamp()

@@ -4,6 +4,8 @@ options after the command, exit codes."""
 from __future__ import annotations
 
 import json
+import os
+from datetime import datetime
 from pathlib import Path
 
 from conftest import run_cli, write_config
@@ -78,7 +80,11 @@ def test_diagnostics_work_while_the_rules_are_broken_and_say_so_in_one_line(tmp_
     assert [m["state"] for m in json.loads(listed.stdout)] == ["processed", "received"]
     for args in (["cases", "list"], ["outbox", "list"], ["quarantine", "list"], ["cases", "show", "CASE-1"],
                  ["messages", "show", "2"]):
-        assert run(*args).returncode == 0, args
+        res = run(*args)
+        assert res.returncode == 0, args
+        # No serve ran: ingest recorded the refusal, and every reader says so in one line.
+        warned = [line for line in res.stderr.splitlines() if line.startswith("warning:")]
+        assert len(warned) == 1 and "20-typo.yaml:3: rule 'x': unknown condition 'form'" in warned[0], args
     parsed = run("parse", str(tmp_path / "2.eml"))
     assert parsed.returncode == 0 and "After the typo" in parsed.stdout
     warning = [line for line in parsed.stderr.splitlines() if line.startswith("warning:")]
@@ -94,6 +100,14 @@ def test_diagnostics_work_while_the_rules_are_broken_and_say_so_in_one_line(tmp_
     # Fixed: the waiting message is processed by the next tick.
     (tmp_path / "routing_rules" / "20-typo.yaml").unlink()
     assert "1 received message(s) processed" in run("tick").stdout
+    assert "warning:" not in run("cases", "list").stderr
+    # Broken again after the last recorded look: the readers look at the files themselves.
+    typo = tmp_path / "routing_rules" / "30-typo.yaml"
+    typo.write_text("rules:\n  - name: y\n    when: {subjct: a}\n    then: {queue: support}\n", "utf-8")
+    later = datetime.now().timestamp() + 5  # newer than the state tick recorded, whatever the clock's grain
+    os.utime(typo, (later, later))
+    warned = [line for line in run("cases", "list").stderr.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1 and "30-typo.yaml:3: rule 'y'" in warned[0]
     assert [c["subject"] for c in json.loads(run("cases", "list", "--json").stdout)] == ["Before the typo",
                                                                                         "After the typo"]
 

@@ -69,10 +69,11 @@ def reading(ctx: click.Context, cfg: "Config | None" = None) -> Iterator["Tx"]:
     ``serve`` reports the rule files refused (diagnostics go on with broken rules)."""
     from intake.db import StoreUnavailable
 
+    cfg = cfg or config(ctx)
     store = open_store(ctx, cfg)
     try:
         with store.read() as tx:
-            warn_rules_refused(tx)
+            warn_rules_refused(tx, cfg)
             yield tx
     except StoreUnavailable as exc:
         raise _fail(exc) from None
@@ -98,14 +99,27 @@ def open_app(ctx: click.Context, *, create: bool = False, rules: bool = True, cf
     return app
 
 
-def warn_rules_refused(tx: "Tx") -> None:
-    """One line on standard error when serve reported the rule files refused."""
+def warn_rules_refused(tx: "Tx", cfg: "Config") -> None:
+    """One line on standard error when the rule files are refused: as serve, ingest or tick
+    last recorded it, or, when the files changed since, as they load now."""
     from intake.db.ops import RULES_STATE_KEY
 
     state = tx.ops.json_setting(RULES_STATE_KEY)
     if state and state.get("state") == "refused":
-        warn(f"the routing rules are refused since {state.get('at')} (serve keeps the set loaded at "
-             f"{state.get('loaded_at')}): {first_line(str(state.get('error') or ''))}")
+        kept = f" (serve keeps the set loaded at {state['loaded_at']})" if state.get("loaded_at") else ""
+        warn(f"the routing rules are refused since {state.get('at')}{kept}: "
+             f"{first_line(str(state.get('error') or ''))}")
+        return
+    from intake.config import rules_changed_since
+
+    # Never recorded: no mail was ever processed here, so nothing read depends on the rules.
+    if state and rules_changed_since(cfg, state.get("at")):
+        from intake.rules import RulesError, load_rules
+
+        try:
+            load_rules(cfg.rules_path)
+        except RulesError as exc:
+            warn(f"the routing rules are refused (intake rules check shows every error): {first_line(str(exc))}")
 
 
 def warn(text: str) -> None:

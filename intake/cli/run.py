@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -21,6 +21,9 @@ from intake.cli.common import (
     printable,
     table,
 )
+
+if TYPE_CHECKING:
+    from intake.app import App
 
 #: Messages stored per commit (and processed per transaction) by ``intake ingest``.
 INGEST_BATCH = 100
@@ -70,6 +73,7 @@ def ingest(ctx: click.Context, mailbox: str | None, channel: str, files: tuple[s
     if mailbox and app.cfg.mailbox_for(mailbox) is None:
         click.echo(f"intake ingest: {mailbox} is not one of our mailboxes", err=True)
         ctx.exit(EX_USAGE)
+    _record_rules(app)
     paths: list[str] = []
     for f in files:
         if f != "-" and Path(f).is_dir():
@@ -129,11 +133,21 @@ def tick(ctx: click.Context, at: str | None) -> None:
 
     when = parse_time(at, "--at") or utcnow()
     app = open_app(ctx)
+    _record_rules(app)
     failed = False
     for name, summary in run_tick(app, when):
         click.echo(printable(f"{name}: {summary}"))
         failed |= summary.startswith("failed:")
     ctx.exit(1 if failed else 0)
+
+
+def _record_rules(app: "App") -> None:
+    from intake.db import StoreUnavailable
+
+    try:
+        app.record_rules_state()
+    except StoreUnavailable:
+        pass  # the state is informative: mail is stored all the same
 
 
 @click.command()
@@ -208,9 +222,10 @@ def _rules_line(cfg: Any, served: dict[str, Any] | None) -> dict[str, Any]:
         state, error = f"ok ({ruleset.summary()})", None
     except RulesError as exc:
         state, error = "refused", str(exc).splitlines()[0]
-    if served and served.get("state") == "refused" and error is None:
+    # loaded_at: what serve recorded of the set it runs (ingest and tick record no set).
+    if served and served.get("state") == "refused" and served.get("loaded_at") and error is None:
         state += f"; serve still runs the set loaded at {served.get('loaded_at')}"
-    elif served and served.get("state") == "refused":
+    elif served and served.get("state") == "refused" and served.get("loaded_at"):
         state = f"refused; serve runs the set loaded at {served.get('loaded_at')}"
     return {"name": "rules", "state": state, "updated_at": served.get("at") if served else None,
             "last_success_at": served.get("loaded_at") if served else None, "backlog": None,
