@@ -102,16 +102,10 @@ def open_app(ctx: click.Context, *, create: bool = False, rules: bool = True, cf
 def warn_rules_refused(tx: "Tx", cfg: "Config") -> None:
     """One line on standard error when the rule files are refused: as serve, ingest or tick
     last recorded it, or, when the files changed since, as they load now."""
+    from intake.config import rules_changed_since
     from intake.db.ops import RULES_STATE_KEY
 
     state = tx.ops.json_setting(RULES_STATE_KEY)
-    if state and state.get("state") == "refused":
-        kept = f" (serve keeps the set loaded at {state['loaded_at']})" if state.get("loaded_at") else ""
-        warn(f"the routing rules are refused since {state.get('at')}{kept}: "
-             f"{first_line(str(state.get('error') or ''))}")
-        return
-    from intake.config import rules_changed_since
-
     # Never recorded: no mail was ever processed here, so nothing read depends on the rules.
     if state and rules_changed_since(cfg, state.get("at")):
         from intake.rules import RulesError, load_rules
@@ -120,6 +114,10 @@ def warn_rules_refused(tx: "Tx", cfg: "Config") -> None:
             load_rules(cfg.rules_path)
         except RulesError as exc:
             warn(f"the routing rules are refused (intake rules check shows every error): {first_line(str(exc))}")
+    elif state and state.get("state") == "refused":
+        kept = f" (serve keeps the set loaded at {state['loaded_at']})" if state.get("loaded_at") else ""
+        warn(f"the routing rules are refused since {state.get('at')}{kept}: "
+             f"{first_line(str(state.get('error') or ''))}")
 
 
 def warn(text: str) -> None:
