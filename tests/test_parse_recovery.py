@@ -506,6 +506,10 @@ def test_a_long_subject_makes_a_name_a_file_system_takes() -> None:
         ("Content-Type: application/pdf\r\nContent-Disposition: attachment", "attachment-1.pdf", False),
         ("Content-Type: message/delivery-status", "attachment-1.txt", False),
         ("Content-Type: application/x-unknown-thing", "attachment-1.bin", False),
+        # Office files and invitations are named by their own extension, whatever the machine's table.
+        ("Content-Type: application/vnd.openxmlformats-officedocument.spreadsheetml.sheet\r\n"
+         "Content-Disposition: attachment", "attachment-1.xlsx", False),
+        ("Content-Type: text/calendar; method=REQUEST\r\nContent-Disposition: attachment", "attachment-1.ics", False),
         ('Content-Type: application/pdf; name=""', "attachment-1.pdf", False),
     ],
 )

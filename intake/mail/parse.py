@@ -766,8 +766,17 @@ def _rfc2231_param(
 
 _NAMING_FIELDS = ("content-type", "content-disposition")
 _MESSAGE_TYPES = ("message/rfc822", "message/global")
-# Only the built-in table, not the machine's /etc/mime.types: the same names everywhere.
+# Only the built-in table, not the machine's /etc/mime.types: the same names everywhere;
+# with the types support mail carries that the table lacks (Office files, invitations, and
+# the names mail programs use besides the registered ones).
 _TYPES = mimetypes.MimeTypes()
+for _type, _ext in (("application/vnd.openxmlformats-officedocument.spreadsheetml.sheet", ".xlsx"),
+                    ("application/vnd.openxmlformats-officedocument.wordprocessingml.document", ".docx"),
+                    ("application/vnd.openxmlformats-officedocument.presentationml.presentation", ".pptx"),
+                    ("text/calendar", ".ics"), ("application/x-7z-compressed", ".7z"), ("application/vnd.rar", ".rar"),
+                    ("application/x-zip-compressed", ".zip"), ("image/jpg", ".jpg"), ("image/pjpeg", ".jpg"),
+                    ("application/x-pdf", ".pdf")):
+    _TYPES.add_type(_type, _ext)
 # A Content-ID local part that is a file name: Outlook's "image001.png@01D9...".
 _CID_FILE_NAME = re.compile(r"\w[\w .()+-]{0,150}\.([A-Za-z0-9]{1,8})")
 # Characters no file system takes in a name (Windows' set, which covers the others).
