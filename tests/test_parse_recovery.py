@@ -153,6 +153,26 @@ def test_text_that_only_looks_like_a_header_stays_text() -> None:
     assert m.text == "Dear support team,\r\nOrder-Id: 4711\r\nthe parcel never came.\r\nThanks".replace("\r\n", "\n")
 
 
+def test_a_broken_fold_just_before_the_blank_line_is_the_subjects_end() -> None:
+    long = "お問い合わせの件について、とても長い件名なので途中で折り返されてしまい"
+    m = parse(lines("From: a@example.org", f"Subject: {long}", "折り返されました", "", "本文です。"))
+    assert (m.subject, m.text.strip()) == (f"{long} 折り返されました", "本文です。")
+    assert defect_with(m, "headers: 1 unindented line(s) read as a continuation of Subject")
+
+
+def test_a_short_subject_then_a_greeting_is_a_body_without_a_blank_line() -> None:
+    m = parse(lines("From: a@example.org", "Subject: hello", "Hi Bob,", "", "Thanks for the quick reply."))
+    assert (m.subject, m.text) == ("hello", "Hi Bob,\n\nThanks for the quick reply.")
+    assert defect_with(m, "headers: no blank line before the body; the body starts at line 3")
+
+
+def test_a_url_wrapped_onto_its_own_line_is_no_field() -> None:
+    m = parse(lines("From: a@example.org", "Subject: see the page at", "https://example.com/faq/印刷",
+                    "To: support@example.com", "", "body"))
+    assert m.subject == "see the page at https://example.com/faq/印刷"
+    assert [a.address for a in m.to] == ["support@example.com"] and m.header("https") is None
+
+
 def test_an_mbox_from_line_is_skipped_and_names_the_sender_when_nothing_else_does() -> None:
     with_from = lines(
         "From taro@example.jp Fri Nov 20 10:00:00 2026",

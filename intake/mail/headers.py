@@ -32,7 +32,7 @@ _MAX_JUNK_LINES = 5
 _FIELD_LINE = re.compile(rb"([!-9;-~]+)([ \t]*):")
 _BLANK_LINE = re.compile(rb"\n\r?\n")
 # A line that is neither a field nor a continuation: the header needs the careful reading.
-_ODD_LINE = re.compile(rb"\n(?![ \t]|[!-9;-~]+:|\Z)")
+_ODD_LINE = re.compile(rb"\n(?![ \t]|[!-9;-~]+:(?!//)|\Z)")  # "https://…" at a line's start is odd too
 _LINE = re.compile(rb"[^\n]*(?:\n|$)")
 _MBOX_FROM = re.compile(rb"From (\S*)")
 # Field names that make a colon line a header field rather than body text ("Regards:").
@@ -164,6 +164,9 @@ class _Recovery:
             if not line:
                 break
             if line in (b"\n", b"\r\n"):
+                if pending and _fold_before_blank(self.fields[-1], pending):
+                    self._join(pending)
+                    return m.end(), True
                 if pending:
                     self._missing_separator(pending[0][0])
                     return pending[0][0], False
@@ -175,6 +178,8 @@ class _Recovery:
                     self._add(line, new=False)
                 continue
             fm = _FIELD_LINE.match(line)
+            if fm is not None and line[fm.end():fm.end() + 2] == b"//":
+                fm = None  # "https://…": a URL wrapped onto a line of its own, not a field
             if fm is not None and (not pending or _header_like(fm.group(1))):
                 if pending:
                     self._join(pending)
@@ -227,6 +232,19 @@ class _Recovery:
             self.defects.append(f"headers: more than {MAX_HEADER_FIELDS} fields; the rest was cut")
         blank = _BLANK_LINE.search(self.raw, at)
         return (blank.end(), True) if blank else (len(self.raw), False)
+
+
+# A field a mail program wraps when it is long, breaking the fold on the way.
+_WRAPPED_FIELDS = frozenset(b"subject from to cc reply-to".split())
+
+
+def _fold_before_blank(field: list[bytes], pending: list[tuple[int, bytes]]) -> bool:
+    """Lines of no field right before the blank line: the end of a long Subject (or address
+    list) wrapped without indentation, rather than a body with no blank line before it,
+    when there are at most two of them, short, after a long line of such a field."""
+    name = field[0].split(b":", 1)[0].strip().lower()
+    return (name in _WRAPPED_FIELDS and len(pending) <= 2 and len(field[-1].rstrip()) >= 60
+            and all(len(line.strip()) <= 200 for _, line in pending))
 
 
 def _header_like(name: bytes) -> bool:
