@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from conftest import intake_env, write_config
+from conftest import intake_env, run_cli, write_config
 
 
 def free_port() -> int:
@@ -88,14 +88,19 @@ class IntakeServer:
                               capture_output=True, text=True, env=intake_env(), timeout=timeout,
                               cwd=str(self.config.parent))
 
+    def read(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """A read command run in this process (the waits below poll with it: a new
+        interpreter every 0.2 s would load the machine the server runs on)."""
+        return run_cli(["--config", str(self.config), *args], cwd=self.config.parent)
+
     def cases(self) -> list[dict]:
-        res = self.intake("cases", "list", "--json")
+        res = self.read("cases", "list", "--json")
         assert res.returncode == 0, res.stderr
         return json.loads(res.stdout)
 
     def status(self, name: str = "smtp") -> dict[str, Any]:
         """The line of ``intake status --json`` for one component."""
-        res = self.intake("status", "--json")
+        res = self.read("status", "--json")
         assert res.returncode == 0, res.stderr
         return {s["name"]: s for s in json.loads(res.stdout)}[name]
 

@@ -55,9 +55,7 @@ def ack_of(srv: IntakeServer, outbox: Path, subject: str, timeout: float = 30.0)
 
 
 def status_line(srv: IntakeServer, name: str) -> dict[str, Any]:
-    res = srv.intake("status", "--json")
-    assert res.returncode == 0, res.stderr
-    return {s["name"]: s for s in json.loads(res.stdout)}[name]
+    return srv.status(name)
 
 
 # A rule whose pattern backtracks exponentially in Python's re ('a' * 40 + 'b' took hours

@@ -84,7 +84,7 @@ class Site:
             time.sleep(0.1)
 
     def processed(self) -> int:
-        rows = json.loads(self.srv.intake("messages", "list", "--json").stdout)
+        rows = json.loads(self.srv.read("messages", "list", "--json").stdout)
         return len([r for r in rows if r["state"] != "received"])
 
     def new_mails(self, count: int) -> list[EmailMessage]:
@@ -101,7 +101,7 @@ class Site:
         return [message_from_bytes((self.outbound / n).read_bytes(), policy=policy.default) for n in names]
 
     def case(self) -> dict:
-        return json.loads(self.srv.intake("cases", "show", "CASE-1", "--json").stdout)
+        return json.loads(self.srv.read("cases", "show", "CASE-1", "--json").stdout)
 
 
 def who(m: EmailMessage) -> tuple[str, list[str], list[str]]:
@@ -223,7 +223,7 @@ def test_ten_mails_between_a_customer_an_agent_and_a_colleague_make_one_case(tmp
         assert came_in[2][2] == "LBP-1234 です。"  # the quote is not on the timeline
         # Nothing else was queued (mails are queued with the processing each delivery waited
         # for), and no customer ever saw a command or the note.
-        queued = json.loads(srv.intake("outbox", "list", "--json").stdout)
+        queued = json.loads(srv.read("outbox", "list", "--json").stdout)
         assert len(queued) == len(site.sent_files) == 11
         for name in site.sent_files:
             m = message_from_bytes((site.outbound / name).read_bytes(), policy=policy.default)
@@ -264,18 +264,18 @@ def test_as_the_mx_a_pass_our_server_never_wrote_is_not_believed(tmp_path):
             assert s.sendmail("hanako@example.com", ["support@example.com"], forged) == {}
         deadline = time.monotonic() + 30
         while True:
-            notices = [m for m in json.loads(srv.intake("outbox", "list", "--json").stdout)
+            notices = [m for m in json.loads(srv.read("outbox", "list", "--json").stdout)
                        if m["template"] == "agent_notice"]
             if notices or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
         assert [n["to"] for n in notices] == ["hanako@example.com"]
-        case = json.loads(srv.intake("cases", "show", "CASE-1", "--json").stdout)
+        case = json.loads(srv.read("cases", "show", "CASE-1", "--json").stdout)
         assert case["status"] == "new"
-        sent = json.loads(srv.intake("outbox", "list", "--json").stdout)
+        sent = json.loads(srv.read("outbox", "list", "--json").stdout)
         assert not [m for m in sent if m["template"] == "agent_reply"]
-        inbound = json.loads(srv.intake("messages", "show", str(max(r["id"] for r in json.loads(
-            srv.intake("messages", "list", "--json").stdout))), "--json").stdout)
+        inbound = json.loads(srv.read("messages", "show", str(max(r["id"] for r in json.loads(
+            srv.read("messages", "list", "--json").stdout))), "--json").stdout)
         checked = next(e for e in inbound["log"] if e["step"] == "classified")
         assert checked["sender"] == "customer" and any("below" in line for line in
                                                        checked["authentication"]["ignored"])

@@ -91,7 +91,7 @@ def test_plus_address_is_accepted_for_its_mailbox(server):
 
 
 def stored_ids(srv: IntakeServer) -> set[int]:
-    res = srv.intake("messages", "list", "--json")
+    res = srv.read("messages", "list", "--json")
     assert res.returncode == 0, res.stderr
     return {m["id"] for m in json.loads(res.stdout)}
 
@@ -103,7 +103,7 @@ def assert_only_the_marker_was_stored(srv: IntakeServer, before: set[int]) -> No
     with smtplib.SMTP("127.0.0.1", srv.port, timeout=30) as s:
         assert s.sendmail("alice@customer.example.org", ["support@example.com"], make_mail(subject=marker)) == {}
     case = srv.case_with_subject(marker)
-    new = [m for m in json.loads(srv.intake("messages", "list", "--json").stdout) if m["id"] not in before]
+    new = [m for m in json.loads(srv.read("messages", "list", "--json").stdout) if m["id"] not in before]
     assert [(m["subject"], m["case"]) for m in new] == [(marker, case["number"])]
 
 
@@ -177,7 +177,7 @@ def test_bounce_with_null_sender_opens_no_case(server):
         assert s.sendmail("", ["support@example.com"], raw) == {}
     deadline = time.monotonic() + 30
     while True:  # until it has been processed
-        found = [m for m in json.loads(server.intake("messages", "list", "--json").stdout)
+        found = [m for m in json.loads(server.read("messages", "list", "--json").stdout)
                  if m["message_id"] == "bounce-1@relay.example" and m["state"] != "received"]
         if found or time.monotonic() > deadline:
             break
