@@ -239,8 +239,10 @@ _PARTICIPANT_CONTACTS = Statement(lambda k: select(ct.c.id, ct.c.address, ct.c.n
                                                    ct.c.language, p.c.role)
                                   .select_from(p.join(ct, ct.c.id == p.c.contact_id))
                                   .where(p.c.case_id == bindparam("case_id")).order_by(ct.c.id))
-_TEMPLATE_OF = Statement(lambda k: select(ev.c.data).select_from(ev.join(m, m.c.id == ev.c.message_row_id))
-                         .where(m.c.message_id == bindparam("mid"), m.c.direction == Direction.OUT).limit(1))
+# The outbox row of the message, by its indexed Message-ID (its timeline entry would need a
+# scan of the events: no index on their message row).
+_TEMPLATE_OF = Statement(lambda k: select(s.outbox.c.template).where(s.outbox.c.message_id == bindparam("mid"))
+                         .limit(1))
 _LAST_IN = Statement(lambda k: select(m.c.from_address, m.c.to, m.c.cc).where(
     m.c.case_id == bindparam("case_id"), m.c.direction == Direction.IN, m.c.visibility == Visibility.PUBLIC)
     .order_by(m.c.id.desc()).limit(20))
@@ -472,8 +474,7 @@ class CaseRepo:
 
     def template_of(self, message_id: str) -> str | None:
         """The template an outgoing message of ours was rendered from (None for other mail)."""
-        data = self.sql.scalar(_TEMPLATE_OF, {"mid": message_id})
-        return (data or {}).get("template") if isinstance(data, dict) else None
+        return self.sql.scalar(_TEMPLATE_OF, {"mid": message_id})
 
     def last_customer_message(self, case_id: int, agents: Iterable[str]) -> list[str]:
         """From, To and Cc (lower case) of the case's latest incoming public message not written
