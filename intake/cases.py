@@ -238,11 +238,10 @@ class CaseOps:
         status_change: tuple[str, str] | None = None
         if person:
             sender = (message.from_address or "").lower()
-            if internal_route:
-                pass  # an internal address reached from outside: nobody joins by it
-            elif case.requester is not None and sender == case.requester.address:
+            # An internal address reached from outside: nobody joins by it.
+            if not internal_route and case.requester is not None and sender == case.requester.address:
                 self._add_cc(case, message)
-            elif message.from_address:
+            elif not internal_route and message.from_address:
                 self.tx.cases.add_participant(case.id, self.contact(message.from_address, message.from_name),
                                               "contributor")
             if case.status in (Status.RESOLVED, Status.CLOSED, Status.PENDING):
