@@ -634,7 +634,27 @@ class CaseOps:
         self.tx.cases.add_event(case.id, type_, data, actor=actor, message_row=message_row, inbound_id=inbound_id,
                                 at=self.at)
 
+    def mail_sent(self, message_row: int, at: datetime) -> None:
+        """An outgoing message of a case was accepted by the relay (or written out) at ``at``."""
+        self.tx.cases.set_message_sent(message_row, at)
+
     def _notified(self, case: CaseRec, done: Notified) -> None:
+        """Record what the notifier decided: each mail's message row and timeline entry, then
+        its outbox row; each skipped mail on the timeline; the loop flag."""
+        for out in done.pending:
+            mail = out.mail
+            row = self.tx.cases.add_message(
+                case.id, direction=Direction.OUT, visibility=Visibility.PUBLIC if out.public else Visibility.INTERNAL,
+                message_id=mail.message_id, from_address=out.from_address, from_name=out.from_name,
+                to=[mail.recipient], cc=out.cc, subject=mail.subject, text=mail.text, html=mail.html, sent_at=None)
+            self.tx.cases.add_event(case.id, "message", out.event, actor=out.actor, message_row=row, at=mail.at)
+            outbox_id = self.tx.outbox.add(replace(mail, message_row_id=row))
+            done.queued.append({"outbox": outbox_id, "template": mail.template, "to": mail.recipient,
+                                "message_id": mail.message_id})
+            log.info("outbox queued #%d case=%s template=%s to=%s message_id=<%s>", outbox_id, case.label,
+                     mail.template, mail.recipient, mail.message_id)
+        for skip in done.skipped:
+            self.tx.cases.add_event(case.id, "mail_skipped", dict(skip), actor="system", at=done.at or self.at)
         self.notified.append(done)
         if done.queued or done.skipped:
             self._step("notify", **done.as_log())

@@ -1,12 +1,13 @@
-"""Which mails a change causes; rendering them into the outbox in the change's transaction.
+"""Which mails a change causes, rendered, for the change's transaction.
 
 The case operations (``intake.cases``) call a :class:`Notifier` inside the transaction that
 makes the change. Each mail goes through the loop-protection rule (``intake.loops``, pure,
-over facts the store gathered), is rendered from plain data by :mod:`intake.templates`, and
-is stored twice in the same transaction: as an outgoing message on the case timeline (so
-that replies thread by References) and as an outbox row that
-:mod:`intake.edges.outbox_sender` delivers. Nothing is sent here, and no case field is
-changed here: what the notifier learns (a mail loop) is handed back to the operation.
+over facts the store gathered) and is rendered from plain data by :mod:`intake.templates`.
+The operation then stores it twice in the same transaction: as an outgoing message on the
+case timeline (so that replies thread by References) and as an outbox row that
+:mod:`intake.edges.outbox_sender` delivers. Nothing is sent here and nothing about a case
+is written here: what the notifier decides (mails, skipped mails, a mail loop) is handed
+back to the operation (:class:`Notified`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from intake.mail.addresses import base_address, is_noreply
 from intake.mail.classify import AGENT, MESSAGE
 from intake.mail.parse import detect_language, is_synthesised_id
 from intake.mail.subjects import clean_header, subject_with_token
-from intake.states import Audience, Direction, Status, Visibility
+from intake.states import Audience, Direction, Status
 from intake.team import Team
 from intake.templates import TemplateError, TemplateSet, TemplateTimeout
 from intake.threads import reply_address
@@ -183,13 +184,31 @@ class Trigger:
     text: str = ""
 
 
+@dataclass(frozen=True)
+class OutgoingMail:
+    """One rendered mail: the case's message row and timeline entry it makes, and its outbox
+    row (``mail``, whose ``message_row_id`` the operation fills in)."""
+
+    mail: NewMail
+    public: bool
+    from_address: str
+    from_name: str
+    cc: list[str]
+    actor: str
+    event: dict[str, Any]
+
+
 @dataclass
 class Notified:
-    """What the notifier did for one change: for the processing log. ``loop`` is set when
-    loop protection says the case must be flagged (the case operation flags it)."""
+    """What the notifier decided for one change, for the case operation to record (it owns
+    every write to a case): ``pending`` mails to store and queue, ``skipped`` ones (as of
+    ``at``), and ``loop`` when loop protection says the case must be flagged. ``queued``
+    is filled in as the operation queues them (for the processing log)."""
 
+    pending: list[OutgoingMail] = field(default_factory=list)
     queued: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, Any]] = field(default_factory=list)
+    at: datetime | None = None
     loop: str | None = None
 
     def as_log(self) -> dict[str, Any]:
@@ -197,7 +216,7 @@ class Notified:
 
 
 class Notifier:
-    """Renders the mails a change causes into the outbox, inside the caller's transaction."""
+    """Decides and renders the mails a change causes, reading the caller's transaction."""
 
     def __init__(self, cfg: Config, templates: TemplateSet, team: Callable[[], Team],
                  secret: Callable[[], str]) -> None:
@@ -293,7 +312,7 @@ class Notifier:
 
     def _send(self, tx: "Tx", done: Notified, case: CaseRec, template: str, trigger: Trigger, *,
               to: tuple[str, str], cc: Sequence[tuple[str, str]] = (), fresh: bool = False,
-              files: Sequence[OutboxFile] = (), attach_all: bool = False, **extra: Any) -> int | None:
+              files: Sequence[OutboxFile] = (), attach_all: bool = False, **extra: Any) -> None:
         """Queue one mail unless loop protection says no; ``fresh``: the case was opened by this trigger."""
         address, name = to[0].lower(), to[1] or ""
         audience = Audience.AGENT if template in AGENT_TEMPLATES else Audience.CUSTOMER
@@ -302,7 +321,7 @@ class Notifier:
             if verdict.flag_loop and LOOP_TAG not in case.tags:
                 done.loop = verdict.reason
             self._skip(tx, done, case, template, address, verdict.check, verdict.reason, trigger.at)
-            return None
+            return
         if audience == Audience.AGENT:
             agent = self.team().agent(address)
             language = (agent.language if agent else "") or self.cfg.templates.default_language
@@ -322,11 +341,11 @@ class Notifier:
             # A broken template must not block intake: the case is stored, the error is shown.
             log.error("template failed case=%s template=%s: %s", case.label, template, exc)
             self._skip(tx, done, case, template, address, "template-error", str(exc), trigger.at)
-            return None
+            return
         for failed in rendered.fallbacks:
             log.error("template failed case=%s template=%s: %s; sent with the last good version", case.label,
                       template, failed)
-        return self._enqueue(tx, done, case, template, audience, language, mailbox, brand_name, (address, name), cc,
+        self._enqueue(tx, done, case, template, audience, language, mailbox, brand_name, (address, name), cc,
                              rendered, trigger, attached)
 
     def _attachable(self, files: Sequence[OutboxFile]) -> tuple[tuple[OutboxFile, ...], list[dict[str, Any]]]:
@@ -343,7 +362,7 @@ class Notifier:
 
     def _enqueue(self, tx: "Tx", done: Notified, case: CaseRec, template: str, audience: str, language: str,
                  mailbox: MailboxConfig, brand_name: str, to: tuple[str, str], cc: Sequence[tuple[str, str]],
-                 rendered: Any, trigger: Trigger, files: tuple[OutboxFile, ...] = ()) -> int:
+                 rendered: Any, trigger: Trigger, files: tuple[OutboxFile, ...] = ()) -> None:
         secret = self.secret()
         domain = mailbox.address.rpartition("@")[2]
         message_id = make_msgid(idstring=case.label.lower(), domain=domain)[1:-1]
@@ -377,27 +396,19 @@ class Notifier:
             ["X-Intake-Case", case.label],
         ]
         headers = [[k, clean_header(v)] for k, v in headers]
-        public = audience == Audience.CUSTOMER
-        msg_id = tx.cases.add_message(
-            case.id, direction=Direction.OUT, visibility=Visibility.PUBLIC if public else Visibility.INTERNAL,
-            message_id=message_id, from_address=mailbox.address, from_name=brand_name, to=[to[0]],
-            cc=[a for a, _ in cc], subject=subject, text=rendered.text, html=rendered.html, sent_at=None,
-        )
         actor = (trigger.sender or "system") if template in HUMAN_TEMPLATES else "system"
         event: dict[str, Any] = {"template": template, "audience": str(audience)}
         if rendered.fallbacks:
             # The template's current version failed: the timeline says why this mail is the last good version's.
             event["template_fallback"] = list(rendered.fallbacks)
-        tx.cases.add_event(case.id, "message", event, actor=actor, message_row=msg_id, at=trigger.at)
-        row_id = tx.outbox.add(NewMail(
-            case_id=case.id, message_row_id=msg_id, inbound_id=trigger.inbound_id, at=trigger.at, template=template,
-            audience=str(audience), auto_submitted=auto, language=language, mail_from=signed, recipient=to[0],
-            recipients=[to[0], *(a for a, _ in cc)], message_id=message_id, headers=headers, subject=subject,
-            text=rendered.text, html=rendered.html, give_up_at=trigger.at + self.give_up_after, files=files))
-        done.queued.append({"outbox": row_id, "template": template, "to": to[0], "message_id": message_id})
-        log.info("outbox queued #%d case=%s template=%s to=%s message_id=<%s>", row_id, case.label, template, to[0],
-                 message_id)
-        return row_id
+        done.pending.append(OutgoingMail(
+            NewMail(case_id=case.id, message_row_id=None, inbound_id=trigger.inbound_id, at=trigger.at,
+                    template=template, audience=str(audience), auto_submitted=auto, language=language,
+                    mail_from=signed, recipient=to[0], recipients=[to[0], *(a for a, _ in cc)],
+                    message_id=message_id, headers=headers, subject=subject, text=rendered.text, html=rendered.html,
+                    give_up_at=trigger.at + self.give_up_after, files=files),
+            public=audience == Audience.CUSTOMER, from_address=mailbox.address, from_name=brand_name,
+            cc=[a for a, _ in cc], actor=actor, event=event))
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -432,8 +443,7 @@ class Notifier:
     def _skip(self, tx: "Tx", done: Notified, case: CaseRec, template: str, to: str, check: str, reason: str,
               at: datetime) -> None:
         done.skipped.append({"template": template, "to": to, "check": check, "reason": reason})
-        tx.cases.add_event(case.id, "mail_skipped", {"template": template, "to": to, "check": check,
-                                                     "reason": reason}, actor="system", at=at)
+        done.at = at
         log.info("outbox skipped case=%s template=%s to=%s check=%s: %s", case.label, template, to, check, reason)
 
     def _mailbox(self, case: CaseRec) -> MailboxConfig:

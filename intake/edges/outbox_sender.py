@@ -96,7 +96,7 @@ def finish(cfg: Config, store: Store, outcomes: list[OutboxOutcome], holder: str
             if o.state == OutboxState.SENT:
                 tx.outbox.mark_sent(row.id, o.at, attempts, o.error)
                 if row.message_row_id:
-                    tx.cases.set_message_sent(row.message_row_id, o.at)
+                    ops.mail_sent(row.message_row_id, o.at)
             elif o.state == OutboxState.QUEUED:
                 tx.outbox.mark_retry(row.id, o.at, attempts, o.next_attempt_at or o.at, o.error or "")
             else:
