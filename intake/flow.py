@@ -416,10 +416,8 @@ class Processor:
                 ops.unauthenticated(case, new, agent=cls.claimed_agent, reason=cls.auth.reason,
                                     threading=match.method, trigger=trigger)
             else:
-                internal_route = match.internal or (
-                    match.ref is not None and tx.cases.template_of(match.ref) in INTERNAL_TEMPLATES)
                 ops.customer_comment(case, new, actor=actor, person=True, threading=match.method, trigger=trigger,
-                                     internal_route=internal_route)
+                                     internal_route=_internal_route(tx, match))
         else:
             ops.customer_comment(case, message, actor=actor, person=False, threading=match.method,
                                  trigger=self._trigger(run))
@@ -445,15 +443,14 @@ class Processor:
         run.step("commands", applied=[c.line for c in commands.commands if c.line not in
                                       {r["line"] for r in refusals}], refused=refusals)
         # A reply to one of our internal notifications (a note, a notice) stays internal too.
-        internal = (commands.internal or match.internal or
-                    (match.ref is not None and tx.cases.template_of(match.ref) in INTERNAL_TEMPLATES))
+        internal = commands.internal or _internal_route(tx, match)
         trigger = self._trigger(run)
         # Nothing for the customer: no text but the agent's signature, and no file.
         names = [ops.env.team().name_of(agent), mail.from_.name if mail.from_ else ""]
         empty = signature_only(commands.text, [n for n in names if n]) and \
             not any(not a.inline for a in mail.attachments)
         if empty or internal:
-            if empty and not internal:
+            if empty:  # commands only (a bare #note too): on the timeline, mailed to nobody
                 ops.internal_message(case, message.with_text(new_text), actor=agent, threading=match.method,
                                      commands_only=True)
             else:
@@ -517,6 +514,11 @@ class Processor:
                        sender=(cls.claimed_agent if cls.sender == AGENT else mail.from_.key if mail.from_ else None),
                        sender_name=mail.from_.name if mail.from_ else "",
                        sender_class=cls.sender, kind=cls.kind, subject=mail.subject, text=mail.text)
+
+
+def _internal_route(tx: "Tx", match: threads.Match) -> bool:
+    """The mail came to a note address, or answers one of our internal notifications."""
+    return match.internal or (match.ref is not None and tx.cases.template_of(match.ref) in INTERNAL_TEMPLATES)
 
 
 def _may_route(cls: Classification) -> bool:

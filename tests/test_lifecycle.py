@@ -375,6 +375,14 @@ def test_a_file_with_no_text_still_goes_to_the_customer(app):
     assert len(reply) == 1 and [f.filename for f in reply[0].files] == ["手順書.pdf"]
 
 
+def test_a_bare_note_with_commands_mails_nobody(app):
+    label = open_case(app)
+    before = len(outbox_items(app))
+    agent_writes(app, label, "#note\n#assign me\n")
+    assert case(app, label)["assignee"] == "hanako@example.com"
+    assert len(outbox_items(app)) == before  # no empty note to the colleagues
+
+
 def test_a_line_that_only_looks_like_a_command_is_text(app):
     label = open_case(app)
     agent_writes(app, label, "#1 まず電源を切ってください。\n#2 次にケーブルを抜いてください。\n")
